@@ -1,0 +1,43 @@
+"""promptq's client: submit prompts to the worker fleet and collect results (no LiteLLM here).
+
+>>> from api_client import Client
+>>> with Client("redis://localhost:6379/0") as client:
+...     job = client.submit("Name three prime numbers.", temperature=0)
+...     print(job.wait(timeout=120).content)
+"""
+
+from ._async_client import AsyncClient, AsyncJob
+from ._client import Client, Job
+from ._constants import QUEUE, TASK_NAME
+from ._errors import (
+    BrokerUnavailable,
+    InvalidRequest,
+    JobFailed,
+    JobNotFound,
+    JobTimeout,
+    PromptqError,
+)
+from ._schemas import ErrorKind, JobError, JobStatus, PromptRequest, PromptResult, Usage
+from ._settings import ClientSettings
+
+__all__ = [
+    "QUEUE",
+    "TASK_NAME",
+    "AsyncClient",
+    "AsyncJob",
+    "BrokerUnavailable",
+    "Client",
+    "ClientSettings",
+    "ErrorKind",
+    "InvalidRequest",
+    "Job",
+    "JobError",
+    "JobFailed",
+    "JobNotFound",
+    "JobStatus",
+    "JobTimeout",
+    "PromptRequest",
+    "PromptResult",
+    "PromptqError",
+    "Usage",
+]

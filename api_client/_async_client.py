@@ -1,0 +1,163 @@
+"""The asyncio client: AsyncClient and AsyncJob, the same verbs as coroutines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from ._constants import QUEUE, state_key
+from ._errors import JobTimeout
+from ._schemas import JobStatus, Outcome, PromptRequest, PromptResult
+from ._settings import ClientSettings
+from ._wire import (
+    Poller,
+    broker_errors,
+    build_request,
+    check_job_id,
+    coerce_request,
+    job_timeout,
+    new_job_id,
+    outcomes_of,
+    poll_keys,
+    status_of,
+    task_message,
+    unwrap,
+)
+
+
+class AsyncClient:
+    """Like Client, for asyncio code: nothing here blocks the event loop.
+
+    >>> async with AsyncClient() as client:
+    ...     jobs = [await client.submit(p) for p in prompts]
+    ...     results = await asyncio.gather(*(job.wait() for job in jobs))
+    """
+
+    def __init__(self, redis_url: str | None = None, *, settings: ClientSettings | None = None):
+        self.settings = settings or ClientSettings()
+        if redis_url is not None:
+            self.settings = self.settings.model_copy(update={"redis_url": redis_url})
+        self._redis = aioredis.Redis.from_url(
+            self.settings.redis_url,
+            socket_connect_timeout=self.settings.connect_timeout_s,
+            socket_timeout=self.settings.socket_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def submit(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, Any]] | None = None,
+        model: str | None = None,
+        **params: Any,
+    ) -> AsyncJob:
+        """Queue one prompt and return its AsyncJob at once."""
+        return (await self._publish([build_request(prompt, messages, model, params)]))[0]
+
+    async def submit_many(
+        self, requests: Iterable[PromptRequest | str | Mapping[str, Any]]
+    ) -> list[AsyncJob]:
+        """Queue many prompts in one round trip; all are validated before any is queued."""
+        return await self._publish([coerce_request(item) for item in requests])
+
+    def job(self, job_id: str) -> AsyncJob:
+        """A handle on an existing job, for example one submitted by another process."""
+        return AsyncJob(self, check_job_id(job_id))
+
+    async def as_completed(
+        self, jobs: Iterable[AsyncJob], timeout: float | None = None
+    ) -> AsyncIterator[AsyncJob]:
+        """Yield each job as it finishes, in finishing order (see Client.as_completed)."""
+        pending = {job.id: job for job in jobs}
+        poller = Poller(timeout)
+        while pending:
+            finished = await self._poll(list(pending))
+            for job_id, outcome in finished.items():
+                job = pending.pop(job_id)
+                job._outcome = outcome
+                yield job
+            if not pending:
+                return
+            if finished:
+                poller.progressed()
+            await asyncio.sleep(poller.sleep_s(len(pending)))
+
+    async def _publish(self, requests: Sequence[PromptRequest]) -> list[AsyncJob]:
+        ttl_ms = int(self.settings.result_ttl_s * 1000)
+        jobs = [AsyncJob(self, new_job_id()) for _ in requests]
+        with self._guard():
+            pipe = self._redis.pipeline(transaction=False)
+            for job, request in zip(jobs, requests, strict=True):
+                pipe.set(state_key(job.id), JobStatus.QUEUED.value, px=ttl_ms)
+                pipe.lpush(QUEUE, task_message(job.id, request))
+            await pipe.execute()
+        return jobs
+
+    async def _poll(self, job_ids: Sequence[str]) -> dict[str, Outcome]:
+        with self._guard():
+            raws = await self._redis.mget([key for job_id in job_ids for key in poll_keys(job_id)])
+        return outcomes_of(job_ids, raws)
+
+    async def _status(self, job_id: str) -> JobStatus:
+        with self._guard():
+            raws = await self._redis.mget(poll_keys(job_id))
+        return status_of(job_id, *raws)
+
+    def _guard(self) -> AbstractContextManager[None]:
+        return broker_errors(self.settings.redis_url)
+
+
+class AsyncJob:
+    """One submitted prompt, followed from asyncio code."""
+
+    def __init__(self, client: AsyncClient, job_id: str) -> None:
+        self.id = job_id
+        self._client = client
+        self._outcome: Outcome | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncJob {self.id}>"
+
+    async def status(self) -> JobStatus:
+        """queued, running, retrying, succeeded or failed; JobNotFound if unknown or expired."""
+        if self._outcome is not None:
+            return self._outcome.status
+        return await self._client._status(self.id)
+
+    async def result(self) -> PromptResult | None:
+        """The result if the job succeeded, None while it is not finished; raises JobFailed."""
+        if self._outcome is None:
+            self._outcome = (await self._client._poll([self.id])).get(self.id)
+        return None if self._outcome is None else unwrap(self.id, self._outcome)
+
+    async def wait(self, timeout: float | None = None) -> PromptResult:
+        """Wait until the job finishes; return its result or raise JobFailed / JobTimeout."""
+        try:
+            async for _ in self._client.as_completed([self], timeout=timeout):
+                pass
+        except JobTimeout as exc:
+            raise job_timeout(self.id, exc.timeout_s) from None
+        assert self._outcome is not None
+        return unwrap(self.id, self._outcome)

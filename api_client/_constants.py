@@ -1,0 +1,28 @@
+"""Names both sides agree on: the task, the queue, every Redis key and the shared defaults."""
+
+from typing import Final
+
+TASK_NAME: Final = "promptq.complete"
+QUEUE: Final = "promptq"
+
+DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"
+DEFAULT_RESULT_TTL_S: Final = 24 * 3600.0
+
+# Every Redis key promptq writes starts with this prefix (the queue itself is named by QUEUE,
+# because Celery's Redis transport owns that key).
+KEY_PREFIX: Final = "promptq:"
+
+
+def result_key(job_id: str) -> str:
+    """The terminal outcome of a job, written once (SET NX) by the worker."""
+    return f"{KEY_PREFIX}result:{job_id}"
+
+
+def state_key(job_id: str) -> str:
+    """The non-terminal state of a job: queued, running or retrying."""
+    return f"{KEY_PREFIX}state:{job_id}"
+
+
+def starts_key(job_id: str) -> str:
+    """How many times a worker has started the job (retries and redeliveries alike)."""
+    return f"{KEY_PREFIX}starts:{job_id}"

@@ -1,0 +1,163 @@
+"""The wire contract: the request a job carries, its result, its error and its status."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Parameters the worker owns: a request may not set them (the key and endpoint live in the
+# worker's settings, retries belong to Celery, results are never streamed).
+RESERVED_PARAMS = frozenset(
+    {
+        "model",
+        "messages",
+        "prompt",
+        "stream",
+        "api_key",
+        "api_base",
+        "base_url",
+        "api_version",
+        "timeout",
+        "max_retries",
+        "num_retries",
+        "custom_llm_provider",
+        "metadata",
+    }
+)
+MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+class JobStatus(StrEnum):
+    """Where a job is in its life. ``succeeded`` and ``failed`` are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def done(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class ErrorKind(StrEnum):
+    """Why a job failed. Stable: clients branch on these values."""
+
+    RATE_LIMITED = "rate_limited"  # 429 until the retry budget ran out
+    PROVIDER_UNAVAILABLE = "provider_unavailable"  # 5xx / connection errors, budget exhausted
+    TIMEOUT = "timeout"  # the provider did not answer within LLM_TIMEOUT, budget exhausted
+    MALFORMED_RESPONSE = "malformed_response"  # unparseable provider replies, budget exhausted
+    BAD_REQUEST = "bad_request"  # 400 / 422: the provider refused the request as given
+    AUTHENTICATION = "authentication"  # 401: key missing or wrong
+    PERMISSION_DENIED = "permission_denied"  # 403
+    NOT_FOUND = "not_found"  # 404: unknown model or endpoint
+    CONTEXT_WINDOW_EXCEEDED = "context_window_exceeded"
+    CONTENT_POLICY = "content_policy"
+    CONFIGURATION = "configuration"  # the worker cannot call this model as configured
+    WORKER_LOST = "worker_lost"  # the worker died on every delivery of the job
+    INTERNAL = "internal"  # a bug in promptq; the message says where
+
+
+def _check_json(name: str, value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} is not JSON-serialisable: {exc}") from None
+
+
+class PromptRequest(BaseModel):
+    """One chat completion to run: OpenAI-style messages, an optional model, sampling params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, message in enumerate(messages):
+            role = message.get("role")
+            if role not in MESSAGE_ROLES:
+                raise ValueError(
+                    f"messages[{index}].role must be one of {sorted(MESSAGE_ROLES)}, got {role!r}"
+                )
+            content = message.get("content")
+            if role != "assistant" and content in (None, "", []):
+                raise ValueError(f"messages[{index}] ({role}) has empty content")
+            _check_json(f"messages[{index}]", message)
+        return messages
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, model: str | None) -> str | None:
+        if model is not None and not model.strip():
+            raise ValueError("model must not be empty")
+        return model
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(RESERVED_PARAMS & params.keys())
+        if reserved:
+            raise ValueError(
+                f"parameter(s) {reserved} cannot be set per request: the worker owns them"
+            )
+        for name, value in params.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"parameter {name!r} must be a finite number, got {value}")
+            _check_json(f"parameter {name!r}", value)
+        return params
+
+
+class Usage(BaseModel):
+    """Tokens the provider counted for one call."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class PromptResult(BaseModel):
+    """The answer to one prompt."""
+
+    id: str  # the job id
+    model: str  # the model that answered, as the provider names it
+    content: str | None  # the assistant's text; None when it only called tools
+    message: dict[str, Any]  # the whole assistant message, tool calls included
+    finish_reason: str | None
+    usage: Usage
+    cost_usd: float | None  # LiteLLM's price for the call; None when the model is unpriced
+    attempts: int  # provider calls made, the successful one included
+    latency_s: float  # from the first attempt's start to the answer, waits included
+    created: datetime  # when the answer arrived (UTC)
+
+
+class JobError(BaseModel):
+    """Why a job failed, as stored in Redis; the client raises it as JobFailed."""
+
+    kind: ErrorKind
+    message: str
+    status_code: int | None = None
+    attempts: int = 0
+
+
+class Outcome(BaseModel):
+    """The terminal record of a job: exactly one of result or error."""
+
+    status: Literal[JobStatus.SUCCEEDED, JobStatus.FAILED]
+    result: PromptResult | None = None
+    error: JobError | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> Outcome:
+        if (self.result is None) == (self.error is None):
+            raise ValueError("an outcome holds exactly one of result and error")
+        return self

@@ -1,0 +1,21 @@
+"""The client's settings: where Redis is and how long to wait for it."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._constants import DEFAULT_REDIS_URL, DEFAULT_RESULT_TTL_S
+
+
+class ClientSettings(BaseSettings):
+    """Read from PROMPTQ_* environment variables; explicit arguments win."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTQ_", extra="ignore")
+
+    redis_url: str = DEFAULT_REDIS_URL
+    # Bounds how long submit() can take when Redis is down or unreachable.
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    socket_timeout_s: float = Field(default=10.0, gt=0)
+    # How long a queued job's state is kept; match the workers' PROMPTQ_RESULT_TTL_S.
+    result_ttl_s: float = Field(default=DEFAULT_RESULT_TTL_S, gt=0)

@@ -1,0 +1,7 @@
+"""`python -m worker` runs the promptq command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

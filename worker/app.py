@@ -1,0 +1,88 @@
+"""The Celery app and its configuration for an LLM queue."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import redis
+from celery import Celery
+
+from api_client._constants import QUEUE, TASK_NAME
+
+from .retry import RetryPolicy
+from .settings import Settings
+from .store import JobStore
+from .tasks import register
+
+
+class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
+    """A Celery app that carries the worker's settings and per-process resources.
+
+    Resources are created lazily, so each process (after a fork) makes its own connections.
+    Settings stay out of ``app.conf``: Celery can print its conf, and the key must not leak.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__("promptq", set_as_current=False)
+        self.settings = settings
+        self.conf.update(celery_config(settings))
+
+    @cached_property
+    def store(self) -> JobStore:
+        client = redis.Redis.from_url(
+            self.settings.queue.redis_url,
+            socket_connect_timeout=5,
+            socket_timeout=30,
+            health_check_interval=30,
+        )
+        return JobStore(client, ttl_s=self.settings.queue.result_ttl_s)
+
+    @cached_property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy.from_settings(self.settings)
+
+
+def celery_config(settings: Settings) -> dict[str, object]:
+    """Celery settings for long, slow, paid calls that must not be lost or run twice."""
+    queue = settings.queue
+    return {
+        "broker_url": queue.redis_url,
+        # Outcomes go to promptq's own keys (worker.store), where a terminal result cannot be
+        # overwritten by a late RETRY; Celery's own result backend stays off.
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_default_queue": QUEUE,
+        "task_create_missing_queues": True,
+        # Acknowledge after the call: a killed worker's job returns after the visibility timeout.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # Retries are ETA messages held in memory until due: bound how many.
+        "worker_eta_task_limit": queue.eta_task_limit,
+        "broker_transport_options": {
+            "visibility_timeout": queue.visibility_timeout_s,
+            "socket_connect_timeout": 5,
+            "socket_timeout": 30,
+            "socket_keepalive": True,
+            "health_check_interval": 30,
+        },
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "enable_utc": True,
+        "task_routes": {TASK_NAME: {"queue": QUEUE}},
+    }
+
+
+def create_app(settings: Settings) -> PromptqCelery:
+    """A Celery app for these settings with the promptq task registered."""
+    app = PromptqCelery(settings)
+    register(app)
+    return app

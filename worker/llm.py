@@ -1,0 +1,113 @@
+"""The only module that imports litellm: one provider call per attempt, and its cost."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+# Use the model price map bundled with LiteLLM instead of fetching it from GitHub at import.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import litellm  # after the environment above is set
+from litellm.exceptions import ContentPolicyViolationError, ContextWindowExceededError
+
+from api_client._schemas import PromptRequest, Usage
+
+from .classify import (
+    ContentPolicyViolation,
+    ContextWindowExceeded,
+    MalformedResponse,
+    NotConfigured,
+)
+from .settings import LLMSettings
+
+# No "Give Feedback / Get Help" banner on stdout for every failed call, and no per-call INFO
+# lines (LiteLLM's loggers inherit the worker's INFO level otherwise).
+litellm.suppress_debug_info = True
+for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What one successful call produced, in promptq's terms."""
+
+    model: str
+    message: dict[str, Any]
+    content: str | None
+    finish_reason: str | None
+    usage: Usage
+    cost_usd: float | None
+
+
+def complete(settings: LLMSettings, request: PromptRequest) -> Completion:
+    """Make exactly one chat-completion request; raise on any failure (see worker.classify)."""
+    model = request.model or settings.model
+    if not model:
+        raise NotConfigured("no model: set LLM_MODEL on the worker or pass model= to submit()")
+    api_key = settings.api_key.get_secret_value() if settings.api_key else None
+    _check_credentials(model, api_key is not None, settings.base_url)
+    try:
+        response = litellm.completion(
+            model=model,
+            messages=request.messages,
+            api_key=api_key,
+            base_url=settings.base_url,
+            api_version=settings.api_version,
+            drop_params=settings.drop_params,
+            timeout=settings.timeout,
+            # Celery owns the retry budget: one HTTP request per attempt.
+            max_retries=0,
+            num_retries=0,
+            **request.params,
+        )
+    except ContextWindowExceededError as exc:
+        raise ContextWindowExceeded(str(exc), status_code=exc.status_code) from exc
+    except ContentPolicyViolationError as exc:
+        raise ContentPolicyViolation(str(exc), status_code=exc.status_code) from exc
+    return _completion_of(response)
+
+
+@lru_cache(maxsize=256)
+def _check_credentials(model: str, has_key: bool, base_url: str | None) -> None:
+    """Fail before calling when the provider needs a key the worker does not have.
+
+    Without this LiteLLM reports a missing key as a retryable InternalServerError(500).
+    """
+    if has_key:
+        return
+    found = litellm.validate_environment(model=model, api_key=None, api_base=base_url)
+    if not found.get("keys_in_environment", True):
+        missing = ", ".join(found.get("missing_keys") or ["an API key"])
+        raise NotConfigured(f"model {model} needs {missing}: set LLM_API_KEY on the worker")
+
+
+def _completion_of(response: Any) -> Completion:
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise MalformedResponse("the provider returned a completion without choices")
+    choice = choices[0]
+    message = {k: v for k, v in choice.message.model_dump().items() if v is not None}
+    usage = getattr(response, "usage", None)
+    return Completion(
+        model=str(response.model),
+        message=message,
+        content=choice.message.content,
+        finish_reason=choice.finish_reason,
+        usage=Usage(
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            total_tokens=getattr(usage, "total_tokens", 0) or 0,
+        ),
+        cost_usd=_cost_usd(response),
+    )
+
+
+def _cost_usd(response: Any) -> float | None:
+    try:
+        return float(litellm.completion_cost(completion_response=response))
+    except Exception:  # LiteLLM raises for models it has no price for
+        return None

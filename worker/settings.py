@@ -1,0 +1,211 @@
+"""The worker's settings: LLM_* (OpenHands' names) and PROMPTQ_*, from env and config.toml."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from api_client._constants import DEFAULT_REDIS_URL, DEFAULT_RESULT_TTL_S
+
+S = TypeVar("S", bound=BaseSettings)
+
+CONFIG_ENV = "PROMPTQ_CONFIG"
+DEFAULT_CONFIG_PATH = Path("config.toml")
+
+# The tables of the config file being loaded, handed to the settings sources below.
+_file_tables: ContextVar[Mapping[str, Mapping[str, Any]]] = ContextVar(
+    "_file_tables", default=MappingProxyType({})
+)
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names each offending key."""
+
+
+class _FileTable(PydanticBaseSettingsSource):
+    """One table of config.toml as a settings source (below the environment in precedence)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], table: str) -> None:
+        super().__init__(settings_cls)
+        self._values = dict(_file_tables.get().get(table, {}))
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._values
+
+
+class _LayeredSettings(BaseSettings):
+    """Precedence: explicit arguments, then environment, then the file's table, then defaults."""
+
+    config_table: ClassVar[str] = ""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _FileTable(settings_cls, cls.config_table)
+
+
+class LLMSettings(_LayeredSettings):
+    """The model call, as OpenHands documents its LLM settings (env LLM_*, or [llm] in the file)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="forbid", frozen=True)
+    config_table: ClassVar[str] = "llm"
+
+    model: str | None = None
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    api_version: str | None = None
+    embedding_model: str | None = None
+    embedding_deployment_name: str | None = None
+    drop_params: bool = True
+    disable_vision: bool = False
+    caching_prompt: bool = True
+    # LLM_NUM_RETRIES counts retries after the first attempt: at most num_retries + 1 calls.
+    num_retries: int = Field(default=8, ge=0, le=100)
+    retry_min_wait: float = Field(default=15.0, gt=0)
+    retry_max_wait: float = Field(default=120.0, gt=0)
+    retry_multiplier: float = Field(default=2.0, gt=0)
+    timeout: float = Field(default=300.0, gt=0)
+
+
+class QueueSettings(_LayeredSettings):
+    """How the worker uses Redis and Celery (env PROMPTQ_*, or [promptq] in the file)."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTQ_", extra="forbid", frozen=True)
+    config_table: ClassVar[str] = "promptq"
+
+    redis_url: str = DEFAULT_REDIS_URL
+    # An unacknowledged message returns to the queue after this long: it must stay well above
+    # the longest retry wait plus the call timeout, or running jobs would be delivered twice.
+    visibility_timeout_s: float = Field(default=3600.0, gt=0)
+    result_ttl_s: float = Field(default=DEFAULT_RESULT_TTL_S, gt=0)
+    # A job whose worker died this many times more than its retries explain fails as worker_lost.
+    max_redeliveries: int = Field(default=2, ge=0)
+    # Retries waiting for their countdown are held in worker memory: at most this many.
+    eta_task_limit: int = Field(default=1000, ge=1)
+    concurrency: int = Field(default=64, ge=1)
+
+
+class Settings(BaseModel):
+    """Everything a worker process runs with, checked together."""
+
+    model_config = {"frozen": True}
+
+    llm: LLMSettings
+    queue: QueueSettings
+
+    @property
+    def longest_wait_s(self) -> float:
+        """No wait (backoff or Retry-After) may exceed this: it plus one call fits in half the
+        visibility timeout, so a message held for a retry is never redelivered meanwhile."""
+        return self.queue.visibility_timeout_s / 2 - self.llm.timeout
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    llm: Mapping[str, Any] | None = None,
+    queue: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Read the settings: explicit values, then LLM_*/PROMPTQ_* env vars, then config.toml.
+
+    The file is ``config_path``, else $PROMPTQ_CONFIG, else ./config.toml when it exists.
+    Raises ConfigError naming every bad key.
+    """
+    path, tables = _read_config(config_path)
+    source = f"[{{table}}] of {path}" if path else "[{table}] of config.toml"
+    problems: list[str] = []
+    token = _file_tables.set(tables)
+    try:
+        llm_settings = _build(LLMSettings, llm, "LLM_", source.format(table="llm"), problems)
+        queue_settings = _build(
+            QueueSettings, queue, "PROMPTQ_", source.format(table="promptq"), problems
+        )
+    finally:
+        _file_tables.reset(token)
+    if llm_settings is None or queue_settings is None:
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    settings = Settings(llm=llm_settings, queue=queue_settings)
+    _check_waits_fit(settings)
+    return settings
+
+
+def _check_waits_fit(settings: Settings) -> None:
+    llm, queue = settings.llm, settings.queue
+    if llm.retry_min_wait > llm.retry_max_wait:
+        raise ConfigError(
+            f"invalid configuration:\n  - LLM_RETRY_MIN_WAIT ({llm.retry_min_wait:g} s) is "
+            f"above LLM_RETRY_MAX_WAIT ({llm.retry_max_wait:g} s)"
+        )
+    if llm.retry_max_wait > settings.longest_wait_s:
+        raise ConfigError(
+            "invalid configuration:\n"
+            f"  - LLM_RETRY_MAX_WAIT ({llm.retry_max_wait:g} s) plus LLM_TIMEOUT "
+            f"({llm.timeout:g} s) must fit in half of PROMPTQ_VISIBILITY_TIMEOUT_S "
+            f"({queue.visibility_timeout_s:g} s), or a job waiting to retry would be "
+            "delivered twice: lower the waits or raise the visibility timeout"
+        )
+
+
+def _build(
+    cls: type[S],
+    explicit: Mapping[str, Any] | None,
+    env_prefix: str,
+    where: str,
+    problems: list[str],
+) -> S | None:
+    try:
+        return cls(**dict(explicit or {}))
+    except ValidationError as exc:
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                problems.append(f"{field} in {where}: unknown setting")
+            else:
+                got = "" if field == "api_key" else f" (got {error['input']!r})"
+                problems.append(f"{env_prefix}{field.upper()} ({field} in {where}): {message}{got}")
+        return None
+
+
+def _read_config(config_path: str | os.PathLike[str] | None) -> tuple[Path | None, dict[str, Any]]:
+    named = config_path if config_path is not None else os.environ.get(CONFIG_ENV)
+    if named:
+        path = Path(named)
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_ENV}: config file {path} does not exist")
+    elif DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    else:
+        return None, {}
+    try:
+        with path.open("rb") as file:
+            data = tomllib.load(file)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    for table in ("llm", "promptq"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(f"{table} in {path} must be a table ([{table}])")
+    named_configs = [k for k, v in data.get("llm", {}).items() if isinstance(v, dict)]
+    if named_configs:
+        raise ConfigError(
+            f"[llm.{named_configs[0]}] in {path}: named LLM configurations are not supported yet"
+        )
+    return path, data

@@ -1,0 +1,71 @@
+"""Job state and results in Redis, written so that a terminal outcome is final."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from api_client._constants import result_key, starts_key, state_key
+from api_client._schemas import JobStatus, Outcome
+
+# KEYS[1] result, KEYS[2] state, KEYS[3] starts; ARGV[1] state value, ARGV[2] ttl in ms.
+# Returns -1 when the job already has an outcome (a duplicate delivery), else the number of
+# times the job has now been started.
+_BEGIN = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+local starts = redis.call('INCR', KEYS[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return starts
+"""
+
+# KEYS[1] result, KEYS[2] state; ARGV[1] state value, ARGV[2] ttl in ms.
+# A non-terminal state never replaces an outcome. Returns 1 when written.
+_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS[1] result, KEYS[2] state, KEYS[3] starts; ARGV[1] outcome JSON, ARGV[2] ttl in ms.
+# The first outcome wins; later ones (a redelivered duplicate) are dropped. Returns 1 if stored.
+_FINISH = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return 1
+end
+return 0
+"""
+
+
+class JobStore:
+    """The worker's view of the job keys the client reads (see api_client._constants)."""
+
+    def __init__(self, client: redis.Redis, ttl_s: float) -> None:
+        self._ttl_ms = int(ttl_s * 1000)
+        self._begin = client.register_script(_BEGIN)
+        self._mark = client.register_script(_MARK)
+        self._finish = client.register_script(_FINISH)
+
+    def begin(self, job_id: str) -> int | None:
+        """Mark the job running; None if it already has an outcome, else its start count."""
+        starts: Any = self._begin(
+            keys=[result_key(job_id), state_key(job_id), starts_key(job_id)],
+            args=[JobStatus.RUNNING.value, self._ttl_ms],
+        )
+        return None if int(starts) < 0 else int(starts)
+
+    def mark_retrying(self, job_id: str) -> None:
+        self._mark(
+            keys=[result_key(job_id), state_key(job_id)],
+            args=[JobStatus.RETRYING.value, self._ttl_ms],
+        )
+
+    def finish(self, job_id: str, outcome: Outcome) -> bool:
+        """Store the outcome unless one is already stored; True if this one was stored."""
+        stored: Any = self._finish(
+            keys=[result_key(job_id), state_key(job_id), starts_key(job_id)],
+            args=[outcome.model_dump_json(), self._ttl_ms],
+        )
+        return bool(stored)
