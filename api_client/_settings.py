@@ -11,7 +11,7 @@ from ._constants import DEFAULT_REDIS_URL, DEFAULT_RESULT_TTL_S
 class ClientSettings(BaseSettings):
     """Read from PROMPTQ_* environment variables; explicit arguments win."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMPTQ_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PROMPTQ_", extra="ignore", allow_inf_nan=False)
 
     redis_url: str = DEFAULT_REDIS_URL
     # Bounds how long submit() can take when Redis is down or unreachable.

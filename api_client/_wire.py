@@ -21,7 +21,7 @@ from ._constants import QUEUE, TASK_NAME, result_key, state_key
 from ._errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout
 from ._schemas import JobStatus, Outcome, PromptRequest, PromptResult
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _ORIGIN = f"promptq-client@{socket.gethostname()}:{os.getpid()}"
 
 
@@ -80,7 +80,7 @@ def new_job_id() -> str:
 
 
 def check_job_id(job_id: str) -> str:
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise InvalidRequest(f"not a job id: {job_id!r}")
     return job_id
 

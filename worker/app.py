@@ -6,8 +6,9 @@ from functools import cached_property
 
 import redis
 from celery import Celery
+from kombu.entity import Exchange, Queue
 
-from api_client._constants import QUEUE, TASK_NAME
+from api_client._constants import QUEUE
 
 from .retry import RetryPolicy
 from .settings import Settings
@@ -56,8 +57,14 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "event_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
+        # The queue hangs off the default (anonymous) exchange, as the client publishes it:
+        # a retry's re-publish then goes straight to the queue's list and never depends on
+        # kombu's binding keys, which a Redis restart or flush can lose (the message would go
+        # to kombu's dead-letter list unseen).
+        "task_queues": [Queue(QUEUE, Exchange(""), routing_key=QUEUE)],  # type: ignore[no-untyped-call]
         "task_default_queue": QUEUE,
-        "task_create_missing_queues": True,
+        "task_default_exchange": "",
+        "task_default_routing_key": QUEUE,
         # Acknowledge after the call: a killed worker's job returns after the visibility timeout.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
@@ -77,7 +84,6 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_send_sent_event": False,
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "enable_utc": True,
-        "task_routes": {TASK_NAME: {"queue": QUEUE}},
     }
 
 

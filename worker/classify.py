@@ -118,11 +118,14 @@ class Failure:
 def classify(exc: BaseException, secrets: Iterable[str] = ()) -> Failure:
     """Map any exception from an attempt to a Failure; messages are scrubbed of secrets."""
     kind, retryable = _kind_of(exc)
+    message = _message_of(exc)
+    if kind is ErrorKind.INTERNAL:
+        message = f"{type(exc).__name__}: {message}"
     return Failure(
         kind=kind,
-        message=scrub(_message_of(exc), secrets),
+        message=scrub(message, secrets)[:MAX_MESSAGE_CHARS],
         retryable=retryable,
-        status_code=_status_of(exc),
+        status_code=_received_status_of(exc),
         retry_after_s=retry_after_s(exc) if retryable else None,
     )
 
@@ -150,11 +153,19 @@ def _status_of(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+def _received_status_of(exc: BaseException) -> int | None:
+    """The HTTP status the provider actually sent, if a response arrived.
+
+    LiteLLM invents statuses (500 for connection refused and unparseable bodies, 408 for
+    client timeouts); only errors built from a real response carry its headers.
+    """
+    if isinstance(exc, AttemptProblem) or getattr(exc, "litellm_response_headers", None):
+        return _status_of(exc)
+    return None
+
+
 def _message_of(exc: BaseException) -> str:
-    message = str(getattr(exc, "message", None) or exc or type(exc).__name__)
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = message[:MAX_MESSAGE_CHARS] + "..."
-    return message
+    return str(getattr(exc, "message", None) or exc) or type(exc).__name__
 
 
 def retry_after_s(exc: BaseException) -> float | None:

@@ -70,7 +70,7 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         print("promptq worker: --concurrency must be at least 1", file=sys.stderr)
         return 2
-    from .app import create_app  # loads Celery and LiteLLM: only for this command
+    from .app import create_app  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
 
     app = create_app(settings)
     concurrency = args.concurrency or settings.queue.concurrency

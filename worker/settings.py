@@ -65,7 +65,9 @@ class _LayeredSettings(BaseSettings):
 class LLMSettings(_LayeredSettings):
     """The model call, as OpenHands documents its LLM settings (env LLM_*, or [llm] in the file)."""
 
-    model_config = SettingsConfigDict(env_prefix="LLM_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LLM_", extra="forbid", frozen=True, allow_inf_nan=False
+    )
     config_table: ClassVar[str] = "llm"
 
     model: str | None = None
@@ -88,7 +90,9 @@ class LLMSettings(_LayeredSettings):
 class QueueSettings(_LayeredSettings):
     """How the worker uses Redis and Celery (env PROMPTQ_*, or [promptq] in the file)."""
 
-    model_config = SettingsConfigDict(env_prefix="PROMPTQ_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="PROMPTQ_", extra="forbid", frozen=True, allow_inf_nan=False
+    )
     config_table: ClassVar[str] = "promptq"
 
     redis_url: str = DEFAULT_REDIS_URL

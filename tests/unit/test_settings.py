@@ -1,0 +1,489 @@
+"""worker.settings.load_settings: defaults, sources and their precedence, and every refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from worker.settings import ConfigError, load_settings
+
+SECRET = "sk-canary-settings-0123456789"
+
+
+def _write_config(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --- defaults -------------------------------------------------------------------------------
+
+
+def test_defaults_match_openhands() -> None:
+    settings = load_settings()
+
+    llm = settings.llm
+    assert llm.model is None
+    assert llm.api_key is None
+    assert llm.base_url is None
+    assert llm.num_retries == 8
+    assert llm.retry_min_wait == 15
+    assert llm.retry_max_wait == 120
+    assert llm.retry_multiplier == 2
+    assert llm.timeout == 300
+    assert llm.drop_params is True
+
+
+def test_queue_defaults() -> None:
+    queue = load_settings().queue
+
+    assert queue.redis_url == "redis://localhost:6379/0"
+    assert queue.visibility_timeout_s == 3600
+    assert queue.result_ttl_s == 24 * 3600
+    assert queue.max_redeliveries == 2
+    assert queue.eta_task_limit == 1000
+    assert queue.concurrency == 64
+
+
+def test_longest_wait_is_half_the_visibility_timeout_minus_one_call() -> None:
+    assert load_settings().longest_wait_s == 3600 / 2 - 300
+
+
+# --- sources --------------------------------------------------------------------------------
+
+
+def test_llm_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_MODEL", "openai/gpt-4o-mini")
+    monkeypatch.setenv("LLM_API_KEY", SECRET)
+    monkeypatch.setenv("LLM_BASE_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("LLM_NUM_RETRIES", "3")
+    monkeypatch.setenv("LLM_RETRY_MIN_WAIT", "1.5")
+    monkeypatch.setenv("LLM_RETRY_MAX_WAIT", "9")
+    monkeypatch.setenv("LLM_RETRY_MULTIPLIER", "0.5")
+    monkeypatch.setenv("LLM_TIMEOUT", "30")
+    monkeypatch.setenv("LLM_DROP_PARAMS", "false")
+
+    llm = load_settings().llm
+
+    assert llm.model == "openai/gpt-4o-mini"
+    assert llm.api_key is not None
+    assert llm.api_key.get_secret_value() == SECRET
+    assert llm.base_url == "http://127.0.0.1:9/v1"
+    assert llm.num_retries == 3
+    assert llm.retry_min_wait == 1.5
+    assert llm.retry_max_wait == 9
+    assert llm.retry_multiplier == 0.5
+    assert llm.timeout == 30
+    assert llm.drop_params is False
+
+
+def test_promptq_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMPTQ_REDIS_URL", "redis://127.0.0.1:6390/3")
+    monkeypatch.setenv("PROMPTQ_VISIBILITY_TIMEOUT_S", "7200")
+    monkeypatch.setenv("PROMPTQ_CONCURRENCY", "8")
+
+    queue = load_settings().queue
+
+    assert queue.redis_url == "redis://127.0.0.1:6390/3"
+    assert queue.visibility_timeout_s == 7200
+    assert queue.concurrency == 8
+
+
+def test_client_only_promptq_variables_do_not_upset_the_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Client and worker share the PROMPTQ_ namespace; one machine may run both.
+    monkeypatch.setenv("PROMPTQ_CONNECT_TIMEOUT_S", "3")
+    monkeypatch.setenv("PROMPTQ_SOCKET_TIMEOUT_S", "4")
+
+    assert load_settings().queue.redis_url == "redis://localhost:6379/0"
+
+
+CONFIG_TEXT = """
+[llm]
+model = "openai/from-file"
+api_key = "sk-canary-from-file-0123456789"
+num_retries = 4
+retry_min_wait = 2
+retry_max_wait = 10
+retry_multiplier = 1.5
+timeout = 60
+
+[promptq]
+redis_url = "redis://127.0.0.1:6391/1"
+visibility_timeout_s = 900
+result_ttl_s = 600
+concurrency = 4
+"""
+
+
+def _assert_from_file(settings_path: Path | str | None) -> None:
+    settings = load_settings(settings_path)
+    assert settings.llm.model == "openai/from-file"
+    assert settings.llm.api_key is not None
+    assert settings.llm.api_key.get_secret_value() == "sk-canary-from-file-0123456789"
+    assert settings.llm.num_retries == 4
+    assert settings.llm.retry_min_wait == 2
+    assert settings.llm.retry_max_wait == 10
+    assert settings.llm.retry_multiplier == 1.5
+    assert settings.llm.timeout == 60
+    assert settings.queue.redis_url == "redis://127.0.0.1:6391/1"
+    assert settings.queue.visibility_timeout_s == 900
+    assert settings.queue.result_ttl_s == 600
+    assert settings.queue.concurrency == 4
+
+
+def test_config_file_passed_as_path(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "elsewhere.toml", CONFIG_TEXT)
+    _assert_from_file(path)
+
+
+def test_config_file_passed_as_string(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "elsewhere.toml", CONFIG_TEXT)
+    _assert_from_file(str(path))
+
+
+def test_config_file_named_by_promptq_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _write_config(tmp_path / "named.toml", CONFIG_TEXT)
+    monkeypatch.setenv("PROMPTQ_CONFIG", str(path))
+    _assert_from_file(None)
+
+
+def test_config_toml_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    workdir = tmp_path / "project"
+    workdir.mkdir()
+    _write_config(workdir / "config.toml", CONFIG_TEXT)
+    monkeypatch.chdir(workdir)
+    _assert_from_file(None)
+
+
+def test_no_config_toml_means_defaults(tmp_path: Path) -> None:
+    _write_config(tmp_path / "not-config.toml", CONFIG_TEXT)
+    assert load_settings().llm.model is None
+
+
+def test_explicit_path_wins_over_promptq_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    named = _write_config(tmp_path / "named.toml", '[llm]\nmodel = "openai/named"\n')
+    explicit = _write_config(tmp_path / "explicit.toml", '[llm]\nmodel = "openai/explicit"\n')
+    monkeypatch.setenv("PROMPTQ_CONFIG", str(named))
+
+    assert load_settings(explicit).llm.model == "openai/explicit"
+
+
+def test_promptq_config_wins_over_config_toml_in_cwd(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _write_config(tmp_path / "config.toml", '[llm]\nmodel = "openai/cwd"\n')
+    named = _write_config(tmp_path / "named.toml", '[llm]\nmodel = "openai/named"\n')
+    monkeypatch.setenv("PROMPTQ_CONFIG", str(named))
+
+    assert load_settings().llm.model == "openai/named"
+
+
+def test_environment_wins_over_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", CONFIG_TEXT)
+    monkeypatch.setenv("LLM_MODEL", "openai/from-env")
+    monkeypatch.setenv("LLM_NUM_RETRIES", "1")
+    monkeypatch.setenv("PROMPTQ_CONCURRENCY", "16")
+
+    settings = load_settings(path)
+
+    assert settings.llm.model == "openai/from-env"
+    assert settings.llm.num_retries == 1
+    assert settings.queue.concurrency == 16
+    # Keys the environment does not set still come from the file.
+    assert settings.llm.timeout == 60
+    assert settings.queue.visibility_timeout_s == 900
+
+
+def test_explicit_arguments_win_over_environment_and_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _write_config(tmp_path / "c.toml", CONFIG_TEXT)
+    monkeypatch.setenv("LLM_MODEL", "openai/from-env")
+    monkeypatch.setenv("LLM_TIMEOUT", "45")
+    monkeypatch.setenv("PROMPTQ_CONCURRENCY", "16")
+
+    settings = load_settings(
+        path, llm={"model": "openai/explicit", "num_retries": 0}, queue={"concurrency": 2}
+    )
+
+    assert settings.llm.model == "openai/explicit"
+    assert settings.llm.num_retries == 0
+    assert settings.queue.concurrency == 2
+    assert settings.llm.timeout == 45  # env, not overridden explicitly
+    assert settings.llm.retry_max_wait == 10  # file, not overridden at all
+
+
+def test_fractional_waits_are_accepted() -> None:
+    llm = load_settings(
+        llm={"retry_min_wait": 0.01, "retry_max_wait": 0.08, "retry_multiplier": 0.01}
+    ).llm
+
+    assert llm.retry_min_wait == 0.01
+    assert llm.retry_max_wait == 0.08
+    assert llm.retry_multiplier == 0.01
+
+
+def test_min_wait_equal_to_max_wait_is_accepted() -> None:
+    llm = load_settings(llm={"retry_min_wait": 5, "retry_max_wait": 5}).llm
+    assert llm.retry_min_wait == llm.retry_max_wait == 5
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+    with pytest.raises(ValueError, match="frozen"):
+        settings.llm.timeout = 1
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env_name", "value"),
+    [
+        ("LLM_RETRY_MIN_WAIT", "0"),
+        ("LLM_RETRY_MIN_WAIT", "-1"),
+        ("LLM_RETRY_MIN_WAIT", "soon"),
+        ("LLM_RETRY_MAX_WAIT", "0"),
+        ("LLM_RETRY_MAX_WAIT", "-5"),
+        ("LLM_RETRY_MULTIPLIER", "0"),
+        ("LLM_RETRY_MULTIPLIER", "-2"),
+        ("LLM_RETRY_MULTIPLIER", "nan"),
+        ("LLM_NUM_RETRIES", "-1"),
+        ("LLM_NUM_RETRIES", "many"),
+        ("LLM_NUM_RETRIES", "2.5"),
+        ("LLM_TIMEOUT", "0"),
+        ("LLM_TIMEOUT", "abc"),
+        ("LLM_DROP_PARAMS", "perhaps"),
+        ("PROMPTQ_VISIBILITY_TIMEOUT_S", "0"),
+        ("PROMPTQ_VISIBILITY_TIMEOUT_S", "an hour"),
+        ("PROMPTQ_RESULT_TTL_S", "-1"),
+        ("PROMPTQ_CONCURRENCY", "0"),
+        ("PROMPTQ_ETA_TASK_LIMIT", "0"),
+        ("PROMPTQ_MAX_REDELIVERIES", "-1"),
+    ],
+)
+def test_bad_environment_value_is_a_config_error_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch, env_name: str, value: str
+) -> None:
+    monkeypatch.setenv(env_name, value)
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert env_name in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "env_name"),
+    [
+        ("retry_min_wait", "-0.5", "LLM_RETRY_MIN_WAIT"),
+        ("retry_max_wait", "0", "LLM_RETRY_MAX_WAIT"),
+        ("retry_multiplier", "-1", "LLM_RETRY_MULTIPLIER"),
+        ("num_retries", "-3", "LLM_NUM_RETRIES"),
+        ("timeout", '"slow"', "LLM_TIMEOUT"),
+    ],
+)
+def test_bad_file_value_is_a_config_error_naming_the_key(
+    tmp_path: Path, key: str, value: str, env_name: str
+) -> None:
+    path = _write_config(tmp_path / "c.toml", f"[llm]\n{key} = {value}\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    message = str(raised.value)
+    assert env_name in message
+    assert key in message
+    assert str(path) in message
+
+
+def test_every_bad_key_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_TIMEOUT", "-1")
+    monkeypatch.setenv("LLM_NUM_RETRIES", "-1")
+    monkeypatch.setenv("PROMPTQ_CONCURRENCY", "0")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    message = str(raised.value)
+    assert "LLM_TIMEOUT" in message
+    assert "LLM_NUM_RETRIES" in message
+    assert "PROMPTQ_CONCURRENCY" in message
+
+
+def test_min_wait_above_max_wait_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_RETRY_MIN_WAIT", "30")
+    monkeypatch.setenv("LLM_RETRY_MAX_WAIT", "20")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    message = str(raised.value)
+    assert "LLM_RETRY_MIN_WAIT" in message
+    assert "LLM_RETRY_MAX_WAIT" in message
+
+
+def test_max_wait_plus_timeout_beyond_half_the_visibility_timeout_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 100 / 2 - 30 = 20 s is the longest allowed wait; 25 s does not fit.
+    monkeypatch.setenv("PROMPTQ_VISIBILITY_TIMEOUT_S", "100")
+    monkeypatch.setenv("LLM_TIMEOUT", "30")
+    monkeypatch.setenv("LLM_RETRY_MIN_WAIT", "1")
+    monkeypatch.setenv("LLM_RETRY_MAX_WAIT", "25")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    message = str(raised.value)
+    assert "LLM_RETRY_MAX_WAIT" in message
+    assert "PROMPTQ_VISIBILITY_TIMEOUT_S" in message
+
+
+def test_max_wait_plus_timeout_exactly_half_the_visibility_timeout_is_accepted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROMPTQ_VISIBILITY_TIMEOUT_S", "100")
+    monkeypatch.setenv("LLM_TIMEOUT", "30")
+    monkeypatch.setenv("LLM_RETRY_MIN_WAIT", "1")
+    monkeypatch.setenv("LLM_RETRY_MAX_WAIT", "20")
+
+    assert load_settings().longest_wait_s == 20
+
+
+@pytest.mark.parametrize(
+    "env_name",
+    ["LLM_RETRY_MIN_WAIT", "LLM_RETRY_MAX_WAIT", "LLM_TIMEOUT", "PROMPTQ_RESULT_TTL_S"],
+)
+def test_infinite_durations_are_refused(monkeypatch: pytest.MonkeyPatch, env_name: str) -> None:
+    # PROMPTQ_RESULT_TTL_S=inf reads like "keep results forever", but JobStore (and the
+    # client's submit) compute int(ttl_s * 1000), which raises OverflowError for infinity:
+    # the setting must be refused up front, naming the key.
+    monkeypatch.setenv(env_name, "inf")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert env_name in str(raised.value)
+
+
+def test_unknown_key_in_llm_table_is_named(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", '[llm]\nmodel = "openai/x"\nretry_max_wiat = 9\n')
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    message = str(raised.value)
+    assert "retry_max_wiat" in message
+    assert "unknown" in message
+
+
+def test_unknown_key_in_promptq_table_is_named(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", "[promptq]\nvisibility_timeout = 9\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    assert "visibility_timeout" in str(raised.value)
+
+
+def test_promptq_config_naming_a_missing_file_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope" / "config.toml"
+    monkeypatch.setenv("PROMPTQ_CONFIG", str(missing))
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    message = str(raised.value)
+    assert "PROMPTQ_CONFIG" in message
+    assert str(missing) in message
+
+
+def test_explicit_missing_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_malformed_toml_is_refused(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", '[llm\nmodel = "openai/x"\n')
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    assert str(path) in str(raised.value)
+
+
+def test_llm_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", 'llm = "openai/x"\n')
+
+    with pytest.raises(ConfigError, match=r"\[llm\]"):
+        load_settings(path)
+
+
+def test_named_llm_configurations_are_refused(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", '[llm.cheap]\nmodel = "openai/x"\n')
+
+    with pytest.raises(ConfigError, match=r"llm\.cheap"):
+        load_settings(path)
+
+
+# --- the API key stays secret ---------------------------------------------------------------
+
+
+def test_api_key_is_a_secret_str_hidden_from_str_and_repr(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_API_KEY", SECRET)
+
+    settings = load_settings()
+
+    assert isinstance(settings.llm.api_key, SecretStr)
+    assert settings.llm.api_key.get_secret_value() == SECRET
+    for text in (str(settings), repr(settings), str(settings.llm), repr(settings.llm)):
+        assert SECRET not in text
+    assert SECRET not in settings.model_dump_json()
+
+
+def test_invalid_api_key_in_file_is_not_echoed(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", "[llm]\napi_key = 918273645546372819\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    message = str(raised.value)
+    assert "LLM_API_KEY" in message
+    assert "918273645546372819" not in message
+
+
+def test_invalid_explicit_api_key_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(llm={"api_key": [SECRET]})
+
+    message = str(raised.value)
+    assert "LLM_API_KEY" in message
+    assert SECRET not in message
+    assert "sk-canary" not in message
+
+
+def test_valid_api_key_is_not_echoed_when_another_key_is_invalid(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLM_API_KEY", SECRET)
+    monkeypatch.setenv("LLM_TIMEOUT", "-1")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert "LLM_TIMEOUT" in str(raised.value)
+    assert SECRET not in str(raised.value)

@@ -1,0 +1,188 @@
+"""worker.store.JobStore against fakeredis (its Lua scripts run under lupa)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import fakeredis
+import pytest
+
+from api_client._constants import KEY_PREFIX, result_key, starts_key, state_key
+from api_client._schemas import (
+    ErrorKind,
+    JobError,
+    JobStatus,
+    Outcome,
+    PromptResult,
+    Usage,
+)
+from api_client._wire import outcomes_of, poll_keys, status_of
+from worker.store import JobStore
+
+JOB_ID = "job-1"
+TTL_S = 3600.0
+
+
+@pytest.fixture
+def redis_client() -> fakeredis.FakeRedis:
+    # A server of its own: FakeRedis() instances otherwise share state by host and port.
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+@pytest.fixture
+def store(redis_client: fakeredis.FakeRedis) -> JobStore:
+    return JobStore(redis_client, ttl_s=TTL_S)
+
+
+def _success(content: str = "2, 3, 5") -> Outcome:
+    result = PromptResult(
+        id=JOB_ID,
+        model="test-model",
+        content=content,
+        message={"role": "assistant", "content": content},
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4),
+        cost_usd=None,
+        attempts=1,
+        latency_s=0.1,
+        created=datetime(2024, 6, 1, tzinfo=UTC),
+    )
+    return Outcome(status=JobStatus.SUCCEEDED, result=result)
+
+
+def _failure() -> Outcome:
+    error = JobError(kind=ErrorKind.TIMEOUT, message="too slow", attempts=9)
+    return Outcome(status=JobStatus.FAILED, error=error)
+
+
+def _status(redis_client: fakeredis.FakeRedis, job_id: str = JOB_ID) -> JobStatus:
+    outcome_raw, state_raw = redis_client.mget(poll_keys(job_id))
+    return status_of(job_id, outcome_raw, state_raw)
+
+
+def test_begin_counts_the_starts(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+    assert [store.begin(JOB_ID) for _ in range(3)] == [1, 2, 3]
+    assert _status(redis_client) is JobStatus.RUNNING
+    # Jobs are counted apart.
+    assert store.begin("job-2") == 1
+
+
+def test_begin_after_finish_is_none(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+    assert store.begin(JOB_ID) == 1
+    assert store.finish(JOB_ID, _success())
+
+    assert store.begin(JOB_ID) is None
+    assert _status(redis_client) is JobStatus.SUCCEEDED
+    assert redis_client.exists(state_key(JOB_ID), starts_key(JOB_ID)) == 0
+
+
+def test_finish_stores_the_outcome_and_clears_the_progress_keys(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
+    store.begin(JOB_ID)
+
+    assert store.finish(JOB_ID, _success()) is True
+
+    raws = redis_client.mget(poll_keys(JOB_ID))
+    assert outcomes_of([JOB_ID], raws) == {JOB_ID: _success()}
+    assert redis_client.get(state_key(JOB_ID)) is None
+    assert redis_client.get(starts_key(JOB_ID)) is None
+
+
+def test_the_first_outcome_wins(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+    store.begin(JOB_ID)
+    assert store.finish(JOB_ID, _success("first")) is True
+
+    assert store.finish(JOB_ID, _failure()) is False
+    assert store.finish(JOB_ID, _success("second")) is False
+
+    raws = redis_client.mget(poll_keys(JOB_ID))
+    assert outcomes_of([JOB_ID], raws) == {JOB_ID: _success("first")}
+
+
+def test_finish_without_begin_still_stores(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
+    assert store.finish(JOB_ID, _failure()) is True
+    assert _status(redis_client) is JobStatus.FAILED
+
+
+def test_mark_retrying_sets_the_state(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+    store.begin(JOB_ID)
+
+    store.mark_retrying(JOB_ID)
+
+    assert _status(redis_client) is JobStatus.RETRYING
+    assert redis_client.pttl(state_key(JOB_ID)) > 0
+
+
+def test_mark_retrying_never_overwrites_an_outcome(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
+    # The race Celery's own backend loses: a late RETRY after SUCCESS.
+    store.begin(JOB_ID)
+    store.finish(JOB_ID, _success())
+
+    store.mark_retrying(JOB_ID)
+
+    assert _status(redis_client) is JobStatus.SUCCEEDED
+    assert redis_client.get(state_key(JOB_ID)) is None
+
+
+def test_begin_never_overwrites_an_outcome(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
+    store.finish(JOB_ID, _failure())
+
+    assert store.begin(JOB_ID) is None
+    assert _status(redis_client) is JobStatus.FAILED
+    assert redis_client.get(state_key(JOB_ID)) is None
+
+
+def test_every_key_expires(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+    store.begin(JOB_ID)
+    ttl_ms = TTL_S * 1000
+    for key in (state_key(JOB_ID), starts_key(JOB_ID)):
+        assert 0 < redis_client.pttl(key) <= ttl_ms, key
+
+    store.mark_retrying(JOB_ID)
+    assert 0 < redis_client.pttl(state_key(JOB_ID)) <= ttl_ms
+
+    store.finish(JOB_ID, _success())
+    assert 0 < redis_client.pttl(result_key(JOB_ID)) <= ttl_ms
+
+
+def test_a_restart_refreshes_the_ttls(redis_client: fakeredis.FakeRedis) -> None:
+    short = JobStore(redis_client, ttl_s=10)
+    long = JobStore(redis_client, ttl_s=1000)
+    short.begin(JOB_ID)
+
+    long.begin(JOB_ID)
+
+    assert redis_client.pttl(starts_key(JOB_ID)) > 10_000
+    assert redis_client.pttl(state_key(JOB_ID)) > 10_000
+
+
+def test_fractional_ttl_is_kept_in_milliseconds(redis_client: fakeredis.FakeRedis) -> None:
+    store = JobStore(redis_client, ttl_s=2.5)
+    store.begin(JOB_ID)
+
+    assert 2000 < redis_client.pttl(state_key(JOB_ID)) <= 2500
+
+
+def test_every_key_has_the_prefix(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+    for job_id in ("job-a", "job-b"):
+        store.begin(job_id)
+        store.begin(job_id)
+        store.mark_retrying(job_id)
+    store.finish("job-a", _success())
+
+    keys = {key.decode() if isinstance(key, bytes) else key for key in redis_client.keys("*")}
+
+    assert keys == {
+        result_key("job-a"),
+        state_key("job-b"),
+        starts_key("job-b"),
+    }
+    assert all(key.startswith(KEY_PREFIX) for key in keys)
+    assert KEY_PREFIX == "promptq:"

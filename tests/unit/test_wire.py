@@ -1,0 +1,294 @@
+"""api_client._wire: the hand-built Celery message matches Celery's own, and the read side.
+
+Celery (and kombu) are used here only as the reference the light client must match; the
+client itself never imports them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu.transport.virtual import base as kombu_virtual
+
+from api_client import JobNotFound, JobStatus, JobTimeout
+from api_client._constants import QUEUE, TASK_NAME
+from api_client._schemas import ErrorKind, JobError, Outcome, PromptRequest, PromptResult, Usage
+from api_client._wire import (
+    Poller,
+    outcomes_of,
+    poll_keys,
+    redact_url,
+    status_of,
+    task_message,
+)
+from worker.app import celery_config
+from worker.settings import load_settings
+from worker.tasks import REDACTED_ARGS
+
+JOB_ID = "0b9f4c3e-4ac4-4d6e-9b6c-0f3c2b7a1d55"
+PROMPT = "The secret plan is: bake a cake for Ada."
+REQUEST = PromptRequest(
+    messages=[{"role": "user", "content": PROMPT}],
+    model="openai/gpt-4o-mini",
+    params={"temperature": 0, "max_tokens": 50},
+)
+# Headers that legitimately differ: who sent it, and how the arguments are shown in logs.
+UNCOMPARED_HEADERS = {"origin", "argsrepr", "kwargsrepr"}
+
+
+@pytest.fixture
+def ours() -> dict[str, Any]:
+    envelope: dict[str, Any] = json.loads(task_message(JOB_ID, REQUEST))
+    return envelope
+
+
+def _request_args() -> tuple[dict[str, Any]]:
+    return (REQUEST.model_dump(mode="json"),)
+
+
+@pytest.fixture
+def celery_app() -> Iterator[Celery]:
+    """A Celery app with the worker's own configuration, on kombu's in-memory transport."""
+    config = celery_config(load_settings())
+    config["broker_url"] = "memory://"
+    app = Celery("promptq-reference", set_as_current=False)
+    app.conf.update(config)
+    yield app
+    app.close()
+
+
+def _celery_envelope(app: Celery) -> dict[str, Any]:
+    """What Celery itself puts in the queue for the same job (via the virtual transport)."""
+    # The registered task has ignore_result=True; send_task does not know that by name alone.
+    app.send_task(TASK_NAME, args=_request_args(), task_id=JOB_ID, ignore_result=True)
+    with app.connection_for_write() as connection:
+        envelope: dict[str, Any] = connection.default_channel._get(QUEUE)
+    return envelope
+
+
+def test_headers_match_celerys_task_protocol_2(ours: dict[str, Any]) -> None:
+    app = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
+    reference = app.amqp.as_task_v2(
+        JOB_ID, TASK_NAME, args=_request_args(), kwargs={}, ignore_result=True
+    )
+
+    headers = ours["headers"]
+    expected = {k: v for k, v in reference.headers.items() if k not in UNCOMPARED_HEADERS}
+    assert set(headers) == set(reference.headers)
+    assert {k: v for k, v in headers.items() if k not in UNCOMPARED_HEADERS} == expected
+    assert headers["task"] == TASK_NAME
+    assert headers["id"] == headers["root_id"] == JOB_ID
+    assert headers["retries"] == 0
+    assert headers["ignore_result"] is True
+    assert reference.properties["correlation_id"] == ours["properties"]["correlation_id"]
+
+
+def test_body_matches_celerys(ours: dict[str, Any]) -> None:
+    app = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
+    reference = app.amqp.as_task_v2(JOB_ID, TASK_NAME, args=_request_args(), kwargs={})
+
+    body = json.loads(base64.b64decode(ours["body"], validate=True))
+
+    assert body == json.loads(json.dumps(reference.body))
+    args, kwargs, embed = body
+    assert PromptRequest.model_validate(args[0]) == REQUEST
+    assert kwargs == {}
+    assert embed == {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+def test_envelope_matches_what_celery_puts_in_the_queue(
+    ours: dict[str, Any], celery_app: Celery
+) -> None:
+    theirs = _celery_envelope(celery_app)
+
+    assert set(ours) == set(theirs)
+    for key in ("content-type", "content-encoding", "body"):
+        assert ours[key] == theirs[key], key
+    assert ours["content-type"] == "application/json"
+    assert ours["content-encoding"] == "utf-8"
+    assert {k: v for k, v in ours["headers"].items() if k not in UNCOMPARED_HEADERS} == {
+        k: v for k, v in theirs["headers"].items() if k not in UNCOMPARED_HEADERS
+    }
+    # reply_to differs by design (nothing replies: results go to promptq's own keys) and
+    # delivery_tag is a fresh uuid on each side; Celery also leaks argsrepr into properties.
+    compared = ("correlation_id", "delivery_mode", "delivery_info", "priority", "body_encoding")
+    for key in compared:
+        assert ours["properties"][key] == theirs["properties"][key], key
+    assert ours["properties"]["delivery_info"] == {"exchange": "", "routing_key": QUEUE}
+    assert ours["properties"]["body_encoding"] == "base64"
+    assert ours["properties"]["delivery_mode"] == 2  # persistent
+    uuid.UUID(ours["properties"]["delivery_tag"])
+
+
+def test_delivery_tags_are_unique() -> None:
+    tags = {
+        json.loads(task_message(JOB_ID, REQUEST))["properties"]["delivery_tag"] for _ in range(3)
+    }
+    assert len(tags) == 3
+
+
+def test_kombu_decodes_our_envelope(ours: dict[str, Any], celery_app: Celery) -> None:
+    with celery_app.connection_for_write() as connection:
+        # kombu's virtual transports (Redis among them) wrap each raw envelope in this class.
+        message_cls: Any = kombu_virtual.Message
+        message = message_cls(ours, channel=connection.default_channel)
+
+        assert message.content_type == "application/json"
+        assert message.headers["task"] == TASK_NAME
+        assert message.delivery_info["routing_key"] == QUEUE
+        args, kwargs, _ = message.decode()
+
+    assert PromptRequest.model_validate(args[0]) == REQUEST
+    assert kwargs == {}
+
+
+def test_prompt_stays_out_of_argsrepr(ours: dict[str, Any]) -> None:
+    headers = ours["headers"]
+
+    assert PROMPT not in headers["argsrepr"]
+    assert "cake" not in headers["argsrepr"]
+    assert PROMPT not in headers["kwargsrepr"]
+    # The worker re-publishes retries with the very same redaction.
+    assert headers["argsrepr"] == REDACTED_ARGS["argsrepr"]
+    assert headers["kwargsrepr"] == REDACTED_ARGS["kwargsrepr"]
+
+
+def test_prompt_appears_only_in_the_encoded_body(ours: dict[str, Any]) -> None:
+    without_body = {k: v for k, v in ours.items() if k != "body"}
+    assert PROMPT not in json.dumps(without_body)
+    assert PROMPT in base64.b64decode(ours["body"]).decode()
+
+
+def test_non_ascii_prompt_round_trips() -> None:
+    request = PromptRequest(messages=[{"role": "user", "content": "Grüß Gott — 你好 🎉"}])
+
+    envelope = json.loads(task_message(JOB_ID, request))
+    body = json.loads(base64.b64decode(envelope["body"]).decode("utf-8"))
+
+    assert PromptRequest.model_validate(body[0][0]) == request
+
+
+# --- reading outcomes -----------------------------------------------------------------------
+
+
+def _success() -> Outcome:
+    result = PromptResult(
+        id=JOB_ID,
+        model="test-model",
+        content="2, 3, 5",
+        message={"role": "assistant", "content": "2, 3, 5"},
+        finish_reason="stop",
+        usage=Usage(prompt_tokens=4, completion_tokens=5, total_tokens=9),
+        cost_usd=None,
+        attempts=1,
+        latency_s=0.2,
+        created=datetime(2024, 6, 1, tzinfo=UTC),
+    )
+    return Outcome(status=JobStatus.SUCCEEDED, result=result)
+
+
+def _failure() -> Outcome:
+    error = JobError(kind=ErrorKind.RATE_LIMITED, message="429", status_code=429, attempts=9)
+    return Outcome(status=JobStatus.FAILED, error=error)
+
+
+def test_poll_keys_are_outcome_then_state() -> None:
+    assert poll_keys(JOB_ID) == [f"promptq:result:{JOB_ID}", f"promptq:state:{JOB_ID}"]
+
+
+@pytest.mark.parametrize("state", [b"retrying", b"running", "queued", None])
+def test_a_stored_outcome_wins_over_any_state(state: bytes | str | None) -> None:
+    raw = _success().model_dump_json().encode()
+
+    assert status_of(JOB_ID, raw, state) is JobStatus.SUCCEEDED
+    assert outcomes_of([JOB_ID], [raw, state]) == {JOB_ID: _success()}
+
+
+@pytest.mark.parametrize(
+    ("raw_state", "status"),
+    [(b"queued", JobStatus.QUEUED), ("running", JobStatus.RUNNING), (b"retrying", "retrying")],
+)
+def test_status_without_an_outcome_is_the_state(raw_state: bytes | str, status: str) -> None:
+    assert status_of(JOB_ID, None, raw_state) == status
+
+
+def test_neither_outcome_nor_state_is_job_not_found() -> None:
+    with pytest.raises(JobNotFound) as raised:
+        status_of(JOB_ID, None, None)
+    assert raised.value.job_id == JOB_ID
+    assert isinstance(raised.value, LookupError)
+
+    with pytest.raises(JobNotFound) as raised_many:
+        outcomes_of(["a", JOB_ID], [None, b"queued", None, None])
+    assert raised_many.value.job_id == JOB_ID
+
+
+def test_outcomes_of_returns_only_finished_jobs() -> None:
+    raws = [
+        _success().model_dump_json(),
+        None,
+        None,
+        b"running",
+        _failure().model_dump_json().encode(),
+        b"retrying",
+    ]
+
+    outcomes = outcomes_of(["done", "busy", "failed"], raws)
+
+    assert outcomes == {"done": _success(), "failed": _failure()}
+
+
+# --- polling --------------------------------------------------------------------------------
+
+
+def test_poller_with_zero_timeout_times_out_at_once() -> None:
+    poller = Poller(0)
+
+    with pytest.raises(JobTimeout) as raised:
+        poller.sleep_s(3)
+
+    assert raised.value.timeout_s == 0
+    assert "3 job(s)" in str(raised.value)
+    assert isinstance(raised.value, TimeoutError)
+
+
+def test_poller_without_timeout_backs_off_to_its_ceiling() -> None:
+    poller = Poller(None)
+
+    delays = [poller.sleep_s(1) for _ in range(8)]
+
+    assert delays[0] == Poller.FIRST_S
+    assert delays == sorted(delays)
+    assert delays[-1] == Poller.CEILING_S
+    poller.progressed()
+    assert poller.sleep_s(1) == Poller.FIRST_S
+
+
+def test_poller_never_sleeps_past_its_deadline() -> None:
+    poller = Poller(0.05)
+
+    for _ in range(3):
+        assert poller.sleep_s(1) <= 0.05
+
+
+# --- URL redaction --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://:pw@localhost:6379/0", "redis://:***@localhost:6379/0"),
+        ("redis://user:pw@localhost/0", "redis://user:***@localhost/0"),
+        ("rediss://default:pw@cache.example:6380", "rediss://default:***@cache.example:6380"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
