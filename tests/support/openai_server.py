@@ -230,6 +230,13 @@ class ScriptedOpenAIServer:
         with self._lock:
             self._script.extend(replies)
 
+    def reset(self) -> None:
+        """Forget the script and the recorded requests; the default goes back to Reply()."""
+        with self._lock:
+            self._script.clear()
+            self._requests.clear()
+            self.default = Reply()
+
     @property
     def base_url(self) -> str:
         if self._httpd is None:

@@ -1,0 +1,227 @@
+"""Submit → Celery worker → LiteLLM over HTTP → result through Redis, with retries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from api_client import (
+    AsyncClient,
+    Client,
+    JobFailed,
+    JobNotFound,
+    JobStatus,
+    JobTimeout,
+    Usage,
+)
+from tests.support.openai_server import Reply, ScriptedOpenAIServer
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
+
+from .conftest import CANARY_KEY, NUM_RETRIES
+
+WAIT_S = 30.0  # bounds every wait; a healthy run takes a fraction of it
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(0.01)
+
+
+def test_success_carries_content_usage_and_one_attempt(
+    client: Client, provider: ScriptedOpenAIServer
+) -> None:
+    job = client.submit("hello brave world", temperature=0, max_tokens=7)
+
+    result = job.wait(timeout=WAIT_S)
+
+    assert result.id == job.id
+    assert result.content == "echo: hello brave world"
+    assert result.message == {"role": "assistant", "content": "echo: hello brave world"}
+    assert result.finish_reason == "stop"
+    assert result.model == "test-model"
+    assert result.usage == Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7)
+    assert result.attempts == 1
+    assert result.cost_usd is None  # the scripted model has no price
+    assert result.latency_s > 0
+    assert job.status() is JobStatus.SUCCEEDED
+    [request] = provider.requests
+    assert request.body["model"] == "test-model"
+    assert request.body["temperature"] == 0
+    assert request.body["max_tokens"] == 7
+    assert request.headers["authorization"] == f"Bearer {CANARY_KEY}"
+
+
+def test_messages_and_per_request_model(client: Client, provider: ScriptedOpenAIServer) -> None:
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "second question"},
+    ]
+
+    result = client.submit(messages=messages, model="openai/other-model").wait(timeout=WAIT_S)
+
+    assert result.content == "echo: second question"
+    [request] = provider.requests
+    assert request.body["model"] == "other-model"
+    assert request.body["messages"] == messages
+
+
+def test_429_with_retry_after_then_success(client: Client, provider: ScriptedOpenAIServer) -> None:
+    provider.script(Reply(status=429, headers={"Retry-After": "0.6"}))
+
+    result = client.submit("rate limited once").wait(timeout=WAIT_S)
+
+    assert result.attempts == 2
+    first, second = provider.requests
+    # The backoff alone would wait at most LLM_RETRY_MAX_WAIT (0.2 s): Retry-After won.
+    assert second.received_at - first.received_at >= 0.6
+
+
+def test_two_503s_then_success(client: Client, provider: ScriptedOpenAIServer) -> None:
+    provider.script(Reply(status=503), Reply(status=503))
+
+    result = client.submit("flaky provider").wait(timeout=WAIT_S)
+
+    assert result.attempts == 3
+    assert len(provider.requests) == 3
+
+
+def test_400_fails_at_once_after_one_request(
+    client: Client, provider: ScriptedOpenAIServer
+) -> None:
+    provider.default = Reply(status=400)
+    job = client.submit("a request the provider refuses")
+
+    with pytest.raises(JobFailed) as failed:
+        job.wait(timeout=WAIT_S)
+
+    assert failed.value.kind == "bad_request"
+    assert failed.value.status_code == 400
+    assert failed.value.attempts == 1
+    assert failed.value.job_id == job.id
+    assert job.status() is JobStatus.FAILED
+    assert len(provider.requests) == 1
+
+
+def test_429_forever_fails_rate_limited_after_every_retry(
+    client: Client, provider: ScriptedOpenAIServer
+) -> None:
+    provider.default = Reply(status=429)
+
+    with pytest.raises(JobFailed) as failed:
+        client.submit("never admitted").wait(timeout=WAIT_S)
+
+    assert failed.value.kind == "rate_limited"
+    assert failed.value.status_code == 429
+    assert failed.value.attempts == NUM_RETRIES + 1
+    assert len(provider.requests) == NUM_RETRIES + 1
+
+
+def test_hanging_provider_times_out_and_is_retried(
+    client: Client, provider: ScriptedOpenAIServer
+) -> None:
+    provider.script(Reply(delay_s=10))  # far beyond LLM_TIMEOUT = 1 s
+
+    result = client.submit("slow then fine").wait(timeout=WAIT_S)
+
+    assert result.attempts == 2
+    assert len(provider.requests) == 2
+
+
+def test_statuses_follow_the_job(client: Client, provider: ScriptedOpenAIServer) -> None:
+    provider.script(Reply(status=429, headers={"Retry-After": "1.5"}), Reply(delay_s=0.8))
+    job = client.submit("watch me")
+
+    wait_until(lambda: job.status() is JobStatus.RETRYING)
+    wait_until(lambda: job.status() is JobStatus.RUNNING)
+    assert job.result() is None  # not finished: non-blocking
+    with pytest.raises(JobTimeout) as timed_out:
+        job.wait(timeout=0.01)
+    assert timed_out.value.job_id == job.id
+
+    assert job.wait(timeout=WAIT_S).attempts == 2
+    assert job.status() is JobStatus.SUCCEEDED
+
+
+def test_another_client_reattaches_by_id(client: Client, redis_server: RedisServer) -> None:
+    job_id = client.submit("find me later").id
+
+    with Client(redis_server.url) as other:
+        result = other.job(job_id).wait(timeout=WAIT_S)
+        assert result.content == "echo: find me later"
+        with pytest.raises(JobNotFound):
+            other.job("no-such-job").status()
+
+
+def test_submit_many_200_all_come_back(client: Client, provider: ScriptedOpenAIServer) -> None:
+    prompts = [f"prompt number {i}" for i in range(200)]
+
+    jobs = client.submit_many(prompts)
+    finished = list(client.as_completed(jobs, timeout=WAIT_S))
+
+    assert sorted(job.id for job in finished) == sorted(job.id for job in jobs)
+    contents = {job.id: job.result().content for job in finished}  # type: ignore[union-attr]
+    assert all(contents[job.id] == f"echo: {p}" for job, p in zip(jobs, prompts, strict=True))
+    assert len(provider.requests) == 200
+
+
+def test_async_client_gathers_50(redis_server: RedisServer, worker: WorkerProcess) -> None:
+    async def run() -> list[str | None]:
+        async with AsyncClient(redis_server.url) as client:
+            jobs = await client.submit_many([f"async {i}" for i in range(50)])
+            results = await asyncio.gather(*(job.wait(timeout=WAIT_S) for job in jobs))
+            assert [await job.status() for job in jobs] == [JobStatus.SUCCEEDED] * 50
+            return [result.content for result in results]
+
+    assert asyncio.run(run()) == [f"echo: async {i}" for i in range(50)]
+
+
+def test_canary_key_never_reaches_redis_results_or_logs(
+    client: Client,
+    provider: ScriptedOpenAIServer,
+    redis_server: RedisServer,
+    worker: WorkerProcess,
+) -> None:
+    # A provider that echoes the key in its error, as some do for a wrong key.
+    echo_key = {"error": {"message": f"Incorrect API key provided: {CANARY_KEY}", "code": None}}
+    provider.script(Reply(status=503), Reply(status=401, body=echo_key))
+    with pytest.raises(JobFailed) as failed:
+        client.submit("leak test").wait(timeout=WAIT_S)
+    assert failed.value.kind == "authentication"
+    assert CANARY_KEY not in str(failed.value)
+
+    # Everything the module's runs left in Redis, and everything the worker logged.
+    stored = _dump_redis(redis_server)
+    assert stored  # the runs above left results to inspect
+    assert CANARY_KEY.encode() not in stored
+    assert CANARY_KEY not in worker.log()
+    assert "leak test" not in worker.log()  # prompts are not logged either
+
+
+def _dump_redis(redis_server: RedisServer) -> bytes:
+    """Every key and value in the server, whatever its type, as one blob."""
+    redis = redis_server.client()
+    values: list[Any] = []
+    for key in redis.scan_iter(count=1000):
+        values.append(key)
+        kind = redis.type(key)
+        if kind == b"string":
+            values.append(redis.get(key))
+        elif kind == b"list":
+            values += redis.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values += [item for pair in redis.hgetall(key).items() for item in pair]
+        elif kind == b"set":
+            values += redis.smembers(key)
+        elif kind == b"zset":
+            values += redis.zrange(key, 0, -1)
+    return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in values)

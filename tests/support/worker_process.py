@@ -1,0 +1,83 @@
+"""`promptq worker` as a real subprocess, its output captured to a file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+
+class WorkerProcess:
+    """Runs ``python -m worker worker`` with exactly the given LLM_*/PROMPTQ_* environment."""
+
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, *, args: tuple[str, ...] = ()
+    ) -> None:
+        clean = {
+            k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_", "OPENAI"))
+        }
+        self.env = {**clean, **env}
+        self.log_path = log_path
+        self.args = args
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "worker", "worker", "--loglevel", "INFO", *self.args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def wait_ready(self, timeout_s: float = 60.0) -> WorkerProcess:
+        """Block until Celery logs that this worker is consuming."""
+        deadline = time.monotonic() + timeout_s
+        while " ready." not in self.log():
+            assert self._process is not None
+            if self._process.poll() is not None:
+                raise AssertionError(
+                    f"worker exited with {self._process.returncode}:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker not ready after {timeout_s} s:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """Warm shutdown (SIGTERM), killing the process if it does not exit in time."""
+        process, self._process = self._process, None
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start().wait_ready()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
