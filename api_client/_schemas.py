@@ -136,7 +136,7 @@ class PromptResult(BaseModel):
     usage: Usage
     cost_usd: float | None  # LiteLLM's price for the call; None when the model is unpriced
     attempts: int  # provider calls made, the successful one included
-    latency_s: float  # from the first attempt's start to the answer, waits included
+    latency_s: float  # how long the successful provider call took
     created: datetime  # when the answer arrived (UTC)
 
 

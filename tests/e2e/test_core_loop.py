@@ -18,6 +18,8 @@ from api_client import (
     JobTimeout,
     Usage,
 )
+from api_client._constants import QUEUE, starts_key
+from api_client._wire import build_request, task_message
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -185,6 +187,56 @@ def test_async_client_gathers_50(redis_server: RedisServer, worker: WorkerProces
     assert asyncio.run(run()) == [f"echo: async {i}" for i in range(50)]
 
 
+def _dump_redis(redis_server: RedisServer) -> bytes:
+    """Every key and value in the server, whatever its type, as one blob."""
+    redis = redis_server.client()
+    values: list[Any] = []
+    for key in redis.scan_iter(count=1000):
+        values.append(key)
+        kind = redis.type(key)
+        if kind == b"string":
+            values.append(redis.get(key))
+        elif kind == b"list":
+            values += redis.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values += [item for pair in redis.hgetall(key).items() for item in pair]
+        elif kind == b"set":
+            values += redis.smembers(key)
+        elif kind == b"zset":
+            values += redis.zrange(key, 0, -1)
+    return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in values)
+
+
+def test_a_job_redelivered_too_often_fails_as_worker_lost(
+    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
+) -> None:
+    # As if three workers had died running this job (PROMPTQ_MAX_REDELIVERIES defaults to 2).
+    job_id = "died-three-times"
+    redis = redis_server.client()
+    redis.set(starts_key(job_id), 3)
+    redis.lpush(QUEUE, task_message(job_id, build_request("deadly", None, None, {})))
+
+    with pytest.raises(JobFailed) as failed:
+        client.job(job_id).wait(timeout=WAIT_S)
+
+    assert failed.value.kind == "worker_lost"
+    assert provider.requests == []
+
+
+def test_a_duplicate_delivery_of_a_finished_job_is_dropped(
+    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer, worker: WorkerProcess
+) -> None:
+    request = build_request("only once", None, None, {})
+    first = client.submit_many([request])[0].wait(timeout=WAIT_S)
+    # Deliver the same job again, as a redelivery after a lost acknowledgement would.
+    redis_server.client().lpush(QUEUE, task_message(first.id, request))
+
+    wait_until(lambda: f"job {first.id} already has an outcome" in worker.log())
+    assert len(provider.requests) == 1
+    assert client.job(first.id).wait(timeout=WAIT_S) == first
+
+
+# Last in the module: it inspects everything the runs above left behind.
 def test_canary_key_never_reaches_redis_results_or_logs(
     client: Client,
     provider: ScriptedOpenAIServer,
@@ -205,23 +257,3 @@ def test_canary_key_never_reaches_redis_results_or_logs(
     assert CANARY_KEY.encode() not in stored
     assert CANARY_KEY not in worker.log()
     assert "leak test" not in worker.log()  # prompts are not logged either
-
-
-def _dump_redis(redis_server: RedisServer) -> bytes:
-    """Every key and value in the server, whatever its type, as one blob."""
-    redis = redis_server.client()
-    values: list[Any] = []
-    for key in redis.scan_iter(count=1000):
-        values.append(key)
-        kind = redis.type(key)
-        if kind == b"string":
-            values.append(redis.get(key))
-        elif kind == b"list":
-            values += redis.lrange(key, 0, -1)
-        elif kind == b"hash":
-            values += [item for pair in redis.hgetall(key).items() for item in pair]
-        elif kind == b"set":
-            values += redis.smembers(key)
-        elif kind == b"zset":
-            values += redis.zrange(key, 0, -1)
-    return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in values)
