@@ -26,6 +26,7 @@ from ._wire import (
     new_job_id,
     outcomes_of,
     poll_keys,
+    read_poll,
     status_of,
     task_message,
     unwrap,
@@ -108,6 +109,24 @@ class Client:
                 poller.progressed()
             time.sleep(poller.sleep_s(len(pending)))
 
+    def poll(self, jobs: Iterable[Job]) -> list[Job]:
+        """Check once, without waiting, in one round trip: the jobs among these that finished.
+
+        Unfinished jobs keep the state seen in ``job.last_status`` (queued, running, retrying).
+        """
+        jobs = list(jobs)
+        with self._guard():
+            raws = self._redis.mget([key for job in jobs for key in poll_keys(job.id)])
+        polled = read_poll([job.id for job in jobs], raws)
+        finished = []
+        for job in jobs:
+            found = polled[job.id]
+            if isinstance(found, Outcome):
+                job._outcome = found
+                finished.append(job)
+            job.last_status = found.status if isinstance(found, Outcome) else found
+        return finished
+
     def _publish(self, requests: Sequence[PromptRequest]) -> list[Job]:
         ttl_ms = int(self.settings.result_ttl_s * 1000)
         jobs = [Job(self, new_job_id()) for _ in requests]
@@ -141,6 +160,7 @@ class Job:
         self.id = job_id
         self._client = client
         self._outcome: Outcome | None = None
+        self.last_status: JobStatus | None = None  # as seen by the latest Client.poll
 
     def __repr__(self) -> str:
         return f"<Job {self.id}>"

@@ -141,25 +141,32 @@ def poll_keys(job_id: str) -> list[str]:
     return [result_key(job_id), state_key(job_id)]
 
 
+def read_poll(job_ids: Sequence[str], raws: Sequence[Raw]) -> dict[str, Outcome | JobStatus]:
+    """Read an MGET of poll_keys for each job: its outcome if finished, else its state."""
+    return {
+        job_id: _outcome_or_state(job_id, raws[2 * index], raws[2 * index + 1])
+        for index, job_id in enumerate(job_ids)
+    }
+
+
 def outcomes_of(job_ids: Sequence[str], raws: Sequence[Raw]) -> dict[str, Outcome]:
     """Read an MGET of poll_keys for each job: the finished ones' outcomes."""
-    outcomes = {}
-    for index, job_id in enumerate(job_ids):
-        outcome_raw, state_raw = raws[2 * index], raws[2 * index + 1]
-        if outcome_raw is not None:
-            outcomes[job_id] = Outcome.model_validate_json(outcome_raw)
-        elif state_raw is None:
-            raise _not_found(job_id)
-    return outcomes
+    polled = read_poll(job_ids, raws)
+    return {job_id: found for job_id, found in polled.items() if isinstance(found, Outcome)}
+
+
+def _outcome_or_state(job_id: str, outcome_raw: Raw, state_raw: Raw) -> Outcome | JobStatus:
+    if outcome_raw is not None:
+        return Outcome.model_validate_json(outcome_raw)
+    if state_raw is None:
+        raise _not_found(job_id)
+    return JobStatus(state_raw.decode() if isinstance(state_raw, bytes) else state_raw)
 
 
 def status_of(job_id: str, outcome_raw: Raw, state_raw: Raw) -> JobStatus:
     """A stored terminal outcome always wins over a (possibly late) non-terminal state."""
-    if outcome_raw is not None:
-        return Outcome.model_validate_json(outcome_raw).status
-    if state_raw is None:
-        raise _not_found(job_id)
-    return JobStatus(state_raw.decode() if isinstance(state_raw, bytes) else state_raw)
+    found = _outcome_or_state(job_id, outcome_raw, state_raw)
+    return found.status if isinstance(found, Outcome) else found
 
 
 def _not_found(job_id: str) -> JobNotFound:

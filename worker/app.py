@@ -31,7 +31,7 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
     @cached_property
     def store(self) -> JobStore:
         client = redis.Redis.from_url(
-            self.settings.queue.redis_url,
+            self.settings.queue.broker_url,
             socket_connect_timeout=5,
             socket_timeout=30,
             health_check_interval=30,
@@ -47,7 +47,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
     """Celery settings for long, slow, paid calls that must not be lost or run twice."""
     queue = settings.queue
     return {
-        "broker_url": queue.redis_url,
+        "broker_url": queue.broker_url,
         # Outcomes go to promptq's own keys (worker.store), where a terminal result cannot be
         # overwritten by a late RETRY; Celery's own result backend stays off.
         "result_backend": None,

@@ -3,26 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 from api_client._constants import QUEUE
 
-from .settings import ConfigError, load_settings
+from .settings import ConfigError, Settings, load_settings
 
 POOLS = ("threads", "prefork", "solo")
+EXIT_FAILED = 1  # some prompts failed
+EXIT_USAGE = 2  # bad arguments, configuration or input: nothing was run
+EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "worker":
-        return run_worker(args, extra)
-    if extra:
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    if extra and args.command != "worker":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    parser.print_help()
-    return 2
+    try:
+        if args.command == "worker":
+            return run_worker(args, extra)
+        command: int = args.run(args)
+        return command
+    except ConfigError as exc:
+        print(f"promptq {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,6 +44,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Run LLM calls in the background: a Celery worker fleet behind a Redis queue.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_worker(commands)
+    _add_batch(commands)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="config file (default: $PROMPTQ_CONFIG, else ./config.toml if present)"
+    )
+
+
+def _add_worker(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     worker = commands.add_parser(
         "worker",
         help="run a worker that takes prompts from the queue and calls the model",
@@ -40,9 +65,7 @@ def _parser() -> argparse.ArgumentParser:
             "`celery worker` unchanged."
         ),
     )
-    worker.add_argument(
-        "--config", help="config file (default: $PROMPTQ_CONFIG, else ./config.toml if present)"
-    )
+    _config_option(worker)
     worker.add_argument(
         "-c",
         "--concurrency",
@@ -57,19 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         help="Celery pool; threads keeps many slow calls in flight cheaply (default: threads)",
     )
     worker.add_argument("-l", "--loglevel", default="INFO", help="log level (default: INFO)")
-    return parser
 
 
 def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
     """Start a Celery worker on the promptq queue; a bad setting stops it here, named."""
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(f"promptq worker: {exc}", file=sys.stderr)
-        return 2
+    settings = load_settings(args.config)
     if args.concurrency is not None and args.concurrency < 1:
         print("promptq worker: --concurrency must be at least 1", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     from .app import create_app  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
 
     app = create_app(settings)
@@ -89,6 +107,150 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
         ]
     )
     return 0
+
+
+def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    batch = commands.add_parser(
+        "batch",
+        help="run a JSONL file of prompts and write the answers to a JSONL file",
+        description=(
+            "Run every prompt of INPUT (OpenAI Batch API request lines, or simple "
+            '{"prompt": ...} / {"messages": [...]} lines) and write the answers to OUTPUT in the '
+            "OpenAI Batch API output format, as they arrive. Running the same command again "
+            "resumes: only custom_ids not yet in OUTPUT are sent. With PROMPTQ_REDIS_URL (or "
+            "[promptq] redis_url) set, the prompts go to that fleet's workers; without, the "
+            "command runs an embedded broker and worker itself."
+        ),
+    )
+    batch.add_argument("input", type=Path, metavar="INPUT.jsonl")
+    batch.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT.jsonl")
+    _config_option(batch)
+    batch.add_argument("--model", help="use this model for every line (overrides the file's)")
+    batch.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=500,
+        help="prompts queued or running at once (default: 500)",
+    )
+    batch.add_argument(
+        "--retry-failed", action="store_true", help="also re-run lines that failed in OUTPUT"
+    )
+    batch.add_argument(
+        "--skip-invalid", action="store_true", help="run the valid lines despite invalid ones"
+    )
+    batch.add_argument(
+        "-s",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an LLM setting for this run's embedded worker, e.g. -s num_retries=3 (repeatable)",
+    )
+    batch.add_argument(
+        "-c", "--concurrency", type=int, help="embedded worker threads (default: 64)"
+    )
+    batch.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    batch.add_argument(
+        "--json", action="store_true", help="print a JSON summary on stdout at the end"
+    )
+    batch.set_defaults(run=run_batch_command)
+
+
+def run_batch_command(args: argparse.Namespace) -> int:
+    from .batch import RichDisplay, run_batch  # noqa: PLC0415
+    from .batchfile import check_input  # noqa: PLC0415
+
+    name = "promptq batch"
+    if args.max_in_flight < 1:
+        print(f"{name}: --max-in-flight must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.input.is_file():
+        print(f"{name}: no such input file: {args.input}", file=sys.stderr)
+        return EXIT_USAGE
+    settings = load_settings(args.config, llm=_parse_overrides(args.set))
+    valid, problems = check_input(args.input, model=args.model)
+    if problems:
+        for problem in problems:
+            print(f"{name}: {args.input}: {problem}", file=sys.stderr)
+        if not args.skip_invalid:
+            print(f"{name}: nothing was submitted (--skip-invalid runs the rest)", file=sys.stderr)
+            return EXIT_USAGE
+    talk = not args.quiet
+    show_progress = talk and not args.json and sys.stderr.isatty()
+    try:
+        with _broker(settings, args, talk) as redis_url:
+            from api_client import Client  # noqa: PLC0415
+
+            with Client(redis_url) as client:
+                display = RichDisplay() if show_progress else None
+                with display or nullcontext():
+                    tally = run_batch(
+                        client,
+                        args.input,
+                        args.output,
+                        valid_items=valid,
+                        model=args.model,
+                        max_in_flight=args.max_in_flight,
+                        retry_failed=args.retry_failed,
+                        display=display,
+                    )
+    except KeyboardInterrupt:
+        print(
+            f"{name}: interrupted; {args.output} holds every answer so far: "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    summary = tally.summary()
+    if args.json:
+        print(json.dumps(summary))
+    if talk:
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(tally.failed_by_kind.items()))
+        print(
+            f"{name}: {tally.succeeded} succeeded, {tally.failed} failed"
+            + (f" ({kinds})" if kinds else "")
+            + f", {tally.already_done} already in {args.output}; "
+            f"{tally.prompt_tokens + tally.completion_tokens:,} tokens, "
+            f"${tally.cost_usd:.4f}, {summary['elapsed_s']:.1f} s",
+            file=sys.stderr,
+        )
+    return EXIT_FAILED if tally.failed else 0
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"-s/--set takes KEY=VALUE, got {pair!r}")
+        overrides[key.strip().lower().removeprefix("llm_")] = value
+    return overrides
+
+
+@contextmanager
+def _broker(settings: Settings, args: argparse.Namespace, talk: bool) -> Iterator[str]:
+    """The fleet's Redis when one is configured, else an embedded broker and worker."""
+    url = settings.queue.redis_url
+    if url is not None:
+        if args.set and talk:
+            print(
+                "promptq batch: -s/--set only applies to an embedded worker; "
+                "the fleet's workers use their own settings",
+                file=sys.stderr,
+            )
+        yield url
+        return
+    from .embedded import Embedded  # noqa: PLC0415  (Celery and LiteLLM: embedded only)
+
+    embedded = Embedded(settings, concurrency=args.concurrency)
+    with embedded as embedded_url:
+        if talk:
+            print(
+                f"promptq batch: no broker configured, running embedded ({embedded.description} "
+                "and a worker in this process); set PROMPTQ_REDIS_URL to use a fleet instead",
+                file=sys.stderr,
+            )
+        yield embedded_url
 
 
 if __name__ == "__main__":

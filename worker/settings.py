@@ -95,7 +95,9 @@ class QueueSettings(_LayeredSettings):
     )
     config_table: ClassVar[str] = "promptq"
 
-    redis_url: str = DEFAULT_REDIS_URL
+    # Unset means "no fleet configured": workers use redis://localhost:6379/0, while
+    # `promptq batch` runs an embedded broker and worker of its own.
+    redis_url: str | None = None
     # An unacknowledged message returns to the queue after this long: it must stay well above
     # the longest retry wait plus the call timeout, or running jobs would be delivered twice.
     visibility_timeout_s: float = Field(default=3600.0, gt=0)
@@ -105,6 +107,10 @@ class QueueSettings(_LayeredSettings):
     # Retries waiting for their countdown are held in worker memory: at most this many.
     eta_task_limit: int = Field(default=1000, ge=1)
     concurrency: int = Field(default=64, ge=1)
+
+    @property
+    def broker_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
 
 
 class Settings(BaseModel):

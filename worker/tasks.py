@@ -38,7 +38,8 @@ class RetryableFailure(Exception):
 
 
 def register(app: PromptqCelery) -> None:
-    app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)(complete)
+    # shared=False: the task belongs to this app only, bound to its settings.
+    app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True, shared=False)(complete)
 
 
 def complete(task: Task, request: dict[str, Any]) -> None:

@@ -38,7 +38,8 @@ def test_defaults_match_openhands() -> None:
 def test_queue_defaults() -> None:
     queue = load_settings().queue
 
-    assert queue.redis_url == "redis://localhost:6379/0"
+    assert queue.redis_url is None  # no fleet configured: `promptq batch` runs embedded
+    assert queue.broker_url == "redis://localhost:6379/0"  # where a worker looks by default
     assert queue.visibility_timeout_s == 3600
     assert queue.result_ttl_s == 24 * 3600
     assert queue.max_redeliveries == 2
@@ -97,7 +98,7 @@ def test_client_only_promptq_variables_do_not_upset_the_worker(
     monkeypatch.setenv("PROMPTQ_CONNECT_TIMEOUT_S", "3")
     monkeypatch.setenv("PROMPTQ_SOCKET_TIMEOUT_S", "4")
 
-    assert load_settings().queue.redis_url == "redis://localhost:6379/0"
+    assert load_settings().queue.broker_url == "redis://localhost:6379/0"
 
 
 CONFIG_TEXT = """
