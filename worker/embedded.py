@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -84,10 +87,18 @@ class RedisServerProcess:
 
     description = "a private redis-server"
 
-    def __init__(self, binary: str, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        *,
+        appendonly: bool = False,
+        die_with_parent: bool = False,
+    ) -> None:
         self.binary = binary
         self.directory = directory
         self.appendonly = appendonly
+        self.die_with_parent = die_with_parent
         self.port = free_port()
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -100,7 +111,12 @@ class RedisServerProcess:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
         args += ["--dir", str(self.directory), "--logfile", "redis.log"]
         args += ["--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec"]
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL)  # noqa: S603  (our own argv)
+        self._process = subprocess.Popen(  # noqa: S603  (our own argv)
+            args,
+            stdout=subprocess.DEVNULL,
+            # Embedded mode starts its server before any thread of its own.
+            preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
+        )
         client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
         deadline = time.monotonic() + timeout_s
         try:
@@ -130,10 +146,20 @@ class RedisServerProcess:
             process.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to end it when the process that started it dies, so a killed
+    `promptq batch` leaves no private redis-server behind. A no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def embedded_redis(directory: Path) -> RedisServerProcess | FakeRedisServer:
     """A private redis-server when one is installed (fast), else fakeredis (needs nothing)."""
     binary = shutil.which("redis-server")
-    return RedisServerProcess(binary, directory) if binary else FakeRedisServer()
+    if binary is None:
+        return FakeRedisServer()
+    return RedisServerProcess(binary, directory, die_with_parent=True)
 
 
 class _WorkController(WorkController):  # type: ignore[misc]  # Celery is untyped
