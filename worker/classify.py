@@ -78,6 +78,8 @@ _CLASS_RULES: tuple[tuple[type[BaseException], ErrorKind, bool], ...] = (
 # unparseable bodies) or a plain BadRequestError(400) (OpenAI's content-policy wording):
 # their messages tell them apart.
 _MESSAGE_RULES: tuple[tuple[re.Pattern[str], ErrorKind, bool], ...] = (
+    # A model name without a provider LiteLLM can infer: fix LLM_MODEL or the request's model.
+    (re.compile(r"LLM Provider NOT provided"), ErrorKind.CONFIGURATION, False),
     (re.compile(r"Connection error", re.I), ErrorKind.PROVIDER_UNAVAILABLE, True),
     (
         re.compile(

@@ -46,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_worker(commands)
     _add_batch(commands)
+    _add_submit(commands)
+    _add_fake_provider(commands)
     return parser
 
 
@@ -225,6 +227,58 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, str]:
             raise ConfigError(f"-s/--set takes KEY=VALUE, got {pair!r}")
         overrides[key.strip().lower().removeprefix("llm_")] = value
     return overrides
+
+
+def _add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="submit one prompt; print its job id, or wait and print the answer",
+        description="Submit one prompt to the fleet at PROMPTQ_REDIS_URL (default localhost).",
+    )
+    submit.add_argument("prompt", help="the prompt text")
+    _config_option(submit)
+    submit.add_argument("--model", help="model for this prompt (default: the workers' LLM_MODEL)")
+    submit.add_argument("--wait", action="store_true", help="wait for the answer and print it")
+    submit.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds --wait waits (default: 600)"
+    )
+    submit.set_defaults(run=run_submit_command)
+
+
+def run_submit_command(args: argparse.Namespace) -> int:
+    from api_client import Client, JobFailed, PromptqError  # noqa: PLC0415
+
+    settings = load_settings(args.config)
+    try:
+        with Client(settings.queue.broker_url) as client:
+            job = client.submit(args.prompt, model=args.model)
+            if not args.wait:
+                print(job.id)
+                return 0
+            print(job.wait(timeout=args.timeout).content or "")
+            return 0
+    except JobFailed as exc:
+        print(f"promptq submit: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except PromptqError as exc:
+        print(f"promptq submit: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _add_fake_provider(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from . import fake_provider  # noqa: PLC0415  (aiohttp: only this command needs it)
+
+    server = commands.add_parser(
+        "fake-provider",
+        help="run a local OpenAI-compatible server for demos, tests and capacity planning",
+        description=(
+            "A local OpenAI-compatible server (/v1/chat/completions, /v1/embeddings, "
+            "/v1/models) with deterministic replies, optional latency, errors and "
+            "RPM/TPM limits that answer 429 with Retry-After, as a real provider would."
+        ),
+    )
+    fake_provider.add_arguments(server)
+    server.set_defaults(run=fake_provider.run)
 
 
 @contextmanager

@@ -195,6 +195,14 @@ def _build(
         return None
 
 
+def read_config_file(
+    config_path: str | os.PathLike[str] | None = None,
+) -> tuple[Path | None, dict[str, Any]]:
+    """The config file load_settings reads for ``config_path`` and its tables; (None, {})
+    when there is none. Raises ConfigError as load_settings does."""
+    return _read_config(config_path)
+
+
 def _read_config(config_path: str | os.PathLike[str] | None) -> tuple[Path | None, dict[str, Any]]:
     named = config_path if config_path is not None else os.environ.get(CONFIG_ENV)
     if named:

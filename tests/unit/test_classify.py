@@ -250,6 +250,18 @@ def test_no_model_configured_is_a_configuration_error(server: ScriptedOpenAIServ
     assert attempt.requests == 0
 
 
+def test_a_model_without_a_known_provider_is_a_configuration_error(
+    server: ScriptedOpenAIServer,
+) -> None:
+    settings = _settings(model="no-such-provider-model", api_key=API_KEY, base_url=server.base_url)
+
+    attempt = _attempt(server, settings)
+
+    assert attempt.failure.kind is ErrorKind.CONFIGURATION
+    assert attempt.failure.retryable is False
+    assert attempt.requests == 0
+
+
 def test_missing_api_key_is_a_configuration_error_before_any_request(
     server: ScriptedOpenAIServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,93 @@
+"""What `promptq config` shows: every setting's value in use and where it came from."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, SecretStr
+
+from api_client._wire import redact_url
+
+from .settings import load_settings, read_config_file
+
+MASK = "********"
+NOT_SET = "(not set)"
+
+
+@dataclass(frozen=True)
+class SettingRow:
+    """One setting as `promptq config` lists it."""
+
+    name: str  # the environment variable, e.g. LLM_NUM_RETRIES
+    value: str  # the value in use, for display; secrets are always MASK, unset is NOT_SET
+    source: str  # 'default' | 'file (<path>) [<table>]' | 'environment' | 'flag'
+
+
+def describe_settings(
+    config_path: str | None = None, *, llm_overrides: Mapping[str, Any] | None = None
+) -> list[SettingRow]:
+    """Every LLM_* and PROMPTQ_* setting with the value a worker would run with, and its source.
+
+    Settings are loaded as a worker loads them (``llm_overrides`` as explicit values, the
+    way `-s KEY=VALUE` gives them), so a bad value raises ConfigError naming its key.
+    Precedence, highest first: flag, environment, the config file's table, default.
+    """
+    settings = load_settings(config_path, llm=llm_overrides)
+    path, tables = read_config_file(config_path)
+    env_names = {name.upper() for name in os.environ}  # pydantic-settings ignores case
+    rows: list[SettingRow] = []
+    for model, overrides in ((settings.llm, llm_overrides or {}), (settings.queue, {})):
+        cls = type(model)
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        table: Mapping[str, Any] = tables.get(cls.config_table, {})
+        for field_name in cls.model_fields:
+            env_name = f"{prefix}{field_name}".upper()
+            if field_name in overrides:
+                source = "flag"
+            elif env_name in env_names:
+                source = "environment"
+            elif field_name in table:
+                source = f"file ({path}) [{cls.config_table}]"
+            else:
+                source = "default"
+            rows.append(SettingRow(env_name, _display(model, field_name), source))
+    return rows
+
+
+def _display(model: BaseModel, field_name: str) -> str:
+    value = getattr(model, field_name)
+    if value is None:
+        return NOT_SET
+    if isinstance(value, SecretStr):
+        return MASK
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+    return _redacted_url(str(value)) if field_name.endswith("url") else str(value)
+
+
+def _redacted_url(url: str) -> str:
+    try:
+        return redact_url(url)
+    except ValueError:  # unparseable (a bad port, say): it could still hold a password
+        return MASK
+
+
+def format_rows(rows: Sequence[SettingRow]) -> str:
+    """An aligned table: setting, value, source."""
+    table = [("SETTING", "VALUE", "SOURCE"), *((r.name, r.value, r.source) for r in rows)]
+    name_width = max(len(name) for name, _, _ in table) + 2
+    value_width = max(len(value) for _, value, _ in table) + 2
+    return "\n".join(
+        f"{name:<{name_width}}{value:<{value_width}}{source}" for name, value, source in table
+    )
+
+
+def config_file_in_use(config_path: str | None = None) -> Path | None:
+    """The config file the settings are read from, if any (for a header line)."""
+    return read_config_file(config_path)[0]

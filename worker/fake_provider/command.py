@@ -1,0 +1,132 @@
+"""The fake-provider command line: its options, the "listening on" line, serving until a signal."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from .config import FakeProviderConfig, url_host
+
+
+def _number(
+    kind: type[int] | type[float], low: float, high: float = math.inf
+) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low <= value <= high:
+            bound = f"between {low:g} and {high:g}" if high < math.inf else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}: {text}")
+        return value
+
+    return parse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the fake-provider options (for `promptq fake-provider` and :func:`main`)."""
+    add = parser.add_argument
+    add("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    add("--port", type=_number(int, 0, 65535), default=8000, help="0: a free port (default: 8000)")
+    add(
+        "--rpm",
+        type=_number(int, 0),
+        default=0,
+        help="requests per minute per model (default 0: no limit)",
+    )
+    add(
+        "--tpm",
+        type=_number(int, 0),
+        default=0,
+        help="tokens per minute per model (default 0: no limit)",
+    )
+    add(
+        "--latency",
+        type=_number(float, 0),
+        default=0.0,
+        metavar="SECONDS",
+        help="wait before each reply (default: 0)",
+    )
+    add(
+        "--jitter",
+        type=_number(float, 0),
+        default=0.0,
+        metavar="SECONDS",
+        help="uniform ± jitter on the latency (default: 0)",
+    )
+    add(
+        "--error-rate",
+        type=_number(float, 0, 1),
+        default=0.0,
+        metavar="P",
+        help="fraction of requests answered 500/502/503 (default: 0)",
+    )
+    add("--seed", type=int, default=0, help="seed of the error and jitter sequences (default: 0)")
+    add(
+        "--dimensions",
+        type=_number(int, 1, 65536),
+        default=8,
+        help="embedding size when a request names none (default: 8)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM, after printing one "listening on" line; 0 when stopped."""
+    config = FakeProviderConfig(
+        rpm=args.rpm,
+        tpm=args.tpm,
+        latency_s=args.latency,
+        jitter_s=args.jitter,
+        error_rate=args.error_rate,
+        seed=args.seed,
+        dimensions=args.dimensions,
+        host=args.host,
+        port=args.port,
+    )
+    try:
+        asyncio.run(_serve_until_signalled(config))
+    except OSError as exc:
+        print(
+            f"fake-provider: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr
+        )
+        return 1
+    return 0
+
+
+async def _serve_until_signalled(config: FakeProviderConfig) -> None:
+    from .server import Server  # noqa: PLC0415  (aiohttp loads when serving, not for --help)
+
+    server = Server(config, time.monotonic)
+    port = await server.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        # Windows loops have no signal handlers, and only the main thread may install them.
+        with contextlib.suppress(NotImplementedError, ValueError, RuntimeError):
+            loop.add_signal_handler(signum, stopping.set)
+    latency = f"{config.latency_s:g}s" + (f"±{config.jitter_s:g}s" if config.jitter_s else "")
+    print(
+        f"fake-provider listening on {url_host(config.host)}:{port}/v1 "
+        f"(rpm={config.rpm or 'unlimited'}, tpm={config.tpm or 'unlimited'}, latency={latency})",
+        flush=True,
+    )
+    try:
+        await stopping.wait()
+    finally:
+        await server.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry point: parse ``argv`` with :func:`add_arguments`, then :func:`run`."""
+    parser = argparse.ArgumentParser(
+        prog="fake-provider", description="A local OpenAI-compatible server for demos and tests."
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

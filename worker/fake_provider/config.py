@@ -1,0 +1,35 @@
+"""The fake provider's settings, importable without loading aiohttp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FakeProviderConfig:
+    """How the fake provider behaves; 0 for ``rpm``/``tpm`` means unlimited, port 0 a free port."""
+
+    rpm: int = 0
+    tpm: int = 0
+    latency_s: float = 0.0
+    jitter_s: float = 0.0
+    error_rate: float = 0.0
+    seed: int = 0
+    dimensions: int = 8
+    host: str = "127.0.0.1"
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rpm", "tpm", "latency_s", "jitter_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+        if not 0.0 <= self.error_rate <= 1.0:
+            raise ValueError("error_rate must be between 0 and 1")
+        if self.dimensions < 1:
+            raise ValueError("dimensions must be >= 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")
+
+
+def url_host(host: str) -> str:
+    return f"http://[{host}]" if ":" in host else f"http://{host}"

@@ -1,0 +1,196 @@
+"""What `promptq status` shows: queue depth, messages in flight, held retries, workers, jobs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from api_client._constants import KEY_PREFIX, QUEUE
+from api_client._errors import BrokerUnavailable
+from api_client._schemas import JobStatus
+from api_client._wire import broker_errors, redact_url
+
+# Kombu's Redis transport (kombu/transport/redis.py, Channel) names these; promptq sets no
+# ``global_keyprefix`` transport option, so they are used as they are.
+PRIORITY_SEP = "\x06\x16"  # Channel.sep: a priority n > 0 is queued in QUEUE + sep + n
+PRIORITY_STEPS = (0, 3, 6, 9)  # Channel.priority_steps (PRIORITY_STEPS)
+UNACKED_KEY = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing_key]
+
+STATE_PATTERN = f"{KEY_PREFIX}state:*"
+SCAN_COUNT = 1000
+MAX_SCANNED_KEYS = 100_000  # beyond this, job counts (and held retries) are partial
+COUNTED_STATES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.RETRYING.value)
+
+_CONNECT_TIMEOUT_S = 2.0
+_SOCKET_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """A snapshot of the queue, the workers and the jobs, as read from Redis."""
+
+    broker: str  # the Redis URL, any password redacted
+    queue_depth: int  # messages waiting in the queue (all priority lists)
+    in_flight: int  # delivered to a worker, not yet acknowledged (running or held for a retry)
+    retries_scheduled: int  # of those, retries held by a worker until their ETA
+    workers: list[str]  # names of the workers that answered a ping
+    jobs: dict[str, int]  # non-terminal jobs by state: queued, running, retrying
+    truncated: bool = False  # True when there were more keys than gather_status reads
+    inspect_timeout_s: float = 1.0
+    max_scanned_keys: int = MAX_SCANNED_KEYS
+    # Reserved for the per-model rate limiter's state (a later issue): one entry per model
+    # with its configured rate and current standing. Empty until the limiter exists.
+    rate_limits: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field (for `promptq status --json`)."""
+        return asdict(self)
+
+
+def gather_status(
+    redis_url: str, *, inspect_timeout_s: float = 1.0, max_scanned_keys: int = MAX_SCANNED_KEYS
+) -> FleetStatus:
+    """Read the fleet's state from Redis and ping the workers (waits ``inspect_timeout_s``).
+
+    Job states (and held retries) are read from at most ``max_scanned_keys`` keys; beyond
+    that the counts are partial and ``truncated`` is set. Raises BrokerUnavailable, naming
+    the URL with its password redacted, when Redis cannot be reached.
+    """
+    client = redis.Redis.from_url(
+        redis_url, socket_connect_timeout=_CONNECT_TIMEOUT_S, socket_timeout=_SOCKET_TIMEOUT_S
+    )
+    try:
+        with broker_errors(redis_url):
+            queue_depth, in_flight = _queue_counts(client)
+            retries_scheduled, retries_truncated = _held_retries(client, max_scanned_keys)
+            jobs, jobs_truncated = _job_counts(client, max_scanned_keys)
+    finally:
+        client.close()
+    return FleetStatus(
+        broker=redact_url(redis_url),
+        queue_depth=queue_depth,
+        in_flight=in_flight,
+        retries_scheduled=retries_scheduled,
+        workers=_ping_workers(redis_url, inspect_timeout_s),
+        jobs=jobs,
+        truncated=retries_truncated or jobs_truncated,
+        inspect_timeout_s=inspect_timeout_s,
+        max_scanned_keys=max_scanned_keys,
+    )
+
+
+def _queue_counts(client: redis.Redis) -> tuple[int, int]:
+    pipe = client.pipeline(transaction=False)
+    for step in PRIORITY_STEPS:
+        pipe.llen(QUEUE if step == 0 else f"{QUEUE}{PRIORITY_SEP}{step}")
+    pipe.hlen(UNACKED_KEY)
+    *lengths, unacked = pipe.execute()
+    return sum(int(n) for n in lengths), int(unacked)
+
+
+def _held_retries(client: redis.Redis, max_keys: int) -> tuple[int, bool]:
+    """Unacknowledged messages whose ETA is still ahead: retries a worker holds until due.
+
+    A retry whose ETA has passed is running, not waiting, and is not counted.
+    """
+    now = datetime.now(UTC)
+    held = 0
+    for scanned, (_tag, raw) in enumerate(client.hscan_iter(UNACKED_KEY, count=SCAN_COUNT)):
+        if scanned >= max_keys:
+            return held, True
+        eta = _eta_of(raw)
+        if eta is not None and eta > now:
+            held += 1
+    return held, False
+
+
+def _eta_of(raw: bytes | str) -> datetime | None:
+    try:
+        message = json.loads(raw)[0]
+        eta = message["headers"]["eta"]
+    except (ValueError, LookupError, TypeError):
+        return None
+    if not isinstance(eta, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(eta)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _job_counts(client: redis.Redis, max_keys: int) -> tuple[dict[str, int], bool]:
+    counts = dict.fromkeys(COUNTED_STATES, 0)
+    seen: set[bytes | str] = set()
+    cursor = 0
+    while True:
+        cursor, keys = client.scan(cursor, match=STATE_PATTERN, count=SCAN_COUNT)
+        fresh = [key for key in keys if key not in seen]  # SCAN may return a key twice
+        seen.update(fresh)
+        if fresh:
+            for value in client.mget(fresh):
+                state = value.decode() if isinstance(value, bytes) else value
+                if state in counts:
+                    counts[state] += 1
+        if cursor == 0:
+            return counts, False
+        if len(seen) >= max_keys:
+            return counts, True
+
+
+def _ping_workers(redis_url: str, timeout_s: float) -> list[str]:
+    """Names of the workers answering a broadcast ping within ``timeout_s``.
+
+    A bare Celery app (JSON only): the worker's own app would import LiteLLM, seconds of it.
+    """
+    from celery import Celery  # noqa: PLC0415  (Celery's import is paid only here)
+    from kombu.exceptions import OperationalError  # noqa: PLC0415
+
+    app = Celery("promptq-status", broker=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_backend=None,
+        broker_connection_retry=False,
+        broker_connection_max_retries=0,
+        broker_connection_timeout=_CONNECT_TIMEOUT_S,
+        broker_transport_options={
+            "socket_connect_timeout": _CONNECT_TIMEOUT_S,
+            "socket_timeout": _SOCKET_TIMEOUT_S,
+            "max_retries": 0,
+        },
+    )
+    try:
+        replies = app.control.inspect(timeout=timeout_s).ping()
+    except (OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+        raise BrokerUnavailable(f"cannot reach Redis at {redact_url(redis_url)}: {exc}") from exc
+    finally:
+        app.close()
+    return sorted(replies or {})
+
+
+def format_status(status: FleetStatus) -> str:
+    """Plain text, one aligned line per figure."""
+    jobs = ", ".join(f"{n:,} {state}" for state, n in status.jobs.items())
+    if status.truncated:
+        jobs += f" (partial: only the first {status.max_scanned_keys:,} keys were read)"
+    if status.workers:
+        workers = f"{len(status.workers)}: " + ", ".join(status.workers)
+    else:
+        workers = f"none answered within {status.inspect_timeout_s:g} s"
+    lines = [
+        ("broker", status.broker),
+        ("queue depth", f"{status.queue_depth:,}"),
+        ("in flight", f"{status.in_flight:,} (delivered, not yet acknowledged)"),
+        ("retries scheduled", f"{status.retries_scheduled:,} (held by workers until due)"),
+        ("workers", workers),
+        ("jobs", jobs),
+    ]
+    # Rate limiter state (a later issue) will add its lines here.
+    width = max(len(label) for label, _ in lines) + 2
+    return "\n".join(f"{label + ':':<{width}}{value}" for label, value in lines)
