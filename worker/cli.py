@@ -47,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_worker(commands)
     _add_batch(commands)
     _add_submit(commands)
+    _add_status(commands)
+    _add_config(commands)
     _add_fake_provider(commands)
     return parser
 
@@ -263,6 +265,55 @@ def run_submit_command(args: argparse.Namespace) -> int:
     except PromptqError as exc:
         print(f"promptq submit: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser(
+        "status",
+        help="queue depth, jobs in flight, retries scheduled, workers online",
+        description="What the fleet at PROMPTQ_REDIS_URL (default localhost) is doing now.",
+    )
+    _config_option(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.set_defaults(run=run_status_command)
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    from api_client import PromptqError  # noqa: PLC0415
+
+    from .status import format_status, gather_status  # noqa: PLC0415
+
+    try:
+        status = gather_status(load_settings(args.config).queue.broker_url)
+    except PromptqError as exc:
+        print(f"promptq status: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(status.to_json()) if args.json else format_status(status))
+    return 0
+
+
+def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    config = commands.add_parser(
+        "config",
+        help="the effective settings and where each value came from (secrets masked)",
+        description=(
+            "Print every LLM_* and PROMPTQ_* setting as a worker would use it, and its source: "
+            "default, file, environment or flag. API keys are masked."
+        ),
+    )
+    _config_option(config)
+    config.add_argument(
+        "-s", "--set", action="append", default=[], metavar="KEY=VALUE", help="as for batch"
+    )
+    config.set_defaults(run=run_config_command)
+
+
+def run_config_command(args: argparse.Namespace) -> int:
+    from .config_report import describe_settings, format_rows  # noqa: PLC0415
+
+    rows = describe_settings(args.config, llm_overrides=_parse_overrides(args.set))
+    print(format_rows(rows))
+    return 0
 
 
 def _add_fake_provider(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
