@@ -171,3 +171,20 @@ def output_lines_tolerant(path: Path) -> list[dict[str, Any]]:
     """The complete lines of an output a killed run may have left with a partial last line."""
     text = path.read_text()
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
+
+
+def test_embedded_batch_runs_without_redis_installed(
+    tmp_path: Path, provider: ScriptedOpenAIServer
+) -> None:
+    # A PATH without redis-server: the command falls back to its in-process fakeredis server.
+    write_input(tmp_path / "in.jsonl", 12)
+    provider.script(Reply(status=429, headers={"Retry-After": "0.2"}), Reply(status=503))
+    env = batch_env(provider.base_url) | {"PATH": str(Path(sys.executable).parent)}
+
+    completed = run_batch(tmp_path, env, "in.jsonl", "-o", "out.jsonl", "--max-in-flight", "1")
+
+    assert completed.returncode == 0, completed.stderr
+    assert "fakeredis" in completed.stderr
+    lines = check_output(tmp_path / "out.jsonl", [f"q{i}" for i in range(12)])
+    assert lines[0]["custom_id"] == "q0" and lines[0]["promptq"]["attempts"] == 3
+    assert len(provider.requests) == 14  # 12 prompts, one of them tried three times
