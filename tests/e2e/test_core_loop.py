@@ -18,7 +18,7 @@ from api_client import (
     JobTimeout,
     Usage,
 )
-from api_client._constants import QUEUE, starts_key
+from api_client._constants import QUEUE, starts_key, state_key
 from api_client._wire import build_request, task_message
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
@@ -214,6 +214,7 @@ def test_a_job_redelivered_too_often_fails_as_worker_lost(
     job_id = "died-three-times"
     redis = redis_server.client()
     redis.set(starts_key(job_id), 3)
+    redis.set(state_key(job_id), "queued")  # as submit() leaves it
     redis.lpush(QUEUE, task_message(job_id, build_request("deadly", None, None, {})))
 
     with pytest.raises(JobFailed) as failed:
