@@ -12,22 +12,22 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ._constants import QUEUE, state_key
 from ._errors import JobTimeout
-from ._schemas import JobStatus, Outcome, PromptRequest, PromptResult
+from ._schemas import JobStatus, PromptRequest, PromptResult
 from ._settings import ClientSettings
 from ._wire import (
+    JobHandle,
     Poller,
     broker_errors,
     build_request,
     check_job_id,
     coerce_request,
+    enqueue,
     job_timeout,
     new_job_id,
-    outcomes_of,
     poll_keys,
+    read_poll,
     status_of,
-    task_message,
     unwrap,
 )
 
@@ -93,10 +93,9 @@ class AsyncClient:
         pending = {job.id: job for job in jobs}
         poller = Poller(timeout)
         while pending:
-            finished = await self._poll(list(pending))
-            for job_id, outcome in finished.items():
-                job = pending.pop(job_id)
-                job._outcome = outcome
+            finished = await self.poll(pending.values())
+            for job in finished:
+                del pending[job.id]
                 yield job
             if not pending:
                 return
@@ -104,21 +103,21 @@ class AsyncClient:
                 poller.progressed()
             await asyncio.sleep(poller.sleep_s(len(pending)))
 
+    async def poll(self, jobs: Iterable[AsyncJob]) -> list[AsyncJob]:
+        """Check once, without waiting, in one round trip (see Client.poll)."""
+        jobs = list(jobs)
+        with self._guard():
+            raws = await self._redis.mget([key for job in jobs for key in poll_keys(job.id)])
+        polled = read_poll([job.id for job in jobs], raws)
+        return [job for job in jobs if job._settle(polled[job.id])]
+
     async def _publish(self, requests: Sequence[PromptRequest]) -> list[AsyncJob]:
-        ttl_ms = int(self.settings.result_ttl_s * 1000)
         jobs = [AsyncJob(self, new_job_id()) for _ in requests]
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
-            for job, request in zip(jobs, requests, strict=True):
-                pipe.set(state_key(job.id), JobStatus.QUEUED.value, px=ttl_ms)
-                pipe.lpush(QUEUE, task_message(job.id, request))
+            enqueue(pipe, [job.id for job in jobs], requests, self.settings.result_ttl_s)
             await pipe.execute()
         return jobs
-
-    async def _poll(self, job_ids: Sequence[str]) -> dict[str, Outcome]:
-        with self._guard():
-            raws = await self._redis.mget([key for job_id in job_ids for key in poll_keys(job_id)])
-        return outcomes_of(job_ids, raws)
 
     async def _status(self, job_id: str) -> JobStatus:
         with self._guard():
@@ -129,16 +128,12 @@ class AsyncClient:
         return broker_errors(self.settings.redis_url)
 
 
-class AsyncJob:
+class AsyncJob(JobHandle):
     """One submitted prompt, followed from asyncio code."""
 
     def __init__(self, client: AsyncClient, job_id: str) -> None:
-        self.id = job_id
+        super().__init__(job_id)
         self._client = client
-        self._outcome: Outcome | None = None
-
-    def __repr__(self) -> str:
-        return f"<AsyncJob {self.id}>"
 
     async def status(self) -> JobStatus:
         """queued, running, retrying, succeeded or failed; JobNotFound if unknown or expired."""
@@ -149,7 +144,7 @@ class AsyncJob:
     async def result(self) -> PromptResult | None:
         """The result if the job succeeded, None while it is not finished; raises JobFailed."""
         if self._outcome is None:
-            self._outcome = (await self._client._poll([self.id])).get(self.id)
+            await self._client.poll([self])
         return None if self._outcome is None else unwrap(self.id, self._outcome)
 
     async def wait(self, timeout: float | None = None) -> PromptResult:

@@ -12,23 +12,22 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ._constants import QUEUE, state_key
 from ._errors import JobTimeout
-from ._schemas import JobStatus, Outcome, PromptRequest, PromptResult
+from ._schemas import JobStatus, PromptRequest, PromptResult
 from ._settings import ClientSettings
 from ._wire import (
+    JobHandle,
     Poller,
     broker_errors,
     build_request,
     check_job_id,
     coerce_request,
+    enqueue,
     job_timeout,
     new_job_id,
-    outcomes_of,
     poll_keys,
     read_poll,
     status_of,
-    task_message,
     unwrap,
 )
 
@@ -98,10 +97,9 @@ class Client:
         pending = {job.id: job for job in jobs}
         poller = Poller(timeout)
         while pending:
-            finished = self._poll(list(pending))
-            for job_id, outcome in finished.items():
-                job = pending.pop(job_id)
-                job._outcome = outcome
+            finished = self.poll(pending.values())
+            for job in finished:
+                del pending[job.id]
                 yield job
             if not pending:
                 return
@@ -118,31 +116,15 @@ class Client:
         with self._guard():
             raws = self._redis.mget([key for job in jobs for key in poll_keys(job.id)])
         polled = read_poll([job.id for job in jobs], raws)
-        finished = []
-        for job in jobs:
-            found = polled[job.id]
-            if isinstance(found, Outcome):
-                job._outcome = found
-                finished.append(job)
-            job.last_status = found.status if isinstance(found, Outcome) else found
-        return finished
+        return [job for job in jobs if job._settle(polled[job.id])]
 
     def _publish(self, requests: Sequence[PromptRequest]) -> list[Job]:
-        ttl_ms = int(self.settings.result_ttl_s * 1000)
         jobs = [Job(self, new_job_id()) for _ in requests]
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
-            for job, request in zip(jobs, requests, strict=True):
-                pipe.set(state_key(job.id), JobStatus.QUEUED.value, px=ttl_ms)
-                pipe.lpush(QUEUE, task_message(job.id, request))
+            enqueue(pipe, [job.id for job in jobs], requests, self.settings.result_ttl_s)
             pipe.execute()
         return jobs
-
-    def _poll(self, job_ids: Sequence[str]) -> dict[str, Outcome]:
-        """The outcomes of those jobs that have finished; JobNotFound for an unknown one."""
-        with self._guard():
-            raws = self._redis.mget([key for job_id in job_ids for key in poll_keys(job_id)])
-        return outcomes_of(job_ids, raws)
 
     def _status(self, job_id: str) -> JobStatus:
         with self._guard():
@@ -153,17 +135,12 @@ class Client:
         return broker_errors(self.settings.redis_url)
 
 
-class Job:
+class Job(JobHandle):
     """One submitted prompt. Cheap to create; holds no connection of its own."""
 
     def __init__(self, client: Client, job_id: str) -> None:
-        self.id = job_id
+        super().__init__(job_id)
         self._client = client
-        self._outcome: Outcome | None = None
-        self.last_status: JobStatus | None = None  # as seen by the latest Client.poll
-
-    def __repr__(self) -> str:
-        return f"<Job {self.id}>"
 
     def status(self) -> JobStatus:
         """queued, running, retrying, succeeded or failed; JobNotFound if unknown or expired."""
@@ -174,7 +151,7 @@ class Job:
     def result(self) -> PromptResult | None:
         """The result if the job succeeded, None while it is not finished; raises JobFailed."""
         if self._outcome is None:
-            self._outcome = self._client._poll([self.id]).get(self.id)
+            self._client.poll([self])
         return None if self._outcome is None else unwrap(self.id, self._outcome)
 
     def wait(self, timeout: float | None = None) -> PromptResult:

@@ -85,6 +85,37 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+def enqueue(
+    pipe: Any, job_ids: Sequence[str], requests: Sequence[PromptRequest], ttl_s: float
+) -> None:
+    """Add each job's queued state and its task message to a (sync or async) Redis pipeline."""
+    ttl_ms = int(ttl_s * 1000)
+    for job_id, request in zip(job_ids, requests, strict=True):
+        pipe.set(state_key(job_id), JobStatus.QUEUED.value, px=ttl_ms)
+        pipe.lpush(QUEUE, task_message(job_id, request))
+
+
+class JobHandle:
+    """What Job and AsyncJob share: the id, and what the latest poll found."""
+
+    def __init__(self, job_id: str) -> None:
+        self.id = job_id
+        self._outcome: Outcome | None = None
+        self.last_status: JobStatus | None = None  # as seen by the latest poll
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}>"
+
+    def _settle(self, found: Outcome | JobStatus) -> bool:
+        """Record what a poll found; True when the job has finished."""
+        if isinstance(found, Outcome):
+            self._outcome = found
+            self.last_status = found.status
+            return True
+        self.last_status = found
+        return False
+
+
 def task_message(job_id: str, request: PromptRequest) -> bytes:
     """The message Celery's Redis transport expects in the queue (task protocol 2, JSON).
 
@@ -147,12 +178,6 @@ def read_poll(job_ids: Sequence[str], raws: Sequence[Raw]) -> dict[str, Outcome 
         job_id: _outcome_or_state(job_id, raws[2 * index], raws[2 * index + 1])
         for index, job_id in enumerate(job_ids)
     }
-
-
-def outcomes_of(job_ids: Sequence[str], raws: Sequence[Raw]) -> dict[str, Outcome]:
-    """Read an MGET of poll_keys for each job: the finished ones' outcomes."""
-    polled = read_poll(job_ids, raws)
-    return {job_id: found for job_id, found in polled.items() if isinstance(found, Outcome)}
 
 
 def _outcome_or_state(job_id: str, outcome_raw: Raw, state_raw: Raw) -> Outcome | JobStatus:

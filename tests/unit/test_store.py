@@ -16,7 +16,7 @@ from api_client._schemas import (
     PromptResult,
     Usage,
 )
-from api_client._wire import outcomes_of, poll_keys, status_of
+from api_client._wire import poll_keys, read_poll, status_of
 from worker.store import JobStore
 
 JOB_ID = "job-1"
@@ -84,7 +84,7 @@ def test_finish_stores_the_outcome_and_clears_the_progress_keys(
     assert store.finish(JOB_ID, _success()) is True
 
     raws = redis_client.mget(poll_keys(JOB_ID))
-    assert outcomes_of([JOB_ID], raws) == {JOB_ID: _success()}
+    assert read_poll([JOB_ID], raws) == {JOB_ID: _success()}
     assert redis_client.get(state_key(JOB_ID)) is None
     assert redis_client.get(starts_key(JOB_ID)) is None
 
@@ -97,7 +97,7 @@ def test_the_first_outcome_wins(store: JobStore, redis_client: fakeredis.FakeRed
     assert store.finish(JOB_ID, _success("second")) is False
 
     raws = redis_client.mget(poll_keys(JOB_ID))
-    assert outcomes_of([JOB_ID], raws) == {JOB_ID: _success("first")}
+    assert read_poll([JOB_ID], raws) == {JOB_ID: _success("first")}
 
 
 def test_finish_without_begin_still_stores(

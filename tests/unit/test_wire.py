@@ -22,8 +22,8 @@ from api_client._constants import QUEUE, TASK_NAME
 from api_client._schemas import ErrorKind, JobError, Outcome, PromptRequest, PromptResult, Usage
 from api_client._wire import (
     Poller,
-    outcomes_of,
     poll_keys,
+    read_poll,
     redact_url,
     status_of,
     task_message,
@@ -208,7 +208,7 @@ def test_a_stored_outcome_wins_over_any_state(state: bytes | str | None) -> None
     raw = _success().model_dump_json().encode()
 
     assert status_of(JOB_ID, raw, state) is JobStatus.SUCCEEDED
-    assert outcomes_of([JOB_ID], [raw, state]) == {JOB_ID: _success()}
+    assert read_poll([JOB_ID], [raw, state]) == {JOB_ID: _success()}
 
 
 @pytest.mark.parametrize(
@@ -226,11 +226,11 @@ def test_neither_outcome_nor_state_is_job_not_found() -> None:
     assert isinstance(raised.value, LookupError)
 
     with pytest.raises(JobNotFound) as raised_many:
-        outcomes_of(["a", JOB_ID], [None, b"queued", None, None])
+        read_poll(["a", JOB_ID], [None, b"queued", None, None])
     assert raised_many.value.job_id == JOB_ID
 
 
-def test_outcomes_of_returns_only_finished_jobs() -> None:
+def test_read_poll_gives_outcomes_of_finished_jobs_and_states_of_the_rest() -> None:
     raws = [
         _success().model_dump_json(),
         None,
@@ -240,9 +240,9 @@ def test_outcomes_of_returns_only_finished_jobs() -> None:
         b"retrying",
     ]
 
-    outcomes = outcomes_of(["done", "busy", "failed"], raws)
+    polled = read_poll(["done", "busy", "failed"], raws)
 
-    assert outcomes == {"done": _success(), "failed": _failure()}
+    assert polled == {"done": _success(), "busy": JobStatus.RUNNING, "failed": _failure()}
 
 
 # --- polling --------------------------------------------------------------------------------
