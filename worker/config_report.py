@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, SecretStr
@@ -86,8 +85,3 @@ def format_rows(rows: Sequence[SettingRow]) -> str:
     return "\n".join(
         f"{name:<{name_width}}{value:<{value_width}}{source}" for name, value, source in table
     )
-
-
-def config_file_in_use(config_path: str | None = None) -> Path | None:
-    """The config file the settings are read from, if any (for a header line)."""
-    return read_config_file(config_path)[0]

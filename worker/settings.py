@@ -139,7 +139,7 @@ def load_settings(
     The file is ``config_path``, else $PROMPTQ_CONFIG, else ./config.toml when it exists.
     Raises ConfigError naming every bad key.
     """
-    path, tables = _read_config(config_path)
+    path, tables = read_config_file(config_path)
     source = f"[{{table}}] of {path}" if path else "[{table}] of config.toml"
     problems: list[str] = []
     token = _file_tables.set(tables)
@@ -199,11 +199,7 @@ def read_config_file(
     config_path: str | os.PathLike[str] | None = None,
 ) -> tuple[Path | None, dict[str, Any]]:
     """The config file load_settings reads for ``config_path`` and its tables; (None, {})
-    when there is none. Raises ConfigError as load_settings does."""
-    return _read_config(config_path)
-
-
-def _read_config(config_path: str | os.PathLike[str] | None) -> tuple[Path | None, dict[str, Any]]:
+    when there is none. Raises ConfigError naming the problem."""
     named = config_path if config_path is not None else os.environ.get(CONFIG_ENV)
     if named:
         path = Path(named)

@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
+from worker.fake_provider.replies import text_of
+
 _CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
 
@@ -45,19 +47,6 @@ class RecordedRequest:
     received_at: float
 
 
-def _text_of(content: object) -> str:
-    """Text of a message ``content``: a string, or the text parts of a content-part list."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
-        )
-    return ""
-
-
 def _messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
     messages = body.get("messages")
     if not isinstance(messages, list):
@@ -68,10 +57,10 @@ def _messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
 def _echo_completion(body: dict[str, Any], completion_id: str) -> dict[str, Any]:
     messages = _messages_of(body)
     last_user = next(
-        (_text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
+        (text_of(m.get("content")) for m in reversed(messages) if m.get("role") == "user"), ""
     )
     content = "echo: " + last_user
-    prompt_tokens = max(1, sum(len(_text_of(m.get("content")).split()) for m in messages))
+    prompt_tokens = max(1, sum(len(text_of(m.get("content")).split()) for m in messages))
     completion_tokens = max(1, len(content.split()))
     model = body.get("model")
     return {
