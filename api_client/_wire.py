@@ -116,13 +116,21 @@ class JobHandle:
         return False
 
 
-def task_message(job_id: str, request: PromptRequest) -> bytes:
+def task_message(
+    job_id: str,
+    request: PromptRequest,
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+    retries: int = 0,
+) -> bytes:
     """The message Celery's Redis transport expects in the queue (task protocol 2, JSON).
 
     Built here rather than by Celery so the client stays light and can pipeline many
-    publishes in one round trip. argsrepr hides the prompt from worker logs.
+    publishes in one round trip. argsrepr hides the prompt from worker logs. The worker
+    builds one too when it parks a job (``kwargs`` carry its state, ``retries`` counts the
+    deliveries before it).
     """
-    body = [[request.model_dump(mode="json")], {}, _NO_CANVAS]
+    body = [[request.model_dump(mode="json")], dict(kwargs or {}), _NO_CANVAS]
     envelope = {
         "body": base64.b64encode(json.dumps(body).encode()).decode("ascii"),
         "content-encoding": "utf-8",
@@ -136,7 +144,7 @@ def task_message(job_id: str, request: PromptRequest) -> bytes:
             "expires": None,
             "group": None,
             "group_index": None,
-            "retries": 0,
+            "retries": retries,
             "timelimit": [None, None],
             "root_id": job_id,
             "parent_id": None,

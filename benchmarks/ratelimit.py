@@ -38,6 +38,7 @@ from worker.embedded import RedisServerProcess
 from worker.fake_provider import FakeProvider, FakeProviderConfig
 
 MODEL = "openai/bench-model"
+WARM_UP_MODEL = "openai/warm-up"
 MAX_TOKENS = 20  # per prompt in the tpm mode
 RETRY_ENV = {"LLM_RETRY_MIN_WAIT": "1", "LLM_RETRY_MAX_WAIT": "10"}
 
@@ -82,7 +83,7 @@ def wait_ready(
     """Every worker has taken and finished one job (so LiteLLM is loaded everywhere)."""
     deadline = time.monotonic() + timeout_s
     jobs = client.submit_many(
-        build_request("warm up", None, "openai/warm-up", {}) for _ in range(len(processes) * 4)
+        build_request("warm up", None, WARM_UP_MODEL, {}) for _ in range(len(processes) * 4)
     )
     for job in client.as_completed(jobs, timeout=max(1.0, deadline - time.monotonic())):
         job.wait(timeout=1)
@@ -128,14 +129,18 @@ def run_mode(mode: str, args: argparse.Namespace, directory: Path) -> Outcome:
     redis_server = RedisServerProcess(shutil.which("redis-server") or "redis-server", logs)
     redis_server.start()
     provider = FakeProvider(provider_config).start()
+    config = logs / "config.toml"
+    config.write_text(f'[rate_limits."{WARM_UP_MODEL}"]  # no limits of ours for the warm-up\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_"))}
     env |= RETRY_ENV | {
+        "PROMPTQ_CONFIG": str(config),
         "PROMPTQ_REDIS_URL": redis_server.url,
         "LLM_MODEL": MODEL,
         "LLM_API_KEY": "sk-bench",
         "LLM_BASE_URL": provider.base_url,
         "PROMPTQ_LIMITER_ADAPTIVE": "true" if mode == "adaptive" else "false",
     }
+    env |= dict(item.split("=", 1) for item in args.env)
     if mode == "configured":
         env["LLM_RPM"] = str(args.rpm)
     if tokens_mode:
@@ -194,6 +199,9 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--burst", type=float, default=2.0)
     parser.add_argument("--modes", default="none,configured,adaptive,tpm")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting"
+    )
     args = parser.parse_args()
     args.prompts = args.prompts or args.rpm
     print(

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
 import redis
-from celery import Celery
+from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
 
 from .limiter import Deployment, RateLimiter
+from .parking import Parking, ParkingMover
 from .retry import RetryPolicy
 from .settings import Settings
 from .store import JobStore
@@ -52,6 +54,14 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
             max_ahead_s=settings.limiter_max_ahead_s,
             adaptive=settings.queue.limiter_adaptive,
         )
+
+    @cached_property
+    def parking(self) -> Parking:
+        return Parking(self.redis)
+
+    @cached_property
+    def parking_mover(self) -> ParkingMover:
+        return ParkingMover(self.parking)
 
     def deployment(self, model: str) -> Deployment:
         """The rate-limited deployment a call to ``model`` goes to, with its limits."""
@@ -113,8 +123,21 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
 
 
+class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """Runs the app's ParkingMover for as long as the worker runs."""
+
+    label = "promptq parking"
+
+    def start(self, worker: Any) -> None:
+        worker.app.parking_mover.start()
+
+    def stop(self, worker: Any) -> None:
+        worker.app.parking_mover.stop()
+
+
 def create_app(settings: Settings) -> PromptqCelery:
     """A Celery app for these settings with the promptq task registered."""
     app = PromptqCelery(settings)
     register(app)
+    app.steps["worker"].add(ParkingStep)
     return app

@@ -15,6 +15,7 @@ from api_client._schemas import JobStatus
 from api_client._wire import broker_errors, redact_url
 
 from .limiter import LimiterState, read_limiters
+from .parking import PARKED_KEY
 
 # Kombu's Redis transport (kombu/transport/redis.py, Channel) names these; promptq sets no
 # ``global_keyprefix`` transport option, so they are used as they are.
@@ -39,6 +40,7 @@ class FleetStatus:
     queue_depth: int  # messages waiting in the queue (all priority lists)
     in_flight: int  # delivered to a worker, not yet acknowledged (running or held for a retry)
     retries_scheduled: int  # of those, retries held by a worker until their ETA
+    parked: int  # jobs waiting in Redis for rate-limit capacity (worker.parking)
     workers: list[str]  # names of the workers that answered a ping
     jobs: dict[str, int]  # non-terminal jobs by state: queued, running, retrying
     truncated: bool = False  # True when there were more keys than gather_status reads
@@ -67,6 +69,7 @@ def gather_status(
     try:
         with broker_errors(redis_url):
             queue_depth, in_flight = _queue_counts(client)
+            parked = int(client.zcard(PARKED_KEY))
             retries_scheduled, retries_truncated = _held_retries(client, max_scanned_keys)
             jobs, jobs_truncated = _job_counts(client, max_scanned_keys)
             rate_limits = read_limiters(client)
@@ -77,6 +80,7 @@ def gather_status(
         queue_depth=queue_depth,
         in_flight=in_flight,
         retries_scheduled=retries_scheduled,
+        parked=parked,
         workers=_ping_workers(redis_url, inspect_timeout_s),
         jobs=jobs,
         truncated=retries_truncated or jobs_truncated,
@@ -191,6 +195,7 @@ def format_status(status: FleetStatus) -> str:
         ("queue depth", f"{status.queue_depth:,}"),
         ("in flight", f"{status.in_flight:,} (delivered, not yet acknowledged)"),
         ("retries scheduled", f"{status.retries_scheduled:,} (held by workers until due)"),
+        ("parked", f"{status.parked:,} (waiting in Redis for rate-limit capacity)"),
         ("workers", workers),
         ("jobs", jobs),
     ]

@@ -19,6 +19,7 @@ from api_client._schemas import (
     PromptRequest,
     PromptResult,
 )
+from api_client._wire import task_message
 
 from . import llm
 from .classify import Failure, NotConfigured, classify, response_headers
@@ -39,14 +40,16 @@ class RetryableFailure(Exception):
     """A transient provider failure, as Celery logs it when scheduling the retry."""
 
 
-class WaitingForCapacity(Exception):
-    """The deployment's rate limit has no slot now, as Celery logs the re-queue."""
+# A job parked for a reserved slot comes back this long before it (at most
+# PROMPTQ_LIMITER_MAX_SLEEP_S) and sleeps the rest, so that moving it and handing it to a
+# worker thread do not make it late.
+SLOT_LEAD_S = 0.25
 
 
 def register(app: PromptqCelery) -> None:
     # shared=False: the task belongs to this app only, bound to its settings. max_retries=None:
-    # Celery puts no cap on re-publishes; complete() counts provider failures against
-    # LLM_NUM_RETRIES itself, and waits for rate-limit capacity count against nothing.
+    # complete() counts provider failures against LLM_NUM_RETRIES itself (Celery's count
+    # also includes the deliveries of a job parked for rate-limit capacity).
     app.task(
         name=TASK_NAME,
         bind=True,
@@ -62,11 +65,13 @@ def complete(
     request: dict[str, Any],
     failures: int = 0,
     reserved_tokens: int | None = None,
+    slot_at: float | None = None,
 ) -> None:
     """Run one attempt of a job; schedule a retry, or store its outcome.
 
     ``failures`` counts the provider failures so far (the retry budget); ``reserved_tokens``
-    is set when this delivery already holds a rate-limit slot, charged that many tokens.
+    is set when this delivery already holds a rate-limit slot, charged that many tokens,
+    starting at ``slot_at`` (epoch seconds).
     """
     app: PromptqCelery = task.app
     job_id: str = task.request.id
@@ -94,6 +99,10 @@ def complete(
     deployment = app.deployment(model)
     if reserved_tokens is None:
         reserved_tokens = _take_slot(task, deployment, parsed, failures)
+        if reserved_tokens is None:
+            return  # parked: it comes back for its slot
+    elif slot_at is not None and slot_at > time.time():
+        time.sleep(min(slot_at - time.time(), app.settings.queue.limiter_max_sleep_s))
     attempts = failures + 1
     started = time.monotonic()
     try:
@@ -137,36 +146,42 @@ def complete(
     app.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result))
 
 
-def _take_slot(task: Task, deployment: Deployment, request: PromptRequest, failures: int) -> int:
-    """Wait for the deployment's rate limit to allow this call; return the tokens charged.
+def _take_slot(
+    task: Task, deployment: Deployment, request: PromptRequest, failures: int
+) -> int | None:
+    """Wait for the deployment's rate limit to allow this call: return the tokens charged,
+    or None when the job was parked to come back later (the task then ends).
 
-    A short wait is slept in this worker thread. A longer one gives the thread back: the job
-    is re-queued to come back at its reserved slot (or, when no slot is free within
-    PROMPTQ_LIMITER_MAX_AHEAD_S, to ask again later). Neither spends a retry.
+    A wait of up to PROMPTQ_LIMITER_MAX_SLEEP_S is slept in this worker thread. A longer
+    one gives the thread back: the slot stays reserved and the job is parked in Redis until
+    just before it; when no slot is free within PROMPTQ_LIMITER_MAX_AHEAD_S, the job is
+    parked to ask again later. Neither spends a retry.
     """
     app: PromptqCelery = task.app
-    queue = app.settings.queue
+    max_sleep_s = app.settings.queue.limiter_max_sleep_s
     limiter = app.limiter
     tokens = 0
     if limiter.counts_tokens(deployment):
-        tokens = llm.estimate_tokens(deployment.model, request, queue.limiter_reply_tokens)
+        reply_tokens = app.settings.queue.limiter_reply_tokens
+        tokens = llm.estimate_tokens(deployment.model, request, reply_tokens)
     grant = limiter.acquire(deployment, tokens)
-    if grant.granted and grant.wait_s <= queue.limiter_max_sleep_s:
+    if grant.granted and grant.wait_s <= max_sleep_s:
         if grant.wait_s > 0:
             time.sleep(grant.wait_s)
         return tokens
-    if grant.granted:
-        countdown, reserved = grant.wait_s, tokens
+    state: dict[str, Any] = {"failures": failures}
+    if grant.granted:  # back shortly before the slot, then sleep the rest of the way
+        delay_s = grant.wait_s - min(max_sleep_s, SLOT_LEAD_S)
+        state |= {"reserved_tokens": tokens, "slot_at": time.time() + grant.wait_s}
     else:  # spread the jobs that found no slot, so they do not all ask again at once
-        countdown = grant.wait_s + random.uniform(0.25, 0.5) * app.settings.limiter_max_ahead_s  # noqa: S311
-        reserved = None
-    app.store.mark_waiting(task.request.id)
-    raise task.retry(
-        countdown=countdown,
-        kwargs={"failures": failures, "reserved_tokens": reserved},
-        exc=WaitingForCapacity(f"rate limit of {deployment.model}: next slot in {countdown:.1f}s"),
-        **REDACTED_ARGS,
-    )
+        spread = random.uniform(0.25, 0.5)  # noqa: S311
+        delay_s = grant.wait_s + spread * app.settings.limiter_max_ahead_s
+    job_id: str = task.request.id
+    app.store.mark_waiting(job_id)
+    retries = task.request.retries + 1  # one more delivery of this job
+    app.parking.park(task_message(job_id, request, kwargs=state, retries=retries), delay_s)
+    logger.info("job %s parked %.1f s for the rate limit of %s", job_id, delay_s, deployment.model)
+    return None
 
 
 def _settle_failure(

@@ -138,7 +138,7 @@ def test_waiting_for_capacity_spends_no_retry(
 
     hold_the_fleet()
     job = client.submit("patient")
-    waits = re.compile(rf"\[{job.id}\] retry: .*WaitingForCapacity")
+    waits = re.compile(rf"job {job.id} parked")
     deadline = time.monotonic() + WAIT_S
     while sum(len(waits.findall(p.log())) for p in workers) < 5:
         assert time.monotonic() < deadline, "the job did not wait five times"

@@ -1,0 +1,98 @@
+"""Jobs waiting for rate-limit capacity: parked in Redis until due, then queued again."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+
+from api_client._constants import KEY_PREFIX, QUEUE
+
+PARKED_KEY = f"{KEY_PREFIX}parked"
+# How often each worker moves due jobs back to the queue, and how many at a time at most.
+MOVE_INTERVAL_S = 0.05
+MOVE_BATCH = 500
+
+logger = logging.getLogger("promptq.worker")
+
+# KEYS[1] the parked set; ARGV[1] message, ARGV[2] delay in ms. Scores are Redis time in ms.
+_PARK = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# KEYS[1] the parked set, KEYS[2] the queue; ARGV[1] how many at most. Due messages go to the
+# end of the queue list that workers take from next (kombu pops with BRPOP: the right end),
+# so a job coming back for its reserved slot is not stuck behind a backlog.
+_MOVE_DUE = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, message in ipairs(due) do
+  redis.call('RPUSH', KEYS[2], message)
+  redis.call('ZREM', KEYS[1], message)
+end
+return #due
+"""
+
+
+class Parking:
+    """The parked set: ``park`` a task message for a while; ``move_due`` requeues the due ones.
+
+    Parked jobs live in Redis, not in worker memory: a fleet can hold any number of them, and
+    a worker that stops loses none.
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._park = client.register_script(_PARK)
+        self._move_due = client.register_script(_MOVE_DUE)
+
+    def park(self, message: bytes, delay_s: float) -> None:
+        self._park(keys=[PARKED_KEY], args=[message, max(0, int(delay_s * 1000))])
+
+    def move_due(self, limit: int = MOVE_BATCH) -> int:
+        """Queue the parked messages that are due (at most ``limit``); return how many."""
+        moved: Any = self._move_due(keys=[PARKED_KEY, QUEUE], args=[limit])
+        return int(moved)
+
+
+class ParkingMover:
+    """A daemon thread moving due parked jobs back to the queue every MOVE_INTERVAL_S.
+
+    Every worker runs one; the move is one Lua script, so several never move a job twice.
+    """
+
+    def __init__(self, parking: Parking, interval_s: float = MOVE_INTERVAL_S) -> None:
+        self._parking = parking
+        self._interval_s = interval_s
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="promptq-parking", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stopping.is_set():
+            try:
+                while self._parking.move_due() >= MOVE_BATCH:
+                    pass  # a backlog came due: keep moving before sleeping
+                if failing:
+                    logger.info("parked jobs are being moved to the queue again")
+                failing = False
+            except redis.RedisError as exc:
+                if not failing:  # once per outage, not every interval
+                    logger.warning("cannot move parked jobs to the queue (will retry): %s", exc)
+                failing = True
+            self._stopping.wait(self._interval_s)
