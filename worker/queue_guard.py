@@ -4,6 +4,9 @@ Celery's own handlers log a refused message's whole body (where the prompt is), 
 Redis transport lets a queue entry that is not JSON, or not a message envelope, escape from
 the worker's event loop and stop the worker. Here each such entry is dropped (acknowledged or
 rejected, so it is never delivered again) with one log line that says why, and no body.
+
+The same transport also keeps a lost Redis connection from stopping the worker (see
+GuardedChannel._connparams).
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from queue import Empty
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from celery import signals
 from celery.worker.consumer import Consumer
+from kombu.transport import TRANSPORT_ALIASES
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Base64
 
@@ -23,11 +28,16 @@ logger = logging.getLogger("promptq.worker")
 
 _BASE64 = Base64()
 
+# The name Celery shows the broker by ("Connected to promptq-redis://..."), and how kombu
+# finds the transport from that name.
+TRANSPORT = "promptq-redis"
+TRANSPORT_ALIASES.setdefault(TRANSPORT, f"{__name__}:GuardedTransport")
+
 
 def transport_for(broker_url: str) -> str | None:
     """The guarded transport for a Redis URL; None (Celery's choice) for any other broker."""
     if urlsplit(broker_url).scheme in ("redis", "rediss"):
-        return f"{__name__}:GuardedTransport"
+        return TRANSPORT
     return None
 
 
@@ -81,6 +91,17 @@ class GuardedChannel(kombu_redis.Channel):
             # BRPOP has already taken the entry off the queue: nothing to acknowledge.
             refuse(f"not JSON ({type(exc).__name__})")
             raise Empty from None  # what kombu raises when nothing was delivered
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        # After Redis goes away with a job in flight, Celery collects the broken connection
+        # (which detaches it from this channel) and then closes the channel, whose requeue of
+        # the unacknowledged job then found no connection and raised AttributeError, which
+        # stopped the worker (kombu 5.7). A connection error is what kombu and Celery expect
+        # there: the worker reconnects, and the job, still in Redis' unacked set, comes back
+        # after the visibility timeout.
+        if self.connection.client is None:
+            raise redis.ConnectionError("the connection to Redis was lost")
+        return super()._connparams(asynchronous=asynchronous)  # type: ignore[no-untyped-call]
 
 
 class GuardedTransport(kombu_redis.Transport):

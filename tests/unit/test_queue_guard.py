@@ -6,10 +6,11 @@ import json
 from typing import Any
 
 import pytest
+from kombu.transport import get_transport_cls
 
 from api_client._wire import build_request, task_message
 from worker.app import celery_config
-from worker.queue_guard import envelope_problem, transport_for
+from worker.queue_guard import GuardedTransport, envelope_problem, transport_for
 from worker.settings import load_settings
 
 
@@ -23,13 +24,13 @@ from worker.settings import load_settings
     ],
 )
 def test_redis_brokers_get_the_guarded_transport(url: str, guarded: bool) -> None:
-    assert (transport_for(url) == "worker.queue_guard:GuardedTransport") is guarded
+    assert (transport_for(url) == "promptq-redis") is guarded
 
 
 def test_the_worker_uses_the_guard() -> None:
     config = celery_config(load_settings())
 
-    assert config["broker_transport"] == "worker.queue_guard:GuardedTransport"
+    assert get_transport_cls(config["broker_transport"]) is GuardedTransport
     assert config["worker_consumer"] == "worker.queue_guard:GuardedConsumer"
 
 
