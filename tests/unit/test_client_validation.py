@@ -90,6 +90,11 @@ BAD_SUBMISSIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         ("messages[0]", "JSON"),
     ),
     "object param": ({"prompt": "hi", "callback": object()}, ("callback", "JSON")),
+    "lone surrogate in the prompt": (
+        {"prompt": "half a pair: \ud800"},
+        ("messages[0]", "not valid Unicode", "surrogates not allowed"),
+    ),
+    "lone surrogate in a param": ({"prompt": "hi", "stop": ["\udfff"]}, ("stop", "Unicode")),
     "set param": ({"prompt": "hi", "stop": {"a", "b"}}, ("stop", "JSON")),
     "NaN param": ({"prompt": "hi", "temperature": math.nan}, ("temperature", "finite")),
     "infinite param": ({"prompt": "hi", "top_p": math.inf}, ("top_p", "finite")),

@@ -30,7 +30,7 @@ def test_redis_brokers_get_the_guarded_transport(url: str, guarded: bool) -> Non
 def test_the_worker_uses_the_guard() -> None:
     config = celery_config(load_settings())
 
-    assert get_transport_cls(config["broker_transport"]) is GuardedTransport
+    assert get_transport_cls(str(config["broker_transport"])) is GuardedTransport
     assert config["worker_consumer"] == "worker.queue_guard:GuardedConsumer"
 
 
