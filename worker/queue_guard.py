@@ -35,8 +35,12 @@ TRANSPORT_ALIASES.setdefault(TRANSPORT, f"{__name__}:GuardedTransport")
 
 
 def transport_for(broker_url: str) -> str | None:
-    """The guarded transport for a Redis URL; None (Celery's choice) for any other broker."""
-    if urlsplit(broker_url).scheme in ("redis", "rediss"):
+    """The guarded transport for a redis:// URL; None (kombu's choice) for any other broker.
+
+    Not for rediss://: kombu sets up TLS for a rediss URL only when the transport is named
+    ``rediss``, so such a broker keeps kombu's own transport, unguarded.
+    """
+    if urlsplit(broker_url).scheme == "redis":
         return TRANSPORT
     return None
 

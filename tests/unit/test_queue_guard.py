@@ -18,7 +18,7 @@ from worker.settings import load_settings
     ("url", "guarded"),
     [
         ("redis://localhost:6379/0", True),
-        ("rediss://:pw@example.com:6380/1", True),
+        ("rediss://:pw@example.com:6380/1", False),  # kombu sets TLS up for "rediss" only
         ("sentinel://localhost:26379", False),
         ("memory://", False),
     ],
