@@ -10,6 +10,7 @@ from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
 
+from .limiter import Deployment, RateLimiter
 from .queue_guard import transport_for
 from .retry import RetryPolicy
 from .settings import Settings
@@ -28,16 +29,41 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
         super().__init__("promptq", set_as_current=False)
         self.settings = settings
         self.conf.update(celery_config(settings))
+        self._deployments: dict[str, Deployment] = {}
 
     @cached_property
-    def store(self) -> JobStore:
-        client = redis.Redis.from_url(
+    def redis(self) -> redis.Redis:
+        """This process's connection pool to the broker's Redis (job keys, limiter state)."""
+        return redis.Redis.from_url(
             self.settings.queue.broker_url,
             socket_connect_timeout=5,
             socket_timeout=30,
             health_check_interval=30,
         )
-        return JobStore(client, ttl_s=self.settings.queue.result_ttl_s)
+
+    @cached_property
+    def store(self) -> JobStore:
+        return JobStore(self.redis, ttl_s=self.settings.queue.result_ttl_s)
+
+    @cached_property
+    def limiter(self) -> RateLimiter:
+        settings = self.settings
+        return RateLimiter(
+            self.redis,
+            max_ahead_s=settings.limiter_max_ahead_s,
+            adaptive=settings.queue.limiter_adaptive,
+        )
+
+    def deployment(self, model: str) -> Deployment:
+        """The rate-limited deployment a call to ``model`` goes to, with its limits."""
+        found = self._deployments.get(model)
+        if found is None:
+            llm = self.settings.llm
+            limits = self.settings.limits_for(model)
+            key = llm.api_key.get_secret_value() if llm.api_key else None
+            found = Deployment.of(model, llm.base_url, key, rpm=limits.rpm, tpm=limits.tpm)
+            self._deployments[model] = found
+        return found
 
     @cached_property
     def retry_policy(self) -> RetryPolicy:

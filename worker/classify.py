@@ -172,7 +172,7 @@ def _message_of(exc: BaseException) -> str:
 
 def retry_after_s(exc: BaseException) -> float | None:
     """The provider's Retry-After (or retry-after-ms) in seconds, if it sent one."""
-    for headers in _headers_of(exc):
+    for headers in response_headers(exc):
         milliseconds = _number(headers.get("retry-after-ms"))
         if milliseconds is not None:
             return milliseconds / 1000
@@ -182,8 +182,9 @@ def retry_after_s(exc: BaseException) -> float | None:
     return None
 
 
-def _headers_of(exc: BaseException) -> list[Mapping[str, Any]]:
-    """Response headers, where LiteLLM keeps them (httpx.Headers look up case-insensitively)."""
+def response_headers(exc: BaseException) -> list[Mapping[str, Any]]:
+    """The provider's response headers carried by a failure, where LiteLLM keeps them
+    (httpx.Headers look up case-insensitively); empty when no response arrived."""
     found: list[Mapping[str, Any]] = []
     for headers in (
         getattr(getattr(exc, "response", None), "headers", None),

@@ -11,7 +11,7 @@ from pydantic import BaseModel, SecretStr
 
 from api_client._wire import redact_url
 
-from .settings import load_settings, read_config_file
+from .settings import ModelLimits, load_settings, read_config_file
 
 MASK = "********"
 NOT_SET = "(not set)"
@@ -54,6 +54,10 @@ def describe_settings(
             else:
                 source = "default"
             rows.append(SettingRow(env_name, _display(model, field_name), source))
+    for model_name, limits in settings.rate_limits.items():  # only the file sets these
+        for field_name in ModelLimits.model_fields:
+            name = f'rate_limits."{model_name}".{field_name}'
+            rows.append(SettingRow(name, _display(limits, field_name), f"file ({path})"))
     return rows
 
 

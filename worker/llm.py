@@ -41,13 +41,48 @@ class Completion:
     finish_reason: str | None
     usage: Usage
     cost_usd: float | None
+    headers: dict[str, str]  # the provider's response headers, as LiteLLM passes them on
+
+
+def model_of(settings: LLMSettings, request: PromptRequest) -> str:
+    """The model a request is sent to; NotConfigured when neither it nor the worker names one."""
+    model = request.model or settings.model
+    if not model:
+        raise NotConfigured("no model: set LLM_MODEL on the worker or pass model= to submit()")
+    return model
+
+
+def reply_token_budget(request: PromptRequest) -> int | None:
+    """The reply tokens the request caps itself at (max_tokens), which providers reserve."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = request.params.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
+
+
+def estimate_tokens(model: str, request: PromptRequest, reply_tokens: int) -> int:
+    """What a call will count against a tokens-per-minute limit, before it is made: the
+    prompt (LiteLLM's counter for the model) plus max_tokens, else ``reply_tokens``."""
+    try:
+        prompt = int(litellm.token_counter(model=model, messages=request.messages))
+    except Exception:  # an unusual message shape: fall back on ~4 characters a token
+        prompt = len(str(request.messages)) // 4
+    budget = reply_token_budget(request)
+    return prompt + (reply_tokens if budget is None else budget)
+
+
+def charged_tokens(usage: Usage, request: PromptRequest) -> int:
+    """What a finished call counted against the provider's token limit: the prompt plus the
+    reply, or plus max_tokens when the request set it (providers reserve it up front)."""
+    budget = reply_token_budget(request)
+    reply = usage.completion_tokens if budget is None else max(budget, usage.completion_tokens)
+    return usage.prompt_tokens + reply
 
 
 def complete(settings: LLMSettings, request: PromptRequest) -> Completion:
     """Make exactly one chat-completion request; raise on any failure (see worker.classify)."""
-    model = request.model or settings.model
-    if not model:
-        raise NotConfigured("no model: set LLM_MODEL on the worker or pass model= to submit()")
+    model = model_of(settings, request)
     api_key = settings.api_key.get_secret_value() if settings.api_key else None
     _check_credentials(model, api_key is not None, settings.base_url)
     try:
@@ -103,7 +138,14 @@ def _completion_of(response: Any) -> Completion:
             total_tokens=getattr(usage, "total_tokens", 0) or 0,
         ),
         cost_usd=_cost_usd(response),
+        headers=_headers_of(response),
     )
+
+
+def _headers_of(response: Any) -> dict[str, str]:
+    hidden = getattr(response, "_hidden_params", None) or {}
+    headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
+    return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
 
 
 def _cost_usd(response: Any) -> float | None:

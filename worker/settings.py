@@ -10,7 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -85,6 +85,10 @@ class LLMSettings(_LayeredSettings):
     retry_max_wait: float = Field(default=120.0, gt=0)
     retry_multiplier: float = Field(default=2.0, gt=0)
     timeout: float = Field(default=300.0, gt=0)
+    # The provider's limits for each model this worker calls, shared by the whole fleet
+    # (requests and tokens per minute); [rate_limits."MODEL"] in the file overrides them.
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
 
 
 class QueueSettings(_LayeredSettings):
@@ -107,10 +111,27 @@ class QueueSettings(_LayeredSettings):
     # Retries waiting for their countdown are held in worker memory: at most this many.
     eta_task_limit: int = Field(default=1000, ge=1)
     concurrency: int = Field(default=64, ge=1)
+    # The fleet-wide rate limiter (worker.limiter): learn limits from the provider's headers
+    # and 429s; wait in the worker thread up to max_sleep for a slot, beyond that re-queue the
+    # job until its slot; reserve slots at most max_ahead into the future; charge a call whose
+    # max_tokens is not set this many reply tokens until its real usage is known.
+    limiter_adaptive: bool = True
+    limiter_max_sleep_s: float = Field(default=2.0, ge=0)
+    limiter_max_ahead_s: float | None = Field(default=None, gt=0)
+    limiter_reply_tokens: int = Field(default=512, ge=0)
 
     @property
     def broker_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+
+class ModelLimits(BaseModel):
+    """One model's provider limits, from [rate_limits."MODEL"] in the config file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
 
 
 class Settings(BaseModel):
@@ -120,12 +141,24 @@ class Settings(BaseModel):
 
     llm: LLMSettings
     queue: QueueSettings
+    rate_limits: Mapping[str, ModelLimits] = MappingProxyType({})
+
+    def limits_for(self, model: str) -> ModelLimits:
+        """The requests/tokens per minute the fleet keeps to for ``model``."""
+        return self.rate_limits.get(model) or ModelLimits(rpm=self.llm.rpm, tpm=self.llm.tpm)
 
     @property
     def longest_wait_s(self) -> float:
         """No wait (backoff or Retry-After) may exceed this: it plus one call fits in half the
         visibility timeout, so a message held for a retry is never redelivered meanwhile."""
         return self.queue.visibility_timeout_s / 2 - self.llm.timeout
+
+    @property
+    def limiter_max_ahead_s(self) -> float:
+        """How far ahead the rate limiter reserves slots: a job re-queued for its slot waits
+        this long at most, so it too must fit in ``longest_wait_s``."""
+        configured = self.queue.limiter_max_ahead_s
+        return configured if configured is not None else min(60.0, self.longest_wait_s)
 
 
 def load_settings(
@@ -150,11 +183,33 @@ def load_settings(
         )
     finally:
         _file_tables.reset(token)
-    if llm_settings is None or queue_settings is None:
+    rate_limits = _model_limits(tables.get("rate_limits", {}), path, problems)
+    if llm_settings is None or queue_settings is None or problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-    settings = Settings(llm=llm_settings, queue=queue_settings)
+    settings = Settings(llm=llm_settings, queue=queue_settings, rate_limits=rate_limits)
     _check_waits_fit(settings)
     return settings
+
+
+def _model_limits(
+    table: Mapping[str, Any], path: Path | None, problems: list[str]
+) -> dict[str, ModelLimits]:
+    limits: dict[str, ModelLimits] = {}
+    for model, values in table.items():
+        where = f'[rate_limits."{model}"] of {path or "config.toml"}'
+        if not isinstance(values, Mapping):
+            problems.append(f"{where}: must be a table with rpm and/or tpm")
+            continue
+        try:
+            limits[model] = ModelLimits(**values)
+        except ValidationError as exc:
+            for error in exc.errors():
+                field = str(error["loc"][0]) if error["loc"] else ""
+                message = error["msg"].removeprefix("Value error, ")
+                if error["type"] == "extra_forbidden":
+                    message = "unknown setting (rpm and tpm are)"
+                problems.append(f"{field} in {where}: {message} (got {error['input']!r})")
+    return limits
 
 
 def _check_waits_fit(settings: Settings) -> None:
@@ -171,6 +226,15 @@ def _check_waits_fit(settings: Settings) -> None:
             f"({llm.timeout:g} s) must fit in half of PROMPTQ_VISIBILITY_TIMEOUT_S "
             f"({queue.visibility_timeout_s:g} s), or a job waiting to retry would be "
             "delivered twice: lower the waits or raise the visibility timeout"
+        )
+    max_ahead = queue.limiter_max_ahead_s
+    if max_ahead is not None and max_ahead > settings.longest_wait_s:
+        raise ConfigError(
+            "invalid configuration:\n"
+            f"  - PROMPTQ_LIMITER_MAX_AHEAD_S ({max_ahead:g} s) plus LLM_TIMEOUT "
+            f"({llm.timeout:g} s) must fit in half of PROMPTQ_VISIBILITY_TIMEOUT_S "
+            f"({queue.visibility_timeout_s:g} s), or a job waiting for its slot would be "
+            "delivered twice: lower it or raise the visibility timeout"
         )
 
 
@@ -214,7 +278,7 @@ def read_config_file(
             data = tomllib.load(file)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    for table in ("llm", "promptq"):
+    for table in ("llm", "promptq", "rate_limits"):
         if not isinstance(data.get(table, {}), dict):
             raise ConfigError(f"{table} in {path} must be a table ([{table}])")
     named_configs = [k for k, v in data.get("llm", {}).items() if isinstance(v, dict)]

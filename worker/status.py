@@ -14,6 +14,8 @@ from api_client._errors import BrokerUnavailable
 from api_client._schemas import JobStatus
 from api_client._wire import broker_errors, redact_url
 
+from .limiter import LimiterState, read_limiters
+
 # Kombu's Redis transport (kombu/transport/redis.py, Channel) names these; promptq sets no
 # ``global_keyprefix`` transport option, so they are used as they are.
 PRIORITY_SEP = "\x06\x16"  # Channel.sep: a priority n > 0 is queued in QUEUE + sep + n
@@ -42,9 +44,8 @@ class FleetStatus:
     truncated: bool = False  # True when there were more keys than gather_status reads
     inspect_timeout_s: float = 1.0
     max_scanned_keys: int = MAX_SCANNED_KEYS
-    # Reserved for the per-model rate limiter's state (a later issue): one entry per model
-    # with its configured rate and current standing. Empty until the limiter exists.
-    rate_limits: list[dict[str, Any]] = field(default_factory=list)
+    # Each deployment's rate limiter (worker.limiter): limits, last minute's rate and 429s.
+    rate_limits: list[LimiterState] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (for `promptq status --json`)."""
@@ -68,6 +69,7 @@ def gather_status(
             queue_depth, in_flight = _queue_counts(client)
             retries_scheduled, retries_truncated = _held_retries(client, max_scanned_keys)
             jobs, jobs_truncated = _job_counts(client, max_scanned_keys)
+            rate_limits = read_limiters(client)
     finally:
         client.close()
     return FleetStatus(
@@ -80,6 +82,7 @@ def gather_status(
         truncated=retries_truncated or jobs_truncated,
         inspect_timeout_s=inspect_timeout_s,
         max_scanned_keys=max_scanned_keys,
+        rate_limits=rate_limits,
     )
 
 
@@ -191,6 +194,25 @@ def format_status(status: FleetStatus) -> str:
         ("workers", workers),
         ("jobs", jobs),
     ]
-    # Rate limiter state (a later issue) will add its lines here.
+    if not status.rate_limits:
+        lines.append(("rate limits", "no calls in the last hour"))
+    for limiter in status.rate_limits:
+        lines.append((f"rate limit {limiter.model} @ {limiter.endpoint}", _limiter_line(limiter)))
     width = max(len(label) for label, _ in lines) + 2
     return "\n".join(f"{label + ':':<{width}}{value}" for label, value in lines)
+
+
+def _limiter_line(limiter: LimiterState) -> str:
+    if limiter.rpm_limit:
+        limit = f"{limiter.rpm_limit:,.0f} rpm ({limiter.rpm_source})"
+    else:
+        limit = "no request limit"
+    if limiter.tpm_limit:
+        limit += f", {limiter.tpm_limit:,.0f} tpm"
+    line = (
+        f"{limit}; last minute: {limiter.requests_per_minute:,.0f} calls, "
+        f"{limiter.tokens_per_minute:,.0f} tokens, {limiter.rate_limited_per_minute:,.0f} 429s"
+    )
+    if limiter.paused_for_s > 0:
+        line += f"; paused {limiter.paused_for_s:.1f} s more (Retry-After)"
+    return line

@@ -57,10 +57,15 @@ class JobStore:
         return None if int(starts) < 0 else int(starts)
 
     def mark_retrying(self, job_id: str) -> None:
-        self._mark(
-            keys=[result_key(job_id), state_key(job_id)],
-            args=[JobStatus.RETRYING.value, self._ttl_ms],
-        )
+        """The job failed an attempt and waits for its retry."""
+        self._set_state(job_id, JobStatus.RETRYING)
+
+    def mark_waiting(self, job_id: str) -> None:
+        """The job waits for rate-limit capacity: queued again, no attempt spent."""
+        self._set_state(job_id, JobStatus.QUEUED)
+
+    def _set_state(self, job_id: str, status: JobStatus) -> None:
+        self._mark(keys=[result_key(job_id), state_key(job_id)], args=[status.value, self._ttl_ms])
 
     def finish(self, job_id: str, outcome: Outcome) -> bool:
         """Store the outcome unless one is already stored; True if this one was stored."""

@@ -10,6 +10,7 @@ from api_client import Client
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
+from worker.limiter import LIMITER_PREFIX
 
 # Used as the worker's API key through every end-to-end run; it must never surface in Redis,
 # a result, an error or a log line.
@@ -67,3 +68,16 @@ def client(redis_server: RedisServer, worker: WorkerProcess) -> Iterator[Client]
 @pytest.fixture(autouse=True)
 def _fresh_script(provider: ScriptedOpenAIServer) -> None:
     provider.reset()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_limiter(redis_server: RedisServer) -> None:
+    """Each test starts with no rate-limit state: a 429 scripted by one test would otherwise
+    make the workers' adaptive limiter slow down the next."""
+    client = redis_server.client()
+    try:
+        keys = list(client.scan_iter(match=f"{LIMITER_PREFIX}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

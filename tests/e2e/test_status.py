@@ -144,6 +144,13 @@ def test_a_retry_held_until_its_eta_is_counted(
         assert held.in_flight >= 1
         assert held.jobs["retrying"] == 1
         assert held.queue_depth == 0
+        # The 429 is on the deployment's limiter, and its Retry-After holds the whole fleet.
+        [limiter] = held.rate_limits
+        assert limiter.model == "openai/test-model"
+        assert provider.base_url.startswith(f"http://{limiter.endpoint}/")
+        assert limiter.rate_limited_per_minute == pytest.approx(1, abs=0.1)
+        assert 0 < limiter.paused_for_s <= 3
+        assert "openai/test-model" in format_status(held)
 
         assert job.wait(timeout=WAIT_S).attempts == 2
         done = wait_for(read, lambda s: s.in_flight == 0)

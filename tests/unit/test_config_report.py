@@ -67,6 +67,17 @@ def test_file_source_names_the_file_and_table(tmp_path: Path) -> None:
     assert by_name["LLM_TIMEOUT"].source == "default"
 
 
+def test_per_model_rate_limits_are_listed_with_their_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[rate_limits."openai/gpt-4o"]\nrpm = 500\n')
+
+    by_name = _by_name(describe_settings(str(path)))
+
+    rpm = by_name['rate_limits."openai/gpt-4o".rpm']
+    assert (rpm.value, rpm.source) == ("500", f"file ({path})")
+    assert by_name['rate_limits."openai/gpt-4o".tpm'].value == NOT_SET
+
+
 def test_default_config_toml_and_promptq_config_are_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

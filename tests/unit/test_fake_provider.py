@@ -256,6 +256,29 @@ def test_rpm_admits_exactly_the_limit_then_429_until_retry_after() -> None:
         assert fp.stats()["rate_limited"] == 5
 
 
+def test_burst_limits_how_much_of_the_minute_is_spent_at_once() -> None:
+    clock = FakeClock()
+    with FakeProvider(FakeProviderConfig(rpm=600, burst_s=1), clock=clock) as fp:
+        conn = connect(fp)
+        statuses = [conn.chat()[0] for _ in range(12)]  # 10 requests a second
+        assert statuses == [200] * 10 + [429] * 2
+        status, headers, _ = conn.chat()
+        conn.close()
+    assert (status, headers["x-ratelimit-limit-requests"]) == (429, "600")
+    assert headers["retry-after-ms"] == "100"
+
+
+def test_a_request_larger_than_the_burst_waits_for_a_full_bucket_and_leaves_a_debt() -> None:
+    clock = FakeClock()
+    with FakeProvider(FakeProviderConfig(tpm=600, burst_s=1), clock=clock) as fp:
+        conn = connect(fp)  # 10 tokens a second, at most 10 at once
+        assert conn.chat("x" * 120, max_tokens=10)[0] == 200  # 30 + 10 tokens: 30 owed
+        status, headers, _ = conn.chat("x" * 4, max_tokens=1)  # 2 tokens
+        conn.close()
+    assert status == 429
+    assert headers["retry-after-ms"] == "3200"  # the debt of 30 and the 2 tokens, at 10 a second
+
+
 def test_rpm_admission_resumes_after_retry_after_in_real_time() -> None:
     with FakeProvider(FakeProviderConfig(rpm=600)) as fp:
         conn = connect(fp)

@@ -272,6 +272,13 @@ def test_settings_are_frozen() -> None:
         ("PROMPTQ_CONCURRENCY", "0"),
         ("PROMPTQ_ETA_TASK_LIMIT", "0"),
         ("PROMPTQ_MAX_REDELIVERIES", "-1"),
+        ("LLM_RPM", "0"),
+        ("LLM_RPM", "fast"),
+        ("LLM_TPM", "-100"),
+        ("PROMPTQ_LIMITER_ADAPTIVE", "sometimes"),
+        ("PROMPTQ_LIMITER_MAX_SLEEP_S", "-1"),
+        ("PROMPTQ_LIMITER_MAX_AHEAD_S", "0"),
+        ("PROMPTQ_LIMITER_REPLY_TOKENS", "-1"),
     ],
 )
 def test_bad_environment_value_is_a_config_error_naming_the_key(
@@ -307,6 +314,70 @@ def test_bad_file_value_is_a_config_error_naming_the_key(
     assert env_name in message
     assert key in message
     assert str(path) in message
+
+
+# --- rate limits ----------------------------------------------------------------------------
+
+
+def test_rate_limits_default_to_none_and_llm_values_apply_to_every_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().limits_for("openai/any").rpm is None
+    monkeypatch.setenv("LLM_RPM", "500")
+    monkeypatch.setenv("LLM_TPM", "30000")
+    limits = load_settings().limits_for("openai/any")
+    assert (limits.rpm, limits.tpm) == (500, 30000)
+
+
+def test_a_model_table_replaces_the_llm_limits_for_that_model(tmp_path: Path) -> None:
+    path = _write_config(
+        tmp_path / "c.toml",
+        '[llm]\nrpm = 500\n\n[rate_limits."openai/gpt-4o"]\ntpm = 90000\n',
+    )
+    settings = load_settings(path)
+    assert (settings.limits_for("openai/gpt-4o").rpm, settings.limits_for("openai/gpt-4o").tpm) == (
+        None,
+        90000,
+    )
+    assert settings.limits_for("openai/other").rpm == 500
+
+
+@pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        ('[rate_limits."m"]\nrpm = 0\n', 'rpm in [rate_limits."m"]'),
+        ('[rate_limits."m"]\nrpm = "lots"\n', 'rpm in [rate_limits."m"]'),
+        ('[rate_limits."m"]\nrmp = 5\n', 'rmp in [rate_limits."m"]'),
+        ("[rate_limits]\nm = 5\n", '[rate_limits."m"]'),
+        ("rate_limits = 5\n", "rate_limits in"),
+    ],
+)
+def test_bad_rate_limit_tables_are_named(tmp_path: Path, table: str, named: str) -> None:
+    path = _write_config(tmp_path / "c.toml", table)
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+    assert named in str(raised.value)
+
+
+def test_limiter_max_ahead_defaults_to_what_the_visibility_timeout_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().limiter_max_ahead_s == 60
+    monkeypatch.setenv("PROMPTQ_VISIBILITY_TIMEOUT_S", "60")
+    monkeypatch.setenv("LLM_TIMEOUT", "10")
+    monkeypatch.setenv("LLM_RETRY_MAX_WAIT", "20")
+    assert load_settings().limiter_max_ahead_s == 20  # 60 / 2 - 10
+
+
+def test_limiter_max_ahead_beyond_what_the_visibility_timeout_allows_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROMPTQ_LIMITER_MAX_AHEAD_S", "1500.5")  # default limit: 1800 - 300
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert "PROMPTQ_LIMITER_MAX_AHEAD_S" in message
+    assert "PROMPTQ_VISIBILITY_TIMEOUT_S" in message
 
 
 def test_every_bad_key_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:

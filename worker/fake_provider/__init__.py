@@ -3,9 +3,11 @@
 Replies are deterministic: a chat completion echoes the last user message (``echo: ...``), an
 embedding is a unit vector derived from a hash of the text. Limits behave like a provider's:
 
-- ``rpm`` and ``tpm`` are token buckets *per model*: each holds a minute's budget, refills
-  continuously (``rpm=600`` admits a burst of 600, then one request every 100 ms) and is charged
-  only when a request is admitted, so a 429 costs nothing. A chat request is charged its
+- ``rpm`` and ``tpm`` are token buckets *per model*: each holds ``burst_s`` seconds of budget
+  (a whole minute by default), refills continuously (``rpm=600`` admits a burst of 600, then one
+  request every 100 ms; with ``burst_s=2`` a burst of 20) and is charged only when a request is
+  admitted, so a 429 costs nothing; a request costing more than the bucket holds is admitted
+  when it is full and leaves a debt. A chat request is charged its
   estimated prompt tokens (``ceil(characters / 4)`` over all message text) plus ``max_tokens``
   when given (what a provider reserves), else plus the reply's tokens (known in advance, the
   reply being deterministic); an embeddings request its input's estimated tokens. A request

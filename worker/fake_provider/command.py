@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens per minute per model (default 0: no limit)",
     )
     add(
+        "--burst",
+        type=_number(float, 0.001, 60),
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds of the rpm/tpm budget usable at once (default 60: the whole minute)",
+    )
+    add(
         "--latency",
         type=_number(float, 0),
         default=0.0,
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     config = FakeProviderConfig(
         rpm=args.rpm,
         tpm=args.tpm,
+        burst_s=args.burst,
         latency_s=args.latency,
         jitter_s=args.jitter,
         error_rate=args.error_rate,

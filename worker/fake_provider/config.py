@@ -11,6 +11,8 @@ class FakeProviderConfig:
 
     rpm: int = 0
     tpm: int = 0
+    # How many seconds of the rpm/tpm budget can be spent at once (60: the whole minute).
+    burst_s: float = 60.0
     latency_s: float = 0.0
     jitter_s: float = 0.0
     error_rate: float = 0.0
@@ -23,6 +25,8 @@ class FakeProviderConfig:
         for name in ("rpm", "tpm", "latency_s", "jitter_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not 0 < self.burst_s <= 60:
+            raise ValueError("burst_s must be above 0 and at most 60")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError("error_rate must be between 0 and 1")
         if self.dimensions < 1:

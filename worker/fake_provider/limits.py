@@ -21,21 +21,27 @@ def reset_duration(seconds: float) -> str:
 
 
 class Bucket:
-    """A minute's budget of ``limit`` units, refilled continuously at ``limit / 60`` per second."""
+    """``limit`` units a minute, refilled continuously at ``limit / 60`` per second, holding at
+    most ``burst_s`` seconds' worth (a whole minute by default: the full budget at once)."""
 
-    def __init__(self, kind: str, limit: int, now: float) -> None:
-        self.kind, self.limit, self.level, self.stamp = kind, limit, float(limit), now
+    def __init__(self, kind: str, limit: int, now: float, burst_s: float = 60.0) -> None:
+        self.kind, self.limit, self.stamp = kind, limit, now
+        self.capacity = max(1.0, limit * min(burst_s, 60.0) / 60)
+        self.level = self.capacity
 
     def refill(self, now: float) -> None:
         elapsed = max(0.0, now - self.stamp)
-        self.level = min(float(self.limit), self.level + elapsed * self.limit / 60)
+        self.level = min(self.capacity, self.level + elapsed * self.limit / 60)
         self.stamp = now
 
     def wait(self, cost: int) -> float:
-        """Seconds until ``cost`` fits (0: now; inf: never, it exceeds the whole budget)."""
+        """Seconds until ``cost`` fits (0: now; inf: never, it exceeds the whole budget).
+
+        A cost above the capacity fits once the bucket is full; it then leaves a debt.
+        """
         if cost > self.limit:
             return math.inf
-        shortfall = cost - self.level
+        shortfall = min(cost, self.capacity) - self.level
         return 0.0 if shortfall <= _EPSILON else shortfall * 60 / self.limit
 
     def headers(self) -> dict[str, str]:
@@ -43,7 +49,7 @@ class Bucket:
             f"x-ratelimit-limit-{self.kind}": str(self.limit),
             f"x-ratelimit-remaining-{self.kind}": str(max(0, math.floor(self.level + _EPSILON))),
             f"x-ratelimit-reset-{self.kind}": reset_duration(
-                (self.limit - self.level) * 60 / self.limit
+                (self.capacity - self.level) * 60 / self.limit
             ),
         }
 
@@ -51,11 +57,14 @@ class Bucket:
 class Limiter:
     """The rpm and tpm buckets of every model (0: unlimited); check and charge in one step."""
 
-    def __init__(self, rpm: int, tpm: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, rpm: int, tpm: int, clock: Callable[[], float], burst_s: float = 60.0
+    ) -> None:
         self._limits = [
             (kind, limit) for kind, limit in (("requests", rpm), ("tokens", tpm)) if limit
         ]
         self._clock = clock
+        self._burst_s = burst_s
         self._buckets: dict[str, list[Bucket]] = {}
 
     def admit(self, model: str, tokens: int) -> tuple[float, dict[str, str]]:
@@ -66,7 +75,7 @@ class Limiter:
         now = self._clock()
         buckets = self._buckets.get(model)
         if buckets is None:
-            buckets = [Bucket(kind, limit, now) for kind, limit in self._limits]
+            buckets = [Bucket(kind, limit, now, self._burst_s) for kind, limit in self._limits]
             self._buckets[model] = buckets
         costs = [1 if bucket.kind == "requests" else tokens for bucket in buckets]
         for bucket in buckets:

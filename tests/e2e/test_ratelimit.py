@@ -1,0 +1,170 @@
+"""The fleet-wide rate limiter end to end: two `promptq worker` processes, one Redis."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from api_client import Client
+from tests.e2e.conftest import CANARY_KEY, NUM_RETRIES, worker_env
+from tests.support.openai_server import Reply, ScriptedOpenAIServer
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
+from worker.limiter import BURST_S, Deployment, RateLimiter, read_limiters
+
+RPM = 120  # one call every 0.5 s for the whole fleet
+TOKENS_MODEL = "openai/tokens-model"
+TPM = 6000  # 100 tokens a second, for TOKENS_MODEL only
+REPLY_TOKENS = 500  # charged before a call that sets no max_tokens
+MAX_AHEAD_S = 2.0
+WAIT_S = 60.0
+# Requests reach the provider a little after their slot (a worker's first LiteLLM call takes
+# some 0.3 s longer than the next): allow for it when counting calls in a window.
+ARRIVAL_SLACK_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def workers(
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[list[WorkerProcess]]:
+    directory = tmp_path_factory.mktemp("ratelimit")
+    config = directory / "config.toml"
+    config.write_text(f'[rate_limits."{TOKENS_MODEL}"]\ntpm = {TPM}\n')
+    env = worker_env(redis_server.url, provider.base_url) | {
+        "LLM_RPM": str(RPM),
+        "PROMPTQ_CONFIG": str(config),
+        "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
+        "PROMPTQ_LIMITER_MAX_AHEAD_S": str(MAX_AHEAD_S),
+        "PROMPTQ_LIMITER_REPLY_TOKENS": str(REPLY_TOKENS),
+    }
+    processes = [
+        WorkerProcess(env, directory / f"worker-{n}.log", args=("--concurrency", "8")).start()
+        for n in range(2)
+    ]
+    try:
+        for process in processes:
+            process.wait_ready()
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer, workers: list[WorkerProcess]) -> Iterator[Client]:
+    with Client(redis_server.url) as client:
+        yield client
+
+
+def wait_until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def fleet_limiter(redis_server: RedisServer) -> RateLimiter:
+    """A limiter as a third worker would hold it, to inspect or push the shared state."""
+    return RateLimiter(redis_server.client(), max_ahead_s=MAX_AHEAD_S, adaptive=True)
+
+
+def test_two_workers_together_keep_to_the_configured_rate(
+    client: Client, provider: ScriptedOpenAIServer, workers: list[WorkerProcess]
+) -> None:
+    jobs = client.submit_many(f"paced {n}" for n in range(16))
+    results = [job.wait(timeout=WAIT_S) for job in jobs]
+
+    assert all(result.attempts == 1 for result in results)  # waiting spent no attempt
+    arrivals = sorted(r.received_at for r in provider.requests)
+    assert len(arrivals) == 16
+    # GCRA: any window of w seconds holds at most w * rate calls plus the burst tolerance.
+    interval_s = 60 / RPM
+    burst = BURST_S / interval_s + 1
+    for i, first in enumerate(arrivals):
+        for j in range(i + 1, len(arrivals)):
+            window_s = arrivals[j] - first
+            allowed = (window_s + ARRIVAL_SLACK_S) / interval_s + burst
+            assert j - i + 1 <= allowed + 1e-6, (i, j, arrivals)
+    # Both workers ran calls: the limit held for the fleet, not per worker.
+    for process in workers:
+        assert re.search(r"Task promptq\.complete\[[^\]]+\] succeeded", process.log())
+
+
+def test_a_retry_after_slows_the_whole_fleet(
+    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
+) -> None:
+    # The headers state a generous limit, so the 429 pauses the fleet without a backoff.
+    headers = {"Retry-After": "2", "x-ratelimit-limit-requests": "100000"}
+    provider.script(Reply(status=429, headers=headers))
+    first = client.submit("meets the 429")
+    [refused] = provider.wait_for_requests(1, timeout_s=WAIT_S)
+    wait_until(lambda: any(s.paused_for_s > 0 for s in read_limiters(redis_server.client())))
+
+    others = [client.submit(f"after the 429 {n}") for n in range(4)]
+    for job in [first, *others]:
+        job.wait(timeout=WAIT_S)
+
+    later = [r for r in provider.requests if r is not refused]
+    assert len(later) == 5
+    assert min(r.received_at for r in later) >= refused.received_at + 2.0 - ARRIVAL_SLACK_S
+
+
+def test_waiting_for_capacity_spends_no_retry(
+    client: Client,
+    provider: ScriptedOpenAIServer,
+    redis_server: RedisServer,
+    workers: list[WorkerProcess],
+) -> None:
+    """A job sent back to wait for capacity five times still has its whole retry budget."""
+    target = Deployment.of("openai/test-model", provider.base_url, CANARY_KEY, rpm=RPM)
+    limiter = fleet_limiter(redis_server)
+    # Every retry fails but the last: the job succeeds only with its full budget left.
+    provider.script(*[Reply(status=503)] * NUM_RETRIES)
+
+    def hold_the_fleet() -> None:  # as a 429 with Retry-After seen by another worker would
+        limiter.settle(
+            target,
+            reserved_tokens=0,
+            charged_tokens=0,
+            outcome="rate_limited",
+            retry_after_s=MAX_AHEAD_S + 0.2,
+            headers={"x-ratelimit-limit-requests": "100000"},
+        )
+
+    hold_the_fleet()
+    job = client.submit("patient")
+    waits = re.compile(rf"\[{job.id}\] retry: .*WaitingForCapacity")
+    deadline = time.monotonic() + WAIT_S
+    while sum(len(waits.findall(p.log())) for p in workers) < 5:
+        assert time.monotonic() < deadline, "the job did not wait five times"
+        assert not provider.requests, "a call started while the fleet was held"
+        hold_the_fleet()
+        time.sleep(0.05)
+
+    result = job.wait(timeout=WAIT_S)
+    assert result.attempts == NUM_RETRIES + 1
+    assert len(provider.requests) == NUM_RETRIES + 1
+
+
+def test_token_reservations_are_reconciled(
+    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
+) -> None:
+    # Each call reserves its prompt plus REPLY_TOKENS (over 5 s of this model's budget) and
+    # is then charged what it used: unreconciled, the third call would wait about 10 s.
+    results = []
+    for n in range(3):
+        job = client.submit(f"counted {n}", model=TOKENS_MODEL)
+        results.append(job.wait(timeout=WAIT_S))
+
+    used = sum(result.usage.total_tokens for result in results)
+    assert 0 < used < REPLY_TOKENS
+    [state] = [s for s in read_limiters(redis_server.client()) if s.model == TOKENS_MODEL]
+    assert state.tpm_limit == TPM
+    assert state.tokens_per_minute == pytest.approx(used, rel=0.05)
+    target = Deployment.of(TOKENS_MODEL, provider.base_url, CANARY_KEY, tpm=TPM)
+    assert fleet_limiter(redis_server).acquire(target, tokens=0).wait_s == 0

@@ -1,0 +1,240 @@
+"""worker.limiter's Lua scripts, on fakeredis (lupa) and on a real redis-server alike."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakeredis
+import pytest
+import redis
+
+from tests.support.redis_server import RedisServer
+from worker.limiter import (
+    BACKOFF_FACTOR,
+    BACKOFF_MIN_CALLS,
+    BURST_S,
+    LIMITER_PREFIX,
+    Deployment,
+    RateLimiter,
+    limits_from_headers,
+    read_limiters,
+)
+
+KEY = "sk-limiter-test-secret-0123456789"
+# Waits are computed from Redis server time: allow for the time the test itself takes.
+SLACK_S = 0.25
+
+
+@pytest.fixture(scope="module")
+def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("limiter-redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
+    if request.param == "fakeredis":
+        yield fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        return
+    server: RedisServer = request.getfixturevalue("real_redis")
+    connection = server.client()
+    connection.flushall()
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def limiter(
+    client: redis.Redis, *, max_ahead_s: float = 60.0, adaptive: bool = True
+) -> RateLimiter:
+    return RateLimiter(client, max_ahead_s=max_ahead_s, adaptive=adaptive)
+
+
+def deployment(rpm: int | None = None, tpm: int | None = None, key: str = KEY) -> Deployment:
+    return Deployment.of("openai/m", "http://127.0.0.1:9/v1", key, rpm=rpm, tpm=tpm)
+
+
+def test_without_any_limit_every_call_starts_at_once(client: redis.Redis) -> None:
+    rl, target = limiter(client), deployment()
+    grants = [rl.acquire(target, tokens=100) for _ in range(50)]
+    assert all(g.granted and g.wait_s == 0 for g in grants)
+    assert grants[-1].rpm == 0 and grants[-1].tpm == 0
+
+
+def test_configured_rpm_spaces_calls_after_the_burst(client: redis.Redis) -> None:
+    rl, target = limiter(client), deployment(rpm=600)  # one call every 100 ms
+    burst = int(BURST_S / 0.1) + 1  # GCRA lets this many start at once after idling
+    waits = [rl.acquire(target, tokens=0).wait_s for _ in range(burst + 20)]
+
+    assert all(w <= SLACK_S / 10 for w in waits[:burst])
+    for n, wait in enumerate(waits[burst:], start=1):
+        assert wait == pytest.approx(n * 0.1, abs=SLACK_S), n
+
+
+def test_two_limiters_share_one_budget(client: redis.Redis) -> None:
+    """Two workers (two limiters, the same Redis) together get the rate, not twice it."""
+    first, second, target = limiter(client), limiter(client), deployment(rpm=60)
+    waits = [rl.acquire(target, tokens=0).wait_s for _ in range(10) for rl in (first, second)]
+    # One call a second between both, whichever limiter asks: 20 calls span 18 s after a burst
+    # of two (one second of tolerance).
+    assert max(waits) == pytest.approx(18.0, abs=SLACK_S)
+    assert sorted(waits) == waits
+
+
+def test_no_slot_is_reserved_beyond_max_ahead(client: redis.Redis) -> None:
+    rl, target = limiter(client, max_ahead_s=5), deployment(rpm=60)
+    grants = [rl.acquire(target, tokens=0) for _ in range(12)]
+    granted = [g for g in grants if g.granted]
+    refused = [g for g in grants if not g.granted]
+
+    assert len(granted) == 7  # the burst of 2, then one a second up to 5 s ahead
+    assert max(g.wait_s for g in granted) <= 5.0
+    assert len(refused) == 5
+    # Refusals reserve nothing: each is told the same time to ask again.
+    assert all(g.wait_s == pytest.approx(refused[0].wait_s, abs=SLACK_S) for g in refused)
+    assert 0 < refused[0].wait_s <= 1.0 + SLACK_S
+
+
+def test_tokens_are_charged_and_reconciled(client: redis.Redis) -> None:
+    rl, target = limiter(client), deployment(tpm=6000)  # 100 tokens a second
+    assert rl.acquire(target, tokens=1000).wait_s == 0
+    # 1,000 tokens are 10 s of budget; one second of it is burst tolerance.
+    assert rl.acquire(target, tokens=10).wait_s == pytest.approx(9.0, abs=SLACK_S)
+
+    # The first call really used 100 tokens and the second 10: 1.1 s of budget in all.
+    rl.settle(target, reserved_tokens=1000, charged_tokens=100, outcome="ok")
+    assert rl.acquire(target, tokens=10).wait_s == pytest.approx(0.1, abs=SLACK_S)
+
+
+def test_tokens_are_counted_only_where_a_token_limit_applies(client: redis.Redis) -> None:
+    rl = limiter(client)
+    assert rl.counts_tokens(deployment(tpm=1000))
+    learned = deployment()
+    assert not rl.counts_tokens(learned)
+    rl.acquire(learned, tokens=0)
+    rl.settle(
+        learned,
+        reserved_tokens=0,
+        charged_tokens=50,
+        outcome="ok",
+        headers={"x-ratelimit-limit-tokens": "40000"},
+    )
+    assert rl.counts_tokens(learned)
+
+
+def test_limits_are_learned_from_headers_and_configured_ones_cap_them(
+    client: redis.Redis,
+) -> None:
+    rl = limiter(client)
+    headers = {"llm_provider-x-ratelimit-limit-requests": "120", "x-ratelimit-limit-tokens": "9000"}
+    target = deployment()
+    rl.settle(target, reserved_tokens=0, charged_tokens=10, outcome="ok", headers=headers)
+    grant = rl.acquire(target, tokens=0)
+    assert (grant.rpm, grant.tpm) == (120, 9000)
+
+    capped = deployment(rpm=60, tpm=20000)  # the same deployment, configured by another worker
+    grant = rl.acquire(capped, tokens=0)
+    assert (grant.rpm, grant.tpm) == (60, 9000)
+
+
+def test_a_retry_after_pauses_the_whole_fleet(client: redis.Redis) -> None:
+    one, other, target = limiter(client), limiter(client), deployment()
+    one.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=3)
+    assert other.acquire(target, tokens=0).wait_s == pytest.approx(3.0, abs=SLACK_S)
+
+
+def test_a_429_without_headers_backs_the_rate_off_then_it_recovers(client: redis.Redis) -> None:
+    rl, target = limiter(client), deployment()
+    for _ in range(30):
+        rl.acquire(target, tokens=0)
+    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited")
+    # 30 calls within (at most) the first second: a rate of 1,800 a minute, backed off.
+    backed_off = rl.acquire(target, tokens=0).rpm
+    assert backed_off == pytest.approx(1800 * BACKOFF_FACTOR, rel=0.05)
+
+    # A burst of 429s answering calls sent before the backoff does not back off again.
+    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited")
+    assert rl.acquire(target, tokens=0).rpm == backed_off
+
+    for _ in range(100):
+        rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="ok")
+    assert rl.acquire(target, tokens=0).rpm == pytest.approx(backed_off + 5, abs=1)
+
+
+def test_a_429_after_too_few_calls_only_pauses(client: redis.Redis) -> None:
+    rl, target = limiter(client), deployment()
+    for _ in range(BACKOFF_MIN_CALLS - 1):
+        rl.acquire(target, tokens=0)
+    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=1)
+    grant = rl.acquire(target, tokens=0)
+    assert grant.rpm == 0
+    assert grant.wait_s == pytest.approx(1.0, abs=SLACK_S)
+
+
+def test_without_adaptive_only_configured_limits_apply(client: redis.Redis) -> None:
+    rl, target = limiter(client, adaptive=False), deployment()
+    rl.settle(
+        target,
+        reserved_tokens=0,
+        charged_tokens=0,
+        outcome="rate_limited",
+        headers={"x-ratelimit-limit-requests": "10"},
+    )
+    assert rl.acquire(target, tokens=0).rpm == 0
+
+
+def test_the_key_never_reaches_redis_and_keys_tell_deployments_apart(client: redis.Redis) -> None:
+    rl = limiter(client)
+    one, other = deployment(rpm=60), deployment(rpm=60, key="sk-another-key-abcdefghij")
+    rl.acquire(one, tokens=0)
+    rl.acquire(other, tokens=0)
+
+    assert one.identity != other.identity
+    dump = ""
+    for key in client.scan_iter(match=f"{LIMITER_PREFIX}*"):
+        dump += repr(key) + repr(client.hgetall(key))
+    assert KEY not in dump
+    assert "openai/m" in dump and "127.0.0.1:9" in dump
+
+
+def test_state_expires_when_idle(client: redis.Redis) -> None:
+    rl, target = limiter(client), deployment(rpm=60)
+    rl.acquire(target, tokens=0)
+    assert 0 < client.pttl(target.redis_key) <= 3600 * 1000
+
+
+def test_read_limiters_reports_the_last_minute(client: redis.Redis) -> None:
+    rl, target = limiter(client, adaptive=False), deployment(rpm=600)
+    for _ in range(5):
+        rl.acquire(target, tokens=0)
+        rl.settle(target, reserved_tokens=0, charged_tokens=40, outcome="ok")
+    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=9)
+
+    (state,) = read_limiters(client)
+    assert (state.model, state.endpoint) == ("openai/m", "127.0.0.1:9")
+    assert (state.rpm_limit, state.rpm_source, state.tpm_limit) == (600, "configured", 0)
+    # (approx: should the test cross a minute, the last minute's counts are prorated)
+    assert state.requests_per_minute == pytest.approx(5, abs=0.1)
+    assert state.tokens_per_minute == pytest.approx(200, abs=4)
+    assert state.rate_limited_per_minute == pytest.approx(1, abs=0.1)
+    assert state.paused_for_s == pytest.approx(9, abs=SLACK_S)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({}, (None, None)),
+        ({"x-ratelimit-limit-requests": "500", "x-ratelimit-limit-tokens": "30000"}, (500, 30000)),
+        ({"X-RateLimit-Limit-Requests": "7"}, (7, None)),
+        ({"llm_provider-x-ratelimit-limit-tokens": "1000"}, (None, 1000)),
+        ({"anthropic-ratelimit-requests-limit": "50"}, (50, None)),
+        ({"x-ratelimit-limit-requests": "lots", "x-ratelimit-limit-tokens": "-3"}, (None, None)),
+        ({"x-ratelimit-limit-requests": "nan"}, (None, None)),
+    ],
+)
+def test_limits_from_headers(
+    headers: dict[str, str], expected: tuple[int | None, int | None]
+) -> None:
+    assert limits_from_headers(headers) == expected
