@@ -12,22 +12,24 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ._errors import JobTimeout
+from ._errors import BrokerUnavailable, JobTimeout
 from ._schemas import JobStatus, PromptRequest, PromptResult
 from ._settings import ClientSettings
 from ._wire import (
+    RETRIED_ERRORS,
     JobHandle,
     Poller,
+    Submission,
     broker_errors,
     build_request,
     check_job_id,
-    coerce_request,
     enqueue,
     job_timeout,
-    new_job_id,
     poll_keys,
     read_poll,
     status_of,
+    submission,
+    submissions,
     unwrap,
 )
 
@@ -48,7 +50,9 @@ class AsyncClient:
             self.settings.redis_url,
             socket_connect_timeout=self.settings.connect_timeout_s,
             socket_timeout=self.settings.socket_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.05), retries=2, supported_errors=RETRIED_ERRORS
+            ),
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -71,16 +75,19 @@ class AsyncClient:
         *,
         messages: list[dict[str, Any]] | None = None,
         model: str | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> AsyncJob:
-        """Queue one prompt and return its AsyncJob at once."""
-        return (await self._publish([build_request(prompt, messages, model, params)]))[0]
+        """Queue one prompt and return its AsyncJob at once (see Client.submit)."""
+        request = build_request(prompt, messages, model, params)
+        job = submission(request, idempotency_key, self.settings.max_prompt_chars)
+        return (await self._publish([job]))[0]
 
     async def submit_many(
         self, requests: Iterable[PromptRequest | str | Mapping[str, Any]]
     ) -> list[AsyncJob]:
         """Queue many prompts in one round trip; all are validated before any is queued."""
-        return await self._publish([coerce_request(item) for item in requests])
+        return await self._publish(submissions(requests, self.settings.max_prompt_chars))
 
     def job(self, job_id: str) -> AsyncJob:
         """A handle on an existing job, for example one submitted by another process."""
@@ -91,9 +98,14 @@ class AsyncClient:
     ) -> AsyncIterator[AsyncJob]:
         """Yield each job as it finishes, in finishing order (see Client.as_completed)."""
         pending = {job.id: job for job in jobs}
-        poller = Poller(timeout)
+        poller = Poller(timeout, self.settings.max_outage_s)
         while pending:
-            finished = await self.poll(pending.values())
+            try:
+                finished = await self.poll(pending.values())
+            except BrokerUnavailable as exc:
+                await asyncio.sleep(poller.unreachable(exc, len(pending)))
+                continue
+            poller.reachable()
             for job in finished:
                 del pending[job.id]
                 yield job
@@ -111,13 +123,12 @@ class AsyncClient:
         polled = read_poll([job.id for job in jobs], raws)
         return [job for job in jobs if job._settle(polled[job.id])]
 
-    async def _publish(self, requests: Sequence[PromptRequest]) -> list[AsyncJob]:
-        jobs = [AsyncJob(self, new_job_id()) for _ in requests]
+    async def _publish(self, jobs: Sequence[Submission]) -> list[AsyncJob]:
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
-            enqueue(pipe, [job.id for job in jobs], requests, self.settings.result_ttl_s)
+            enqueue(pipe, jobs, self.settings.result_ttl_s)
             await pipe.execute()
-        return jobs
+        return [AsyncJob(self, job.job_id) for job in jobs]
 
     async def _status(self, job_id: str) -> JobStatus:
         with self._guard():
@@ -153,6 +164,6 @@ class AsyncJob(JobHandle):
             async for _ in self._client.as_completed([self], timeout=timeout):
                 pass
         except JobTimeout as exc:
-            raise job_timeout(self.id, exc.timeout_s) from None
+            raise job_timeout(self.id, exc.timeout_s, exc.__cause__) from exc.__cause__
         assert self._outcome is not None
         return unwrap(self.id, self._outcome)

@@ -12,22 +12,24 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ._errors import JobTimeout
+from ._errors import BrokerUnavailable, JobTimeout
 from ._schemas import JobStatus, PromptRequest, PromptResult
 from ._settings import ClientSettings
 from ._wire import (
+    RETRIED_ERRORS,
     JobHandle,
     Poller,
+    Submission,
     broker_errors,
     build_request,
     check_job_id,
-    coerce_request,
     enqueue,
     job_timeout,
-    new_job_id,
     poll_keys,
     read_poll,
     status_of,
+    submission,
+    submissions,
     unwrap,
 )
 
@@ -48,7 +50,9 @@ class Client:
             self.settings.redis_url,
             socket_connect_timeout=self.settings.connect_timeout_s,
             socket_timeout=self.settings.socket_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            retry=Retry(
+                ExponentialBackoff(cap=0.5, base=0.05), retries=2, supported_errors=RETRIED_ERRORS
+            ),
         )
 
     def __enter__(self) -> Client:
@@ -71,18 +75,28 @@ class Client:
         *,
         messages: list[dict[str, Any]] | None = None,
         model: str | None = None,
+        idempotency_key: str | None = None,
         **params: Any,
     ) -> Job:
-        """Queue one prompt (plain text or OpenAI-style messages) and return its Job at once."""
-        return self._publish([build_request(prompt, messages, model, params)])[0]
+        """Queue one prompt (plain text or OpenAI-style messages) and return its Job at once.
+
+        With ``idempotency_key``, every submit with that key returns the same job and queues it
+        once, from any thread or process, as long as the job's state or result is kept
+        (PROMPTQ_RESULT_TTL_S). Raises InvalidRequest for bad input (nothing is queued) and
+        BrokerUnavailable when Redis cannot be reached within the client's timeouts.
+        """
+        request = build_request(prompt, messages, model, params)
+        job = submission(request, idempotency_key, self.settings.max_prompt_chars)
+        return self._publish([job])[0]
 
     def submit_many(self, requests: Iterable[PromptRequest | str | Mapping[str, Any]]) -> list[Job]:
         """Queue many prompts in one round trip to Redis; all are validated before any is queued.
 
         Each request is a prompt string, a mapping like ``{"prompt": ..., "temperature": 0}`` or
-        ``{"messages": [...], "model": ...}``, or a PromptRequest.
+        ``{"messages": [...], "model": ...}``, or a PromptRequest; a mapping may carry an
+        ``idempotency_key`` (see submit).
         """
-        return self._publish([coerce_request(item) for item in requests])
+        return self._publish(submissions(requests, self.settings.max_prompt_chars))
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job, for example one submitted by another process."""
@@ -92,12 +106,19 @@ class Client:
         """Yield each job as it finishes (succeeded or failed), in finishing order.
 
         ``job.result()`` on a yielded job returns its PromptResult or raises JobFailed.
-        Raises JobTimeout if some are still unfinished after ``timeout`` seconds.
+        Raises JobTimeout if some are still unfinished after ``timeout`` seconds. While Redis is
+        unreachable it keeps retrying, until ``timeout``, or with no timeout for
+        ``settings.max_outage_s`` (then BrokerUnavailable).
         """
         pending = {job.id: job for job in jobs}
-        poller = Poller(timeout)
+        poller = Poller(timeout, self.settings.max_outage_s)
         while pending:
-            finished = self.poll(pending.values())
+            try:
+                finished = self.poll(pending.values())
+            except BrokerUnavailable as exc:
+                time.sleep(poller.unreachable(exc, len(pending)))
+                continue
+            poller.reachable()
             for job in finished:
                 del pending[job.id]
                 yield job
@@ -118,13 +139,12 @@ class Client:
         polled = read_poll([job.id for job in jobs], raws)
         return [job for job in jobs if job._settle(polled[job.id])]
 
-    def _publish(self, requests: Sequence[PromptRequest]) -> list[Job]:
-        jobs = [Job(self, new_job_id()) for _ in requests]
+    def _publish(self, jobs: Sequence[Submission]) -> list[Job]:
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
-            enqueue(pipe, [job.id for job in jobs], requests, self.settings.result_ttl_s)
+            enqueue(pipe, jobs, self.settings.result_ttl_s)
             pipe.execute()
-        return jobs
+        return [Job(self, job.job_id) for job in jobs]
 
     def _status(self, job_id: str) -> JobStatus:
         with self._guard():
@@ -155,11 +175,14 @@ class Job(JobHandle):
         return None if self._outcome is None else unwrap(self.id, self._outcome)
 
     def wait(self, timeout: float | None = None) -> PromptResult:
-        """Block until the job finishes; return its result or raise JobFailed / JobTimeout."""
+        """Block until the job finishes; return its result or raise JobFailed / JobTimeout.
+
+        Rides out a Redis outage as as_completed does.
+        """
         try:
             for _ in self._client.as_completed([self], timeout=timeout):
                 pass
         except JobTimeout as exc:
-            raise job_timeout(self.id, exc.timeout_s) from None
+            raise job_timeout(self.id, exc.timeout_s, exc.__cause__) from exc.__cause__
         assert self._outcome is not None
         return unwrap(self.id, self._outcome)

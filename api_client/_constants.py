@@ -1,5 +1,6 @@
 """Names both sides agree on: the task, the queue, every Redis key and the shared defaults."""
 
+import uuid
 from typing import Final
 
 TASK_NAME: Final = "promptq.complete"
@@ -7,6 +8,10 @@ QUEUE: Final = "promptq"
 
 DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"
 DEFAULT_RESULT_TTL_S: Final = 24 * 3600.0
+
+# Job ids for idempotency keys are uuid5(IDEMPOTENCY_NAMESPACE, key): changing it would make
+# every key name a new job.
+IDEMPOTENCY_NAMESPACE: Final = uuid.UUID("5b0c1f9e-7d3a-4c62-9f1e-2a8d6b4e0c17")
 
 # Every Redis key promptq writes starts with this prefix (the queue itself is named by QUEUE,
 # because Celery's Redis transport owns that key).

@@ -66,9 +66,14 @@ class ErrorKind(StrEnum):
 
 def _check_json(name: str, value: Any) -> None:
     try:
-        json.dumps(value, allow_nan=False)
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} is not JSON-serialisable: {exc}") from None
+    try:
+        text.encode("utf-8")  # what the HTTP request to the provider will do
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end]
+        raise ValueError(f"{name} is not valid Unicode text: {exc.reason} ({bad!r})") from None
 
 
 class PromptRequest(BaseModel):

@@ -1,4 +1,4 @@
-"""The client's settings: where Redis is and how long to wait for it."""
+"""The client's settings: where Redis is, how long to wait for it, how big a prompt may be."""
 
 from __future__ import annotations
 
@@ -19,3 +19,8 @@ class ClientSettings(BaseSettings):
     socket_timeout_s: float = Field(default=10.0, gt=0)
     # How long a queued job's state is kept; match the workers' PROMPTQ_RESULT_TTL_S.
     result_ttl_s: float = Field(default=DEFAULT_RESULT_TTL_S, gt=0)
+    # submit() refuses a request whose messages hold more characters of text than this.
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
+    # wait()/as_completed() with no timeout ride out a Redis outage this long, then raise
+    # BrokerUnavailable; with a timeout they keep retrying until it expires.
+    max_outage_s: float = Field(default=300.0, gt=0)

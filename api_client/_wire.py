@@ -4,25 +4,36 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
+import math
 import os
 import re
 import socket
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from pydantic import ValidationError
 
-from ._constants import QUEUE, TASK_NAME, result_key, state_key
+from ._constants import IDEMPOTENCY_NAMESPACE, QUEUE, TASK_NAME, result_key, state_key
 from ._errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout
 from ._schemas import JobStatus, Outcome, PromptRequest, PromptResult
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _ORIGIN = f"promptq-client@{socket.gethostname()}:{os.getpid()}"
+MAX_IDEMPOTENCY_KEY_CHARS = 1024
+
+# redis-py retries a command on these only: a refused or reset connection is worth a second
+# try on a fresh socket (a restarted Redis), a timeout is not (an unresponsive Redis would
+# make each call take (retries + 1) timeouts). Publishing is safe to retry: see _PUBLISH.
+RETRIED_ERRORS = (redis.ConnectionError,)
+
+logger = logging.getLogger("promptq.client")
 
 
 def build_request(
@@ -45,25 +56,78 @@ def build_request(
         raise InvalidRequest(_describe(exc)) from None
 
 
-def coerce_request(item: PromptRequest | str | Mapping[str, Any]) -> PromptRequest:
-    """Turn one element of submit_many's input into a request.
+@dataclass(frozen=True)
+class Submission:
+    """One validated request and the id of the job that will carry it."""
 
-    Accepts a PromptRequest, a prompt string, or a mapping with ``prompt`` or ``messages``,
-    optional ``model``, and sampling parameters beside them (as ``submit`` takes them).
+    job_id: str
+    request: PromptRequest
+
+
+def submission(
+    request: PromptRequest, idempotency_key: str | None, max_prompt_chars: int
+) -> Submission:
+    """Check the request's size and give it its job id: new, or the idempotency key's."""
+    check_size(request, max_prompt_chars)
+    job_id = new_job_id() if idempotency_key is None else idempotent_job_id(idempotency_key)
+    return Submission(job_id, request)
+
+
+def submissions(
+    items: Iterable[PromptRequest | str | Mapping[str, Any]], max_prompt_chars: int
+) -> list[Submission]:
+    """submit_many's input, every item checked before any is published.
+
+    An item is a PromptRequest, a prompt string, or a mapping with ``prompt`` or ``messages``,
+    optional ``model`` and ``idempotency_key``, and sampling parameters beside them (as
+    ``submit`` takes them). An error names the item's index.
     """
+    checked = []
+    for index, item in enumerate(items):
+        try:
+            checked.append(_coerce(item, max_prompt_chars))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"requests[{index}]: {exc.message}") from None
+    return checked
+
+
+def _coerce(item: PromptRequest | str | Mapping[str, Any], max_prompt_chars: int) -> Submission:
     if isinstance(item, PromptRequest):
-        return item
+        return submission(item, None, max_prompt_chars)
     if isinstance(item, str):
-        return build_request(item, None, None, {})
+        return submission(build_request(item, None, None, {}), None, max_prompt_chars)
     if isinstance(item, Mapping):
         fields = dict(item)
         prompt = fields.pop("prompt", None)
         messages = fields.pop("messages", None)
         model = fields.pop("model", None)
-        return build_request(prompt, messages, model, fields)
+        key = fields.pop("idempotency_key", None)
+        request = build_request(prompt, messages, model, fields)
+        return submission(request, key, max_prompt_chars)
     raise InvalidRequest(
         f"each request must be a string, a mapping or a PromptRequest, got {type(item).__name__}"
     )
+
+
+def prompt_chars(value: Any) -> int:
+    """Characters of text in messages: every string in them, at any depth (content, text
+    parts, tool-call arguments, data URLs), so the count bounds the message's size."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, Mapping):
+        return sum(prompt_chars(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(prompt_chars(item) for item in value)
+    return 0
+
+
+def check_size(request: PromptRequest, max_prompt_chars: int) -> None:
+    chars = prompt_chars(request.messages)
+    if chars > max_prompt_chars:
+        raise InvalidRequest(
+            f"the prompt is {chars:,} characters, above the limit of {max_prompt_chars:,} "
+            "(max_prompt_chars, PROMPTQ_MAX_PROMPT_CHARS)"
+        )
 
 
 def _describe(exc: ValidationError) -> str:
@@ -79,20 +143,58 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+def idempotent_job_id(idempotency_key: Any) -> str:
+    """The job id an idempotency key names: the same key always gives the same job.
+
+    The job's own keys in Redis are then the record of the key: publishing is a no-op for a
+    job id that already has a state or a result (see _PUBLISH), for as long as they are kept.
+    """
+    if not isinstance(idempotency_key, str) or not idempotency_key:
+        raise InvalidRequest(
+            f"idempotency_key must be a non-empty string, got {idempotency_key!r:.60}"
+        )
+    if len(idempotency_key) > MAX_IDEMPOTENCY_KEY_CHARS:
+        raise InvalidRequest(
+            f"idempotency_key is {len(idempotency_key):,} characters, above the limit of "
+            f"{MAX_IDEMPOTENCY_KEY_CHARS:,}"
+        )
+    return f"idem-{uuid.uuid5(IDEMPOTENCY_NAMESPACE, idempotency_key)}"
+
+
 def check_job_id(job_id: str) -> str:
     if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
         raise InvalidRequest(f"not a job id: {job_id!r}")
     return job_id
 
 
-def enqueue(
-    pipe: Any, job_ids: Sequence[str], requests: Sequence[PromptRequest], ttl_s: float
-) -> None:
-    """Add each job's queued state and its task message to a (sync or async) Redis pipeline."""
+# KEYS[1] the job's result, KEYS[2] its state, KEYS[3] the queue; ARGV[1] the task message,
+# ARGV[2] the queued state's value, ARGV[3] its ttl in ms.
+# Queues a job once: the state is set and the message pushed together, or neither when the
+# job id already has a result or a state. So a pipeline that redis-py sends again after a lost
+# reply, or a second submit with the same idempotency key, never queues the job twice, and a
+# crash cannot leave a state without its message. Returns 1 when queued, 0 when it existed.
+_PUBLISH = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+redis.call('LPUSH', KEYS[3], ARGV[1])
+return 1
+"""
+
+
+def enqueue(pipe: Any, jobs: Sequence[Submission], ttl_s: float) -> None:
+    """Add each job's publish (its queued state and task message) to a Redis pipeline."""
     ttl_ms = int(ttl_s * 1000)
-    for job_id, request in zip(job_ids, requests, strict=True):
-        pipe.set(state_key(job_id), JobStatus.QUEUED.value, px=ttl_ms)
-        pipe.lpush(QUEUE, task_message(job_id, request))
+    for job in jobs:
+        pipe.eval(
+            _PUBLISH,
+            3,
+            result_key(job.job_id),
+            state_key(job.job_id),
+            QUEUE,
+            task_message(job.job_id, job.request),
+            JobStatus.QUEUED.value,
+            ttl_ms,
+        )
 
 
 class JobHandle:
@@ -206,12 +308,15 @@ def _not_found(job_id: str) -> JobNotFound:
     return JobNotFound(f"no job {job_id} (never submitted, or expired)", job_id=job_id)
 
 
-def job_timeout(job_id: str, timeout_s: float) -> JobTimeout:
-    return JobTimeout(
-        f"job {job_id} did not finish within {timeout_s:g} s; it is still queued or running",
-        job_id=job_id,
-        timeout_s=timeout_s,
-    )
+def job_timeout(job_id: str, timeout_s: float, cause: BaseException | None) -> JobTimeout:
+    """wait()'s JobTimeout; ``cause`` is the BrokerUnavailable it ended in, if Redis was down."""
+    message = f"job {job_id} did not finish within {timeout_s:g} s; it is still queued or running"
+    if isinstance(cause, BrokerUnavailable):
+        message = (
+            f"job {job_id}: wait() gave up after {timeout_s:g} s with Redis unreachable "
+            f"({cause.message}); the job may be queued, running or finished"
+        )
+    return JobTimeout(message, job_id=job_id, timeout_s=timeout_s)
 
 
 def unwrap(job_id: str, outcome: Outcome) -> PromptResult:
@@ -249,15 +354,24 @@ def redact_url(url: str) -> str:
 
 
 class Poller:
-    """Paces result polling: eager at first, backing off to a ceiling, never past the deadline."""
+    """Paces result polling: eager at first, backing off to a ceiling, never past the deadline.
+
+    It also rides out a Redis outage: while polls fail it keeps retrying with a backoff, until
+    the deadline (JobTimeout), or with no deadline for ``max_outage_s`` (BrokerUnavailable).
+    """
 
     FIRST_S = 0.005
     CEILING_S = 0.1
+    OUTAGE_FIRST_S = 0.05
+    OUTAGE_CEILING_S = 1.0
 
-    def __init__(self, timeout_s: float | None) -> None:
+    def __init__(self, timeout_s: float | None, max_outage_s: float = math.inf) -> None:
         self._timeout_s = timeout_s
         self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._next_s = self.FIRST_S
+        self._max_outage_s = max_outage_s
+        self._outage_since: float | None = None
+        self._outage_next_s = self.OUTAGE_FIRST_S
 
     def progressed(self) -> None:
         """Something finished: poll eagerly again."""
@@ -267,13 +381,59 @@ class Poller:
         """How long to sleep before the next poll; JobTimeout once the deadline has passed."""
         delay_s = self._next_s
         self._next_s = min(self._next_s * 2, self.CEILING_S)
+        return self._bounded(delay_s, pending, None)
+
+    def reachable(self) -> None:
+        """A poll got through: end any outage."""
+        if self._outage_since is not None:
+            logger.warning(
+                "Redis is reachable again after %.1f s; waiting goes on",
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+            self._outage_next_s = self.OUTAGE_FIRST_S
+
+    def unreachable(self, exc: BrokerUnavailable, pending: int) -> float:
+        """A poll failed: how long to sleep before trying again.
+
+        Raises JobTimeout (caused by ``exc``) once the deadline has passed, or, with no
+        deadline, BrokerUnavailable once Redis has been unreachable for ``max_outage_s``.
+        """
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+            limit = (
+                f"until the timeout ({self._timeout_s:g} s)"
+                if self._timeout_s is not None
+                else f"for up to {self._max_outage_s:g} s (PROMPTQ_MAX_OUTAGE_S)"
+            )
+            logger.warning(
+                "Redis unreachable, still waiting for %d job(s) and retrying %s: %s",
+                pending,
+                limit,
+                exc,
+            )
+        outage_s = now - self._outage_since
+        if self._deadline is None and outage_s >= self._max_outage_s:
+            raise BrokerUnavailable(
+                f"{exc.message} (unreachable for {outage_s:.1f} s, beyond max_outage_s / "
+                f"PROMPTQ_MAX_OUTAGE_S = {self._max_outage_s:g} s); {pending} job(s) unfinished"
+            ) from exc
+        delay_s = self._outage_next_s
+        self._outage_next_s = min(self._outage_next_s * 2, self.OUTAGE_CEILING_S)
+        if self._deadline is None:
+            return min(delay_s, self._max_outage_s - outage_s)
+        return self._bounded(delay_s, pending, exc)
+
+    def _bounded(self, delay_s: float, pending: int, cause: BrokerUnavailable | None) -> float:
         if self._deadline is None or self._timeout_s is None:
             return delay_s
         remaining_s = self._deadline - time.monotonic()
         if remaining_s <= 0:
             raise JobTimeout(
-                f"{pending} job(s) unfinished after {self._timeout_s:g} s",
+                f"{pending} job(s) unfinished after {self._timeout_s:g} s"
+                + (f"; Redis unreachable ({cause.message})" if cause is not None else ""),
                 job_id=None,
                 timeout_s=self._timeout_s,
-            )
+            ) from cause
         return min(delay_s, remaining_s)

@@ -13,6 +13,7 @@ from api_client._constants import QUEUE
 
 from .limiter import Deployment, RateLimiter
 from .parking import Parking, ParkingMover
+from .queue_guard import transport_for
 from .retry import RetryPolicy
 from .settings import Settings
 from .store import JobStore
@@ -84,6 +85,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
     queue = settings.queue
     return {
         "broker_url": queue.broker_url,
+        # Queue entries that are not promptq jobs are dropped and logged without their bodies
+        # (which hold prompts), and cannot stop the worker: see worker.queue_guard.
+        "broker_transport": transport_for(queue.broker_url),
+        "worker_consumer": "worker.queue_guard:GuardedConsumer",
         # Outcomes go to promptq's own keys (worker.store), where a terminal result cannot be
         # overwritten by a late RETRY; Celery's own result backend stays off.
         "result_backend": None,

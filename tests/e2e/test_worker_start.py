@@ -1,43 +1,96 @@
-"""`promptq worker` refuses a bad configuration at start, naming the key."""
+"""`promptq worker` refuses a bad configuration at start, naming the key: exit status 2, one
+message, no traceback, and never the API key."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from .conftest import CANARY_KEY
 
+# (environment, config.toml text or None, what the message must name)
+BAD_CONFIGURATIONS: dict[str, tuple[dict[str, str], str | None, tuple[str, ...]]] = {
+    "zero min wait": ({"LLM_RETRY_MIN_WAIT": "0"}, None, ("LLM_RETRY_MIN_WAIT",)),
+    "negative max wait": ({"LLM_RETRY_MAX_WAIT": "-3"}, None, ("LLM_RETRY_MAX_WAIT",)),
+    "min wait above max wait": (
+        {"LLM_RETRY_MIN_WAIT": "30", "LLM_RETRY_MAX_WAIT": "10"},
+        None,
+        ("LLM_RETRY_MIN_WAIT", "LLM_RETRY_MAX_WAIT"),
+    ),
+    "zero multiplier": ({"LLM_RETRY_MULTIPLIER": "0"}, None, ("LLM_RETRY_MULTIPLIER",)),
+    "negative retries": ({"LLM_NUM_RETRIES": "-1"}, None, ("LLM_NUM_RETRIES",)),
+    "too many retries": ({"LLM_NUM_RETRIES": "101"}, None, ("LLM_NUM_RETRIES",)),
+    "non-numeric retries": ({"LLM_NUM_RETRIES": "many"}, None, ("LLM_NUM_RETRIES", "many")),
+    "non-numeric timeout": ({"LLM_TIMEOUT": "soon"}, None, ("LLM_TIMEOUT", "soon")),
+    "non-numeric concurrency": (
+        {"PROMPTQ_CONCURRENCY": "lots"},
+        None,
+        ("PROMPTQ_CONCURRENCY", "lots"),
+    ),
+    "zero timeout": ({"LLM_TIMEOUT": "0"}, None, ("LLM_TIMEOUT",)),
+    "infinite timeout": ({"LLM_TIMEOUT": "inf"}, None, ("LLM_TIMEOUT",)),
+    "negative redeliveries": (
+        {"PROMPTQ_MAX_REDELIVERIES": "-1"},
+        None,
+        ("PROMPTQ_MAX_REDELIVERIES",),
+    ),
+    "waits beyond the visibility timeout": (
+        {"PROMPTQ_VISIBILITY_TIMEOUT_S": "200"},
+        None,
+        ("PROMPTQ_VISIBILITY_TIMEOUT_S", "LLM_RETRY_MAX_WAIT", "LLM_TIMEOUT"),
+    ),
+    "bad boolean": ({"LLM_DROP_PARAMS": "maybe"}, None, ("LLM_DROP_PARAMS", "maybe")),
+    "missing config file": (
+        {"PROMPTQ_CONFIG": "/nonexistent/config.toml"},
+        None,
+        ("PROMPTQ_CONFIG", "/nonexistent/config.toml"),
+    ),
+    "unknown key in [llm]": ({}, "[llm]\nretries_max = 3\n", ("retries_max", "[llm]")),
+    "unknown key in [promptq]": ({}, "[promptq]\nconcurency = 3\n", ("concurency", "[promptq]")),
+    "bad value in the file": (
+        {},
+        '[llm]\nnum_retries = "three"\n',
+        ("LLM_NUM_RETRIES", "num_retries in [llm]", "three"),
+    ),
+    "bad boolean in the file": ({}, '[llm]\ndrop_params = "maybe"\n', ("LLM_DROP_PARAMS",)),
+    "malformed TOML": ({}, '[llm\nmodel = "openai/x"\n', ("cannot read config file", "line 1")),
+    "[llm] not a table": ({}, 'llm = "openai/x"\n', ("[llm]",)),
+}
+
 
 @pytest.mark.parametrize(
-    ("env", "named"),
-    [
-        ({"LLM_RETRY_MIN_WAIT": "0"}, "LLM_RETRY_MIN_WAIT"),
-        ({"LLM_RETRY_MAX_WAIT": "-3"}, "LLM_RETRY_MAX_WAIT"),
-        ({"LLM_RETRY_MIN_WAIT": "30", "LLM_RETRY_MAX_WAIT": "10"}, "LLM_RETRY_MIN_WAIT"),
-        ({"LLM_RETRY_MULTIPLIER": "0"}, "LLM_RETRY_MULTIPLIER"),
-        ({"LLM_NUM_RETRIES": "-1"}, "LLM_NUM_RETRIES"),
-        ({"LLM_NUM_RETRIES": "many"}, "LLM_NUM_RETRIES"),
-        ({"LLM_TIMEOUT": "0"}, "LLM_TIMEOUT"),
-        ({"PROMPTQ_VISIBILITY_TIMEOUT_S": "200"}, "PROMPTQ_VISIBILITY_TIMEOUT_S"),
-        ({"PROMPTQ_CONFIG": "/nonexistent/config.toml"}, "PROMPTQ_CONFIG"),
-    ],
+    ("env", "config_text", "named"),
+    list(BAD_CONFIGURATIONS.values()),
+    ids=list(BAD_CONFIGURATIONS),
 )
-def test_bad_setting_stops_the_worker_naming_the_key(env: dict[str, str], named: str) -> None:
+def test_bad_setting_stops_the_worker_naming_the_key(
+    tmp_path: Path, env: dict[str, str], config_text: str | None, named: tuple[str, ...]
+) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_"))}
     # A Redis that does not exist: the worker must stop on the setting before connecting.
     run_env = {**clean, "PROMPTQ_REDIS_URL": "redis://127.0.0.1:1/0", "LLM_API_KEY": CANARY_KEY}
+    if config_text is not None:
+        config = tmp_path / "config.toml"
+        config.write_text(config_text)
+        run_env["PROMPTQ_CONFIG"] = str(config)
+        named = (*named, str(config))
     completed = subprocess.run(
         [sys.executable, "-m", "worker", "worker"],
         env={**run_env, **env},
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
 
-    assert completed.returncode == 2
-    assert named in completed.stderr
+    assert completed.returncode == 2, completed.stderr
+    for fragment in named:
+        assert fragment in completed.stderr
+    assert completed.stderr.startswith("promptq worker: ")
+    assert "Traceback" not in completed.stderr
     assert CANARY_KEY not in completed.stderr + completed.stdout

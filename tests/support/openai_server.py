@@ -28,13 +28,15 @@ class Reply:
     ``status`` < 400, an OpenAI-style ``{"error": {...}}`` object otherwise.
     ``headers`` are added to (and override) the default ``Content-Type``/``Content-Length``.
     ``delay_s`` is waited before replying; ``stop()`` interrupts it (the connection is then
-    dropped without a reply).
+    dropped without a reply). ``gate``, when given, is then waited for too: the test sets it to
+    let the reply go (``stop()`` interrupts that wait as well).
     """
 
     status: int = 200
     body: dict[str, Any] | bytes | None = None
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    gate: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,10 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay_s > 0 and owner._stopping.wait(reply.delay_s):
             self.close_connection = True  # stopped while hanging: drop without a reply
             return
+        while reply.gate is not None and not reply.gate.wait(0.05):
+            if owner._stopping.is_set():
+                self.close_connection = True
+                return
 
         payload: dict[str, Any] | bytes
         if reply.body is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 from types import TracebackType
 
@@ -22,6 +23,16 @@ class RedisServer(RedisServerProcess):
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def pause(self) -> None:
+        """SIGSTOP: the kernel still accepts connections on the port, but nothing answers."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT, undoing pause()."""
+        assert self._process is not None, "not running"
+        self._process.send_signal(signal.SIGCONT)
 
     def __enter__(self) -> RedisServer:
         self.start()

@@ -23,6 +23,7 @@ from api_client import (
     Client,
     ClientSettings,
     InvalidRequest,
+    JobTimeout,
     PromptqError,
     PromptRequest,
 )
@@ -89,6 +90,11 @@ BAD_SUBMISSIONS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         ("messages[0]", "JSON"),
     ),
     "object param": ({"prompt": "hi", "callback": object()}, ("callback", "JSON")),
+    "lone surrogate in the prompt": (
+        {"prompt": "half a pair: \ud800"},
+        ("messages[0]", "not valid Unicode", "surrogates not allowed"),
+    ),
+    "lone surrogate in a param": ({"prompt": "hi", "stop": ["\udfff"]}, ("stop", "Unicode")),
     "set param": ({"prompt": "hi", "stop": {"a", "b"}}, ("stop", "JSON")),
     "NaN param": ({"prompt": "hi", "temperature": math.nan}, ("temperature", "finite")),
     "infinite param": ({"prompt": "hi", "top_p": math.inf}, ("top_p", "finite")),
@@ -266,16 +272,72 @@ def test_async_submit_with_redis_down_fails_fast_without_the_password(closed_por
     assert PASSWORD not in message
 
 
-def test_polling_with_redis_down_is_broker_unavailable(closed_port: int) -> None:
+def test_a_status_check_with_redis_down_is_broker_unavailable(closed_port: int) -> None:
     with Client(f"redis://:{PASSWORD}@127.0.0.1:{closed_port}/0") as client:
         job = client.job("0b9f4c3e-4ac4-4d6e-9b6c-0f3c2b7a1d55")
-        with pytest.raises(BrokerUnavailable) as status_raised:
+        with pytest.raises(BrokerUnavailable) as raised:
             job.status()
-        with pytest.raises(BrokerUnavailable) as wait_raised:
-            job.wait(timeout=5)
 
-    for raised in (status_raised, wait_raised):
-        assert PASSWORD not in str(raised.value)
+    assert PASSWORD not in str(raised.value)
+
+
+def test_wait_rides_out_redis_down_until_its_timeout(
+    closed_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Client(f"redis://:{PASSWORD}@127.0.0.1:{closed_port}/0") as client:
+        job = client.job("0b9f4c3e-4ac4-4d6e-9b6c-0f3c2b7a1d55")
+        started = time.monotonic()
+        with pytest.raises(JobTimeout) as raised:
+            job.wait(timeout=0.5)
+        elapsed_s = time.monotonic() - started
+
+    assert 0.5 <= elapsed_s < 10  # retried until the timeout, and not much beyond it
+    assert isinstance(raised.value.__cause__, BrokerUnavailable)
+    assert raised.value.job_id == job.id
+    assert "unreachable" in str(raised.value)
+    assert f"127.0.0.1:{closed_port}" in str(raised.value)
+    assert PASSWORD not in str(raised.value) + caplog.text
+    # One warning for the outage, not one per retry.
+    assert [r.levelname for r in caplog.records if r.name == "promptq.client"] == ["WARNING"]
+
+
+def test_wait_without_timeout_gives_up_after_max_outage(closed_port: int) -> None:
+    settings = ClientSettings(
+        redis_url=f"redis://:{PASSWORD}@127.0.0.1:{closed_port}/0", max_outage_s=0.3
+    )
+    with Client(settings=settings) as client:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable) as raised:
+            client.job("0b9f4c3e-4ac4-4d6e-9b6c-0f3c2b7a1d55").wait()
+        elapsed_s = time.monotonic() - started
+
+    assert 0.3 <= elapsed_s < 10
+    assert "PROMPTQ_MAX_OUTAGE_S" in str(raised.value)
+    assert PASSWORD not in str(raised.value)
+
+
+def test_async_wait_rides_out_redis_down_until_its_timeout(closed_port: int) -> None:
+    async def wait() -> None:
+        async with AsyncClient(f"redis://127.0.0.1:{closed_port}/0") as client:
+            await client.job("0b9f4c3e-4ac4-4d6e-9b6c-0f3c2b7a1d55").wait(timeout=0.5)
+
+    started = time.monotonic()
+    with pytest.raises(JobTimeout) as raised:
+        _run(wait())
+
+    assert 0.5 <= time.monotonic() - started < 10
+    assert isinstance(raised.value.__cause__, BrokerUnavailable)
+
+
+def test_async_wait_without_timeout_gives_up_after_max_outage(closed_port: int) -> None:
+    settings = ClientSettings(redis_url=f"redis://127.0.0.1:{closed_port}/0", max_outage_s=0.3)
+
+    async def wait() -> None:
+        async with AsyncClient(settings=settings) as client:
+            await client.job("0b9f4c3e-4ac4-4d6e-9b6c-0f3c2b7a1d55").wait()
+
+    with pytest.raises(BrokerUnavailable, match="PROMPTQ_MAX_OUTAGE_S"):
+        _run(wait())
 
 
 # --- client settings ------------------------------------------------------------------------

@@ -97,6 +97,8 @@ def test_client_only_promptq_variables_do_not_upset_the_worker(
     # Client and worker share the PROMPTQ_ namespace; one machine may run both.
     monkeypatch.setenv("PROMPTQ_CONNECT_TIMEOUT_S", "3")
     monkeypatch.setenv("PROMPTQ_SOCKET_TIMEOUT_S", "4")
+    monkeypatch.setenv("PROMPTQ_MAX_PROMPT_CHARS", "5000")
+    monkeypatch.setenv("PROMPTQ_MAX_OUTAGE_S", "60")
 
     assert load_settings().queue.broker_url == "redis://localhost:6379/0"
 

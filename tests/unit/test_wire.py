@@ -58,6 +58,7 @@ def celery_app() -> Iterator[Celery]:
     """A Celery app with the worker's own configuration, on kombu's in-memory transport."""
     config = celery_config(load_settings())
     config["broker_url"] = "memory://"
+    config["broker_transport"] = None  # the worker's is for Redis
     app = Celery("promptq-reference", set_as_current=False)
     app.conf.update(config)
     yield app

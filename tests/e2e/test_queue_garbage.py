@@ -1,0 +1,137 @@
+"""Garbage pushed straight into the queue: the worker drops it, logs why without the body, and
+goes on serving jobs; nothing refused comes back."""
+
+from __future__ import annotations
+
+import base64
+import json
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from api_client import Client
+from api_client._constants import QUEUE
+from api_client._wire import build_request, task_message
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
+
+from .conftest import CANARY_KEY
+from .test_core_loop import WAIT_S, wait_until
+
+MARKER = "MARKER-secret-prompt-5e1f0c"
+REFUSED = "refused a message from the queue"
+
+
+def _envelope(task: str = "promptq.complete") -> dict[str, Any]:
+    """A real task message (as the client builds it) whose prompt is the marker."""
+    envelope: dict[str, Any] = json.loads(
+        task_message("garbage-job", build_request(f"{MARKER} in the prompt", None, None, {}))
+    )
+    envelope["headers"]["task"] = task
+    envelope["headers"]["argsrepr"] = f"({MARKER!r},)"  # headers are not logged either
+    return envelope
+
+
+def _not_json() -> bytes:
+    return f"this is not JSON {MARKER}".encode()
+
+
+def _not_utf8() -> bytes:
+    return b"\xff\xfe" + MARKER.encode()
+
+
+def _pickle() -> bytes:
+    envelope = _envelope()
+    envelope["content-type"] = "application/x-python-serialize"
+    envelope["content-encoding"] = "binary"
+    payload = pickle.dumps([[{"prompt": MARKER}], {}, {}])
+    envelope["body"] = base64.b64encode(payload).decode()
+    return json.dumps(envelope).encode()
+
+
+def _unknown_task() -> bytes:
+    return json.dumps(_envelope(task="evil.not_a_promptq_task")).encode()
+
+
+def _no_headers() -> bytes:
+    envelope = _envelope()
+    del envelope["headers"]
+    return json.dumps(envelope).encode()
+
+
+def _body_not_json() -> bytes:
+    envelope = _envelope()
+    envelope["body"] = base64.b64encode(f"[[{MARKER}".encode()).decode()
+    return json.dumps(envelope).encode()
+
+
+def _json_not_an_envelope() -> bytes:
+    return json.dumps([MARKER, {"body": MARKER}]).encode()
+
+
+def _no_properties() -> bytes:
+    envelope = _envelope()
+    del envelope["properties"]
+    return json.dumps(envelope).encode()
+
+
+# (what is pushed, a fragment of the refusal line saying why)
+GARBAGE: dict[str, tuple[Callable[[], bytes], str]] = {
+    "not JSON": (_not_json, "not JSON (JSONDecodeError)"),
+    "not UTF-8": (_not_utf8, "not JSON"),
+    "pickle": (_pickle, "ContentDisallowed"),
+    "unknown task": (_unknown_task, "unknown task 'evil.not_a_promptq_task'"),
+    "no headers": (_no_headers, "not a task message"),
+    "body not JSON": (_body_not_json, "cannot decode its body"),
+    "JSON, not an envelope": (_json_not_an_envelope, "a JSON list, not a message envelope"),
+    "no properties": (_no_properties, "without properties.delivery_tag"),
+}
+
+
+@pytest.mark.parametrize(("make", "why"), list(GARBAGE.values()), ids=list(GARBAGE))
+def test_garbage_is_dropped_and_logged_without_its_body(
+    client: Client,
+    redis_server: RedisServer,
+    worker: WorkerProcess,
+    make: Callable[[], bytes],
+    why: str,
+) -> None:
+    redis = redis_server.client()
+    refusals_before = worker.log().count(REFUSED)
+
+    redis.lpush(QUEUE, make())
+    wait_until(lambda: worker.log().count(REFUSED) > refusals_before)
+
+    # The worker goes on: a good job pushed after the garbage is answered.
+    assert client.submit("a good job after the garbage").wait(timeout=WAIT_S).content == (
+        "echo: a good job after the garbage"
+    )
+    log = worker.log()
+    [refusal] = [line for line in log.splitlines() if REFUSED in line][refusals_before:]
+    assert why in refusal
+    assert MARKER not in log
+    # Dropped for good: not back in the queue, not waiting in kombu's unacknowledged set for
+    # redelivery after the visibility timeout.
+    wait_until(lambda: redis.llen(QUEUE) == 0 and redis.hlen("unacked") == 0)
+    assert worker.log().count(REFUSED) == refusals_before + 1
+
+
+def test_the_worker_outlived_all_the_garbage(
+    client: Client, redis_server: RedisServer, worker: WorkerProcess
+) -> None:
+    # Everything at once, then work: the same worker process is still serving.
+    redis = redis_server.client()
+    for make, _ in GARBAGE.values():
+        redis.lpush(QUEUE, make())
+    jobs = client.submit_many([f"after the flood {i}" for i in range(5)])
+
+    finished = list(client.as_completed(jobs, timeout=WAIT_S))
+
+    assert len(finished) == 5
+    assert worker.log().count(REFUSED) >= 2 * len(GARBAGE)
+    log = worker.log()
+    assert MARKER not in log
+    assert CANARY_KEY not in log
+    assert "Traceback" not in log

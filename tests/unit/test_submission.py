@@ -1,0 +1,179 @@
+"""What submit checks before publishing (prompt size, idempotency keys) and the publish itself.
+
+The publish script runs against fakeredis (Lua under lupa); the clients point at a closed
+port, so an InvalidRequest proves the problem was found before any Redis call.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+
+from api_client import BrokerUnavailable, Client, ClientSettings, InvalidRequest
+from api_client._constants import QUEUE, result_key, state_key
+from api_client._wire import (
+    Submission,
+    build_request,
+    enqueue,
+    idempotent_job_id,
+    prompt_chars,
+    submission,
+)
+
+TTL_S = 60.0
+
+
+@pytest.fixture
+def small_client(closed_port: int) -> Iterator[Client]:
+    settings = ClientSettings(redis_url=f"redis://127.0.0.1:{closed_port}/0", max_prompt_chars=100)
+    with Client(settings=settings) as client:
+        yield client
+
+
+# --- prompt size ----------------------------------------------------------------------------
+
+
+def test_the_default_limit_is_a_million_characters() -> None:
+    assert ClientSettings().max_prompt_chars == 1_000_000
+
+
+def test_the_limit_is_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMPTQ_MAX_PROMPT_CHARS", "5000")
+
+    assert ClientSettings().max_prompt_chars == 5000
+
+
+def test_prompt_chars_counts_every_string_in_the_messages() -> None:
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "abc"},
+        {"role": "user", "content": [{"type": "text", "text": "de"}, {"type": "image_url"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"arguments": "{}"}]},
+    ]
+
+    # Roles and part types count too: they are text the message carries.
+    expected = sum(len(s) for s in ("system", "abc", "user", "text", "de", "image_url"))
+    expected += len("assistant") + len("{}")
+    assert prompt_chars(messages) == expected
+
+
+def test_a_prompt_at_the_limit_reaches_for_redis(small_client: Client) -> None:
+    # "user" is 4 characters of the 100.
+    with pytest.raises(BrokerUnavailable):
+        small_client.submit("x" * 96)
+
+
+def test_an_oversize_prompt_is_refused_naming_the_limit(small_client: Client) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        small_client.submit("x" * 97)
+
+    message = str(raised.value)
+    assert "101 characters" in message
+    assert "limit of 100" in message
+    assert "PROMPTQ_MAX_PROMPT_CHARS" in message
+
+
+def test_oversize_messages_are_refused(small_client: Client) -> None:
+    messages = [{"role": "user", "content": "a" * 60}, {"role": "user", "content": "b" * 60}]
+
+    with pytest.raises(InvalidRequest, match="PROMPTQ_MAX_PROMPT_CHARS"):
+        small_client.submit(messages=messages)
+
+
+def test_submit_many_names_the_oversize_item_and_publishes_nothing(small_client: Client) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        small_client.submit_many(["short", "fine", "y" * 500])
+
+    assert str(raised.value).startswith("requests[2]: ")
+    assert "limit of 100" in str(raised.value)
+
+
+def test_submit_many_names_the_index_of_any_bad_item(small_client: Client) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        small_client.submit_many(["fine", {"prompt": "x", "stream": True}])
+
+    assert str(raised.value).startswith("requests[1]: ")
+    assert "stream" in str(raised.value)
+
+
+# --- idempotency keys -----------------------------------------------------------------------
+
+
+def test_the_same_key_names_the_same_job() -> None:
+    assert idempotent_job_id("order-17") == idempotent_job_id("order-17")
+    assert idempotent_job_id("order-17") != idempotent_job_id("order-18")
+
+
+def test_an_idempotent_job_id_is_a_valid_job_id(closed_port: int) -> None:
+    with Client(f"redis://127.0.0.1:{closed_port}/0") as client:
+        job_id = idempotent_job_id("any key at all: ünïcode, spaces\n and newlines")
+        assert client.job(job_id).id == job_id
+
+
+@pytest.mark.parametrize(
+    ("key", "fragment"),
+    [("", "non-empty string"), (17, "non-empty string"), ("k" * 1025, "limit of 1,024")],
+)
+def test_bad_idempotency_keys_are_refused(small_client: Client, key: Any, fragment: str) -> None:
+    with pytest.raises(InvalidRequest, match=fragment):
+        small_client.submit("hello", idempotency_key=key)
+    with pytest.raises(InvalidRequest, match=fragment):
+        small_client.submit_many([{"prompt": "hello", "idempotency_key": key}])
+
+
+def test_the_idempotency_key_is_not_sent_as_a_parameter() -> None:
+    job = submission(build_request("hi", None, None, {}), "k", 1000)
+
+    assert job.job_id == idempotent_job_id("k")
+    assert "idempotency_key" not in job.request.params
+
+
+# --- the publish script ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer())
+
+
+def _publish(redis_client: fakeredis.FakeRedis, *jobs: Submission) -> list[Any]:
+    pipe = redis_client.pipeline(transaction=False)
+    enqueue(pipe, jobs, TTL_S)
+    result: list[Any] = pipe.execute()
+    return result
+
+
+def _job(job_id: str, prompt: str = "hello") -> Submission:
+    return Submission(job_id, build_request(prompt, None, None, {}))
+
+
+def _queued_ids(redis_client: fakeredis.FakeRedis) -> list[str]:
+    return [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange(QUEUE, 0, -1)]
+
+
+def test_publish_sets_the_state_and_pushes_the_message(redis_client: fakeredis.FakeRedis) -> None:
+    assert _publish(redis_client, _job("a"), _job("b")) == [1, 1]
+
+    assert _queued_ids(redis_client) == ["b", "a"]  # LPUSH: the consumer pops from the right
+    assert redis_client.get(state_key("a")) == b"queued"
+    assert 0 < redis_client.pttl(state_key("a")) <= TTL_S * 1000
+
+
+def test_publishing_a_job_id_again_queues_nothing(redis_client: fakeredis.FakeRedis) -> None:
+    _publish(redis_client, _job("a"))
+
+    # As a pipeline re-sent after a lost reply, or a second submit with the same key, would.
+    assert _publish(redis_client, _job("a", "another prompt"), _job("a")) == [0, 0]
+    assert _queued_ids(redis_client) == ["a"]
+
+
+def test_a_job_with_a_result_is_not_published_again(redis_client: fakeredis.FakeRedis) -> None:
+    # A finished job: the worker stored its result and deleted its state.
+    redis_client.set(result_key("a"), b"{}")
+
+    assert _publish(redis_client, _job("a")) == [0]
+    assert redis_client.llen(QUEUE) == 0
+    assert redis_client.get(state_key("a")) is None
