@@ -268,7 +268,8 @@ def read_config_file(
     if named:
         path = Path(named)
         if not path.is_file():
-            raise ConfigError(f"{CONFIG_ENV}: config file {path} does not exist")
+            given_by = "the config file given" if config_path is not None else CONFIG_ENV
+            raise ConfigError(f"{given_by}: config file {path} does not exist")
     elif DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
     else:

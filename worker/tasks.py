@@ -8,6 +8,9 @@ import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import redis
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from api_client._constants import TASK_NAME
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
     from .limiter import Deployment
 
 logger = logging.getLogger("promptq.worker")
+
+# Redis (or the broker connection through it) cannot be reached right now.
+REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 # What Celery logs instead of the arguments when it re-publishes a retry: never the prompt.
 REDACTED_ARGS = {"argsrepr": "(<request>,)", "kwargsrepr": "{}"}
@@ -71,8 +77,27 @@ def complete(
 
     ``failures`` counts the provider failures so far (the retry budget); ``reserved_tokens``
     is set when this delivery already holds a rate-limit slot, charged that many tokens,
-    starting at ``slot_at`` (epoch seconds).
+    starting at ``slot_at`` (epoch seconds). When Redis cannot be reached the message is
+    rejected back to the queue (or, if that fails too, left unacknowledged until the
+    visibility timeout returns it): a job is never acknowledged without an outcome or a
+    follow-up message.
     """
+    try:
+        _attempt(task, request, failures, reserved_tokens, slot_at)
+    except REDIS_UNAVAILABLE as exc:
+        logger.warning(
+            "job %s goes back to the queue: Redis is unavailable (%s)", task.request.id, exc
+        )
+        raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
+
+
+def _attempt(
+    task: Task,
+    request: dict[str, Any],
+    failures: int,
+    reserved_tokens: int | None,
+    slot_at: float | None,
+) -> None:
     app: PromptqCelery = task.app
     job_id: str = task.request.id
     # Every re-publish (a retry or a wait for capacity) is a new delivery of the same job.
@@ -103,34 +128,13 @@ def complete(
             return  # parked: it comes back for its slot
     elif slot_at is not None and slot_at > time.time():
         time.sleep(min(slot_at - time.time(), app.settings.queue.limiter_max_sleep_s))
-    attempts = failures + 1
     started = time.monotonic()
     try:
         completion = llm.complete(app.settings.llm, parsed)
     except Exception as exc:  # every failure is classified; none escapes to Celery
-        failure = classify(exc, secrets=_secrets(app))
-        _settle_failure(app, deployment, reserved_tokens, failure, exc)
-        num_retries = app.settings.llm.num_retries
-        if failure.retryable and failures < num_retries:
-            wait_s = app.retry_policy.wait_s(failures, failure.retry_after_s)
-            app.store.mark_retrying(job_id)
-            raise task.retry(
-                countdown=wait_s,
-                kwargs={"failures": attempts},
-                exc=RetryableFailure(failure.summary()),
-                **REDACTED_ARGS,
-            ) from None
-        _fail(app, job_id, failure, attempts=attempts)
+        _after_failure(task, deployment, reserved_tokens, exc, failures)
         return
 
-    charged = llm.charged_tokens(completion.usage, parsed) if completion.usage.total_tokens else 0
-    app.limiter.settle(
-        deployment,
-        reserved_tokens=reserved_tokens,
-        charged_tokens=charged or reserved_tokens,
-        outcome="ok",
-        headers=completion.headers,
-    )
     result = PromptResult(
         id=job_id,
         model=completion.model,
@@ -139,11 +143,65 @@ def complete(
         finish_reason=completion.finish_reason,
         usage=completion.usage,
         cost_usd=completion.cost_usd,
-        attempts=attempts,
+        attempts=failures + 1,
         latency_s=time.monotonic() - started,
         created=datetime.now(UTC),
     )
-    app.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result))
+    # The paid answer is stored first (riding out a short Redis outage); the limiter's
+    # bookkeeping after it is best effort.
+    app.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result), patient=True)
+    charged = llm.charged_tokens(completion.usage, parsed) if completion.usage.total_tokens else 0
+    _settle(
+        app,
+        deployment,
+        reserved_tokens=reserved_tokens,
+        charged_tokens=charged or reserved_tokens,
+        outcome="ok",
+        headers=completion.headers,
+    )
+
+
+def _after_failure(
+    task: Task, deployment: Deployment, reserved_tokens: int, exc: Exception, failures: int
+) -> None:
+    """Classify a failed call; schedule its retry while the budget lasts, else store it."""
+    app: PromptqCelery = task.app
+    job_id: str = task.request.id
+    failure = classify(exc, secrets=_secrets(app))
+    rate_limited = failure.kind is ErrorKind.RATE_LIMITED
+    headers: dict[str, Any] = {}
+    for found in response_headers(exc):
+        headers.update(found)
+    _settle(
+        app,
+        deployment,
+        reserved_tokens=reserved_tokens,
+        # A refused request costs nothing; anything else may have been counted.
+        charged_tokens=0 if rate_limited else reserved_tokens,
+        outcome="rate_limited" if rate_limited else "error",
+        retry_after_s=failure.retry_after_s,
+        headers=headers,
+    )
+    # A call refused before it was sent (missing key, say) is not an attempt.
+    attempts = failures if isinstance(exc, NotConfigured) else failures + 1
+    if failure.retryable and failures < app.settings.llm.num_retries:
+        wait_s = app.retry_policy.wait_s(failures, failure.retry_after_s)
+        app.store.mark_retrying(job_id)
+        raise task.retry(
+            countdown=wait_s,
+            kwargs={"failures": attempts},
+            exc=RetryableFailure(failure.summary()),
+            **REDACTED_ARGS,
+        ) from None
+    _fail(app, job_id, failure, attempts=attempts)
+
+
+def _settle(app: PromptqCelery, deployment: Deployment, **how: Any) -> None:
+    """Tell the limiter how a call went; a Redis outage only costs that bookkeeping."""
+    try:
+        app.limiter.settle(deployment, **how)
+    except REDIS_UNAVAILABLE as exc:
+        logger.warning("rate limiter of %s not updated: %s", deployment.model, exc)
 
 
 def _take_slot(
@@ -184,29 +242,6 @@ def _take_slot(
     return None
 
 
-def _settle_failure(
-    app: PromptqCelery,
-    deployment: Deployment,
-    reserved_tokens: int,
-    failure: Failure,
-    exc: BaseException,
-) -> None:
-    """Tell the limiter how a failed call went: a 429 (and its Retry-After) slows the fleet."""
-    rate_limited = failure.kind is ErrorKind.RATE_LIMITED
-    headers: dict[str, Any] = {}
-    for found in response_headers(exc):
-        headers.update(found)
-    app.limiter.settle(
-        deployment,
-        reserved_tokens=reserved_tokens,
-        # A refused request costs nothing; anything else may have been counted.
-        charged_tokens=0 if rate_limited else reserved_tokens,
-        outcome="rate_limited" if rate_limited else "error",
-        retry_after_s=failure.retry_after_s,
-        headers=headers,
-    )
-
-
 def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -> None:
     error = JobError(
         kind=failure.kind,
@@ -214,7 +249,7 @@ def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -
         status_code=failure.status_code,
         attempts=attempts,
     )
-    if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error)):
+    if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error), patient=True):
         logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())
 
 

@@ -485,8 +485,9 @@ def test_promptq_config_naming_a_missing_file_is_refused(
 
 
 def test_explicit_missing_path_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist") as raised:
         load_settings(tmp_path / "missing.toml")
+    assert "PROMPTQ_CONFIG" not in str(raised.value)  # it was not named there
 
 
 def test_malformed_toml_is_refused(tmp_path: Path) -> None:
