@@ -16,6 +16,7 @@ from .parking import Parking, ParkingMover
 from .queue_guard import transport_for
 from .retry import RetryPolicy
 from .settings import Settings
+from .spend import SpendLedger
 from .store import JobStore
 from .tasks import register
 
@@ -55,6 +56,11 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
             max_ahead_s=settings.limiter_max_ahead_s,
             adaptive=settings.queue.limiter_adaptive,
         )
+
+    @cached_property
+    def spend(self) -> SpendLedger:
+        queue = self.settings.queue
+        return SpendLedger(self.redis, max_usd=queue.max_spend_usd, period=queue.spend_period)
 
     @cached_property
     def parking(self) -> Parking:

@@ -72,6 +72,24 @@ def estimate_tokens(model: str, request: PromptRequest, reply_tokens: int) -> in
     return prompt + (reply_tokens if budget is None else budget)
 
 
+def estimate_cost_usd(model: str, request: PromptRequest, reply_tokens: int) -> float:
+    """The most a call could cost before it is made, for spending caps: LiteLLM's price for
+    the prompt's tokens plus max_tokens (else ``reply_tokens``) of reply. Raises
+    NotConfigured when LiteLLM has no price for the model."""
+    budget = reply_token_budget(request)
+    reply = reply_tokens if budget is None else budget
+    prompt = estimate_tokens(model, request, reply_tokens=0)
+    try:
+        prompt_usd, reply_usd = litellm.cost_per_token(
+            model=model, prompt_tokens=prompt, completion_tokens=reply
+        )
+    except Exception as exc:  # LiteLLM raises for models it has no price for
+        raise NotConfigured(
+            f"a spending cap applies but the price of {model} is unknown: {type(exc).__name__}"
+        ) from None
+    return float(prompt_usd) + float(reply_usd)
+
+
 def charged_tokens(usage: Usage, request: PromptRequest) -> int:
     """What a finished call counted against the provider's token limit: the prompt plus the
     reply, or plus max_tokens when the request set it (providers reserve it up front)."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
@@ -119,6 +119,10 @@ class QueueSettings(_LayeredSettings):
     limiter_max_sleep_s: float = Field(default=2.0, ge=0)
     limiter_max_ahead_s: float | None = Field(default=None, gt=0)
     limiter_reply_tokens: int = Field(default=512, ge=0)
+    # A cap on what the whole fleet spends (USD, by LiteLLM's prices) per spend_period:
+    # "total" (since the counter began), "day" or "month" (UTC). Unset: no cap.
+    max_spend_usd: float | None = Field(default=None, ge=0)
+    spend_period: Literal["total", "day", "month"] = "total"
 
     @property
     def broker_url(self) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,7 @@ from api_client._schemas import (
 
 from . import llm
 from .classify import Failure, NotConfigured, classify, response_headers
+from .spend import BudgetExceeded, Reservation
 from .throttle import sleep_until_slot, take_slot
 
 if TYPE_CHECKING:
@@ -91,6 +93,24 @@ def _attempt(
     reserved_tokens: int | None,
     slot_at: float | None,
 ) -> None:
+    started_job = _start(task, request, failures)
+    if started_job is None:
+        return
+    parsed, model = started_job
+    call = _prepare(task, parsed, model, failures, reserved=(reserved_tokens, slot_at))
+    if call is None:
+        return
+    started = time.monotonic()
+    try:
+        completion = llm.complete(task.app.settings.llm, call.request)
+    except Exception as exc:  # every failure is classified; none escapes to Celery
+        _after_failure(task, call, exc, failures)
+        return
+    _after_success(task, call, completion, failures + 1, time.monotonic() - started)
+
+
+def _start(task: Task, request: dict[str, Any], failures: int) -> tuple[PromptRequest, str] | None:
+    """Mark the job running and read its request and model; None when it ends here."""
     app: PromptqCelery = task.app
     job_id: str = task.request.id
     # Every re-publish (a retry or a wait for capacity) is a new delivery of the same job.
@@ -98,65 +118,110 @@ def _attempt(
     starts = app.store.begin(job_id)
     if starts is None:
         logger.info("job %s already has an outcome; dropped a duplicate delivery", job_id)
-        return
+        return None
     redeliveries = starts - deliveries
     if redeliveries > app.settings.queue.max_redeliveries:
         message = f"the worker running this job died {redeliveries} times"
         _fail(app, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=failures)
-        return
+        return None
     try:
         parsed = PromptRequest.model_validate(request)
-        model = llm.model_of(app.settings.llm, parsed)
+        return parsed, llm.model_of(app.settings.llm, parsed)
     except ValidationError as exc:
         _fail(app, job_id, Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}"), attempts=0)
-        return
     except NotConfigured as exc:
         _fail(app, job_id, classify(exc), attempts=0)
-        return
+    return None
 
+
+def _prepare(
+    task: Task,
+    request: PromptRequest,
+    model: str,
+    failures: int,
+    *,
+    reserved: tuple[int | None, float | None],
+) -> _Call | None:
+    """Take a rate-limit slot (unless ``reserved`` holds one: its tokens and time) and set
+    money aside under a spending cap; None when the job was parked or refused."""
+    app: PromptqCelery = task.app
+    reserved_tokens, slot_at = reserved
     deployment = app.deployment(model)
     if reserved_tokens is None:
-        reserved_tokens = take_slot(task, deployment, parsed, failures)
+        reserved_tokens = take_slot(task, deployment, request, failures)
         if reserved_tokens is None:
-            return  # parked: it comes back for its slot
+            return None  # parked: it comes back for its slot
     else:
         sleep_until_slot(app, slot_at)
-    started = time.monotonic()
     try:
-        completion = llm.complete(app.settings.llm, parsed)
-    except Exception as exc:  # every failure is classified; none escapes to Celery
-        _after_failure(task, deployment, reserved_tokens, exc, failures)
-        return
+        reservation = _reserve_spend(app, request, model)
+    except BudgetExceeded as exc:
+        failure = Failure(ErrorKind.BUDGET_EXCEEDED, str(exc))
+        _fail(app, task.request.id, failure, attempts=failures)
+        return None
+    except NotConfigured as exc:
+        _fail(app, task.request.id, classify(exc), attempts=failures)
+        return None
+    return _Call(request, deployment, reserved_tokens, reservation)
 
+
+def _after_success(
+    task: Task, call: _Call, completion: llm.Completion, attempts: int, latency_s: float
+) -> None:
+    """Store the answer, then book what it cost."""
+    app: PromptqCelery = task.app
+    cost_usd = completion.cost_usd
+    if cost_usd is None and call.reservation is not None:
+        cost_usd = call.reservation.amount_usd  # priced before the call; keep the cap honest
     result = PromptResult(
-        id=job_id,
+        id=task.request.id,
         model=completion.model,
         content=completion.content,
         message=completion.message,
         finish_reason=completion.finish_reason,
         usage=completion.usage,
-        cost_usd=completion.cost_usd,
-        attempts=failures + 1,
-        latency_s=time.monotonic() - started,
+        cost_usd=cost_usd,
+        attempts=attempts,
+        latency_s=latency_s,
         created=datetime.now(UTC),
     )
-    # The paid answer is stored first (riding out a short Redis outage); the limiter's
-    # bookkeeping after it is best effort.
-    app.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result), patient=True)
-    charged = llm.charged_tokens(completion.usage, parsed) if completion.usage.total_tokens else 0
-    _settle(
+    # The paid answer is stored first (riding out a short Redis outage); the bookkeeping
+    # after it is best effort.
+    outcome = Outcome(status=JobStatus.SUCCEEDED, result=result)
+    app.store.finish(task.request.id, outcome, patient=True)
+    usage = completion.usage
+    charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
+    _book(
         app,
-        deployment,
-        reserved_tokens=reserved_tokens,
-        charged_tokens=charged or reserved_tokens,
+        call,
+        cost_usd=cost_usd or 0.0,
+        charged_tokens=charged or call.reserved_tokens,
         outcome="ok",
         headers=completion.headers,
     )
 
 
-def _after_failure(
-    task: Task, deployment: Deployment, reserved_tokens: int, exc: Exception, failures: int
-) -> None:
+@dataclass(frozen=True)
+class _Call:
+    """One provider call about to be made, and what was set aside for it."""
+
+    request: PromptRequest
+    deployment: Deployment
+    reserved_tokens: int  # charged to the rate limiter
+    reservation: Reservation | None  # money set aside under a spending cap
+
+
+def _reserve_spend(app: PromptqCelery, request: PromptRequest, model: str) -> Reservation | None:
+    """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
+    there is no room; NotConfigured when the model has no price)."""
+    if not app.spend.applies(request.budget):
+        return None
+    reply_tokens = app.settings.queue.limiter_reply_tokens
+    estimate_usd = llm.estimate_cost_usd(model, request, reply_tokens)
+    return app.spend.reserve(request.budget, estimate_usd)
+
+
+def _after_failure(task: Task, call: _Call, exc: Exception, failures: int) -> None:
     """Classify a failed call; schedule its retry while the budget lasts, else store it."""
     app: PromptqCelery = task.app
     job_id: str = task.request.id
@@ -165,12 +230,12 @@ def _after_failure(
     headers: dict[str, Any] = {}
     for found in response_headers(exc):
         headers.update(found)
-    _settle(
+    _book(
         app,
-        deployment,
-        reserved_tokens=reserved_tokens,
+        call,
+        cost_usd=0.0,  # providers do not bill failed calls
         # A refused request costs nothing; anything else may have been counted.
-        charged_tokens=0 if rate_limited else reserved_tokens,
+        charged_tokens=0 if rate_limited else call.reserved_tokens,
         outcome="rate_limited" if rate_limited else "error",
         retry_after_s=failure.retry_after_s,
         headers=headers,
@@ -189,12 +254,14 @@ def _after_failure(
     _fail(app, job_id, failure, attempts=attempts)
 
 
-def _settle(app: PromptqCelery, deployment: Deployment, **how: Any) -> None:
-    """Tell the limiter how a call went; a Redis outage only costs that bookkeeping."""
+def _book(app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any) -> None:
+    """Tell the rate limiter how the call went and book its cost; a Redis outage only costs
+    this bookkeeping."""
     try:
-        app.limiter.settle(deployment, **how)
+        app.limiter.settle(call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news)
+        app.spend.settle(call.reservation, cost_usd, call.request.budget)
     except REDIS_UNAVAILABLE as exc:
-        logger.warning("rate limiter of %s not updated: %s", deployment.model, exc)
+        logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
 
 
 def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -> None:
