@@ -61,27 +61,35 @@ def reply_token_budget(request: PromptRequest) -> int | None:
     return None
 
 
+def prompt_tokens(model: str, request: PromptRequest) -> int:
+    """The request's prompt in tokens, by LiteLLM's counter for the model."""
+    try:
+        return int(litellm.token_counter(model=model, messages=request.messages))
+    except Exception:  # an unusual message shape: fall back on ~4 characters a token
+        return len(str(request.messages)) // 4
+
+
+def reply_tokens_of(request: PromptRequest, default: int) -> int:
+    """The reply tokens to expect: max_tokens when the request sets it, else ``default``."""
+    budget = reply_token_budget(request)
+    return default if budget is None else budget
+
+
 def estimate_tokens(model: str, request: PromptRequest, reply_tokens: int) -> int:
     """What a call will count against a tokens-per-minute limit, before it is made: the
-    prompt (LiteLLM's counter for the model) plus max_tokens, else ``reply_tokens``."""
-    try:
-        prompt = int(litellm.token_counter(model=model, messages=request.messages))
-    except Exception:  # an unusual message shape: fall back on ~4 characters a token
-        prompt = len(str(request.messages)) // 4
-    budget = reply_token_budget(request)
-    return prompt + (reply_tokens if budget is None else budget)
+    prompt plus max_tokens, else ``reply_tokens``."""
+    return prompt_tokens(model, request) + reply_tokens_of(request, reply_tokens)
 
 
 def estimate_cost_usd(model: str, request: PromptRequest, reply_tokens: int) -> float:
     """The most a call could cost before it is made, for spending caps: LiteLLM's price for
     the prompt's tokens plus max_tokens (else ``reply_tokens``) of reply. Raises
     NotConfigured when LiteLLM has no price for the model."""
-    budget = reply_token_budget(request)
-    reply = reply_tokens if budget is None else budget
-    prompt = estimate_tokens(model, request, reply_tokens=0)
     try:
         prompt_usd, reply_usd = litellm.cost_per_token(
-            model=model, prompt_tokens=prompt, completion_tokens=reply
+            model=model,
+            prompt_tokens=prompt_tokens(model, request),
+            completion_tokens=reply_tokens_of(request, reply_tokens),
         )
     except Exception as exc:  # LiteLLM raises for models it has no price for
         raise NotConfigured(
