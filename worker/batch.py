@@ -75,11 +75,13 @@ def run_batch(
     model: str | None = None,
     max_in_flight: int = 500,
     retry_failed: bool = False,
+    budget: str | None = None,
     display: Display | None = None,
 ) -> Tally:
     """Submit every line of INPUT not yet answered in OUTPUT, and write each answer as it comes.
 
     At most ``max_in_flight`` prompts are queued or running at once; the input is streamed.
+    With ``budget`` (Client.create_budget) every prompt's calls are charged to it.
     Each output line is flushed when written, so an interrupted run leaves a valid OUTPUT and
     the same call resumes it.
     """
@@ -98,7 +100,10 @@ def run_batch(
                 chunk = list(itertools.islice(pending, min(room, SUBMIT_CHUNK)))
                 exhausted = len(chunk) < min(room, SUBMIT_CHUNK)
                 if chunk:
-                    jobs = client.submit_many([item.request for item in chunk])
+                    requests = [item.request for item in chunk]
+                    if budget is not None:
+                        requests = [r.model_copy(update={"budget": budget}) for r in requests]
+                    jobs = client.submit_many(requests)
                     for job, item in zip(jobs, chunk, strict=True):
                         in_flight[job.id] = (job, item.custom_id)
             if exhausted:

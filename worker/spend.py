@@ -140,3 +140,29 @@ def _refusal(answer: Any, budget: str | None, period: Period, estimate_usd: floa
 
 def _text(value: bytes | str | int) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class SpendCounter:
+    """One period's spend for the whole fleet, as `promptq status` shows it."""
+
+    period: str  # "total", "day:2026-11-25" or "month:2026-11"
+    spent_usd: float
+    reserved_usd: float  # set aside by calls in flight
+    calls: int
+
+
+def read_spend(client: redis.Redis) -> list[SpendCounter]:
+    """Every spend counter in Redis: the total first, then days and months in order."""
+    counters = []
+    for key in client.scan_iter(match=f"{SPEND_PREFIX}*", count=1000):
+        fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
+        counters.append(
+            SpendCounter(
+                period=_text(key).removeprefix(SPEND_PREFIX),
+                spent_usd=float(fields.get("spent", 0)),
+                reserved_usd=float(fields.get("reserved", 0)),
+                calls=int(fields.get("calls", 0)),
+            )
+        )
+    return sorted(counters, key=lambda c: (c.period != "total", c.period))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from api_client import Client, JobFailed, PromptResult
 from tests.e2e.conftest import worker_env
+from tests.e2e.test_cli import promptq
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 from worker.spend import SPEND_PREFIX
+from worker.status import format_status, gather_status
 
 # A model LiteLLM prices ($0.15 / $0.60 per million tokens in and out), served locally.
 MODEL = "openai/gpt-4o-mini"
@@ -102,6 +106,13 @@ def test_the_fleet_stops_calling_at_the_global_cap(
     assert "PROMPTQ_MAX_SPEND_USD" in refused[0].message
     # Every job past the cap failed without a provider request.
     assert len(provider.requests) == len(done)
+    # promptq status shows what was spent, nothing left reserved.
+    status = gather_status(client.settings.redis_url, inspect_timeout_s=0.1)
+    [total] = status.spend
+    assert (total.period, total.calls) == ("total", 5)
+    assert total.spent_usd == pytest.approx(spent)
+    assert total.reserved_usd == pytest.approx(0, abs=1e-12)
+    assert "spend (total)" in format_status(status)
 
 
 def test_a_budget_caps_its_own_jobs_only(client: Client, provider: ScriptedOpenAIServer) -> None:
@@ -120,3 +131,39 @@ def test_a_budget_caps_its_own_jobs_only(client: Client, provider: ScriptedOpenA
     assert f"budget {budget!r}" in capped_refused[0].message
     assert (len(free_done), free_refused) == (2, [])
     assert len(provider.requests) == 4
+
+
+def test_batch_max_spend_caps_the_run(
+    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    provider.script(*[reply()] * 5)
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        {"custom_id": f"c{n}", "prompt": f"batch {n}", "max_tokens": MAX_TOKENS} for n in range(5)
+    ]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    completed = promptq(
+        "batch",
+        str(source),
+        "-o",
+        str(output),
+        "--max-spend",
+        repr(2.5 * CALL_USD),
+        env={"PROMPTQ_REDIS_URL": redis_server.url},
+    )
+
+    assert completed.returncode == 1, completed.stderr  # some prompts failed
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    codes = sorted(a["error"]["code"] if a["error"] else "ok" for a in answers)
+    assert codes == ["budget_exceeded"] * 3 + ["ok"] * 2
+    assert len(provider.requests) == 2
+    assert "budget_exceeded: 3" in completed.stderr
+
+
+def test_batch_refuses_a_negative_max_spend(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "x"}\n')
+    completed = promptq("batch", str(source), "-o", str(tmp_path / "o.jsonl"), "--max-spend", "-1")
+    assert completed.returncode == 2
+    assert "--max-spend" in completed.stderr
