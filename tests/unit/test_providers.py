@@ -7,10 +7,14 @@ needs Google credentials to reach the wire, so its case checks the call's keywor
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import litellm
 import pytest
+from litellm.exceptions import ModelNotMappedError
 
 from api_client._schemas import PromptRequest
 from tests.support.openai_server import RecordedRequest, Reply, ScriptedOpenAIServer
@@ -199,3 +203,45 @@ def _completion(model: str, **extra: Any) -> dict[str, Any]:
         "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
         **extra,
     }
+
+
+def test_every_model_the_readme_names_resolves_to_a_provider() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    models = re.findall(r"^LLM_MODEL=(\S+)", readme, flags=re.MULTILINE)
+    models += re.findall(
+        r"`((?:anthropic|openai|fireworks_ai|vertex_ai|deepseek)/[^`\s]+)`", readme
+    )
+    assert len(models) >= 10
+
+    for model in models:
+        if "..." in model:
+            continue
+        _, provider, _, _ = litellm.get_llm_provider(model)
+        assert provider == model.split("/", 1)[0], model
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "anthropic/claude-sonnet-4-6",
+        "anthropic/claude-sonnet-5",
+        "openai/gpt-4o",
+        "fireworks_ai/accounts/fireworks/models/llama-v3p1-405b-instruct",
+        "vertex_ai/meta/llama-3.1-405b-instruct-maas",
+        "fireworks_ai/accounts/fireworks/models/deepseek-v2p5",
+        "deepseek/deepseek-v3.2",
+        "gemini/gemini-3.5-flash",
+        "groq/openai/gpt-oss-120b",
+    ],
+)
+def test_the_readmes_recommendations_are_priced_in_litellms_map(model: str) -> None:
+    # The README's "Which model (2026-11)" describes LiteLLM's bundled map: when an upgrade
+    # changes it, this says the README is out of date.
+    info = litellm.get_model_info(model)
+
+    assert (info.get("input_cost_per_token") or 0) > 0
+
+
+def test_claude_3_5_sonnet_is_no_longer_in_litellms_map() -> None:
+    with pytest.raises(ModelNotMappedError, match="claude-3-5-sonnet"):
+        litellm.get_model_info("anthropic/claude-3-5-sonnet-20241022")
