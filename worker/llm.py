@@ -86,8 +86,8 @@ def call_arguments(settings: LLMSettings, request: PromptRequest, model: str) ->
     """The keyword arguments of the one litellm.completion call for ``request`` (a pure
     function of its inputs and LiteLLM's model map, so tests can check them without HTTP).
 
-    The request's parameters come last but cannot clash: the schema refuses the ones the
-    worker owns (worker.settings decides those; api_client._schemas.RESERVED_PARAMS).
+    The request's parameters come last but cannot override the worker's: the request schema
+    refuses those (api_client._schemas.RESERVED_PARAMS).
     """
     messages = request.messages
     if settings.disable_vision:

@@ -99,7 +99,9 @@ def _gemini_echo(body: dict[str, Any], model: str) -> dict[str, Any]:
     last_user = next((t for t in reversed(turns) if t.get("role") == "user"), {})
     parts = last_user.get("parts")
     text = " ".join(
-        str(p["text"]) for p in (parts if isinstance(parts, list) else []) if "text" in p
+        str(p["text"])
+        for p in (parts if isinstance(parts, list) else [])
+        if isinstance(p, dict) and "text" in p
     )
     content = "echo: " + text
     prompt_tokens = max(1, len(text.split()))
