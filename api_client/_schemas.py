@@ -133,6 +133,8 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Of prompt_tokens, those read from the provider's prompt cache (0 when none, or unknown).
+    cached_tokens: int = 0
 
 
 class PromptResult(BaseModel):

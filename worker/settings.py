@@ -89,6 +89,10 @@ class LLMSettings(_LayeredSettings):
     # (requests and tokens per minute); [rate_limits."MODEL"] in the file overrides them.
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
+    # Prices in USD per token, for models LiteLLM's price map does not know (or prices it
+    # should not use): set both, and cost_usd is computed from them instead of the map.
+    input_cost_per_token: float | None = Field(default=None, ge=0)
+    output_cost_per_token: float | None = Field(default=None, ge=0)
 
 
 class QueueSettings(_LayeredSettings):
@@ -192,6 +196,7 @@ def load_settings(
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
     settings = Settings(llm=llm_settings, queue=queue_settings, rate_limits=rate_limits)
     _check_waits_fit(settings)
+    _check_prices(settings.llm)
     return settings
 
 
@@ -239,6 +244,16 @@ def _check_waits_fit(settings: Settings) -> None:
             f"({llm.timeout:g} s) must fit in half of PROMPTQ_VISIBILITY_TIMEOUT_S "
             f"({queue.visibility_timeout_s:g} s), or a job waiting for its slot would be "
             "delivered twice: lower it or raise the visibility timeout"
+        )
+
+
+def _check_prices(llm: LLMSettings) -> None:
+    # One price alone would price the other side of every call at nothing, silently.
+    if (llm.input_cost_per_token is None) != (llm.output_cost_per_token is None):
+        missing = "OUTPUT" if llm.output_cost_per_token is None else "INPUT"
+        raise ConfigError(
+            "invalid configuration:\n  - LLM_INPUT_COST_PER_TOKEN and LLM_OUTPUT_COST_PER_TOKEN "
+            f"go together: set LLM_{missing}_COST_PER_TOKEN too (0 for a side that is free)"
         )
 
 
