@@ -83,20 +83,37 @@ def estimate_tokens(model: str, request: PromptRequest, reply_tokens: int) -> in
     return prompt_tokens(model, request) + reply_tokens_of(request, reply_tokens)
 
 
-def estimate_cost_usd(model: str, request: PromptRequest, reply_tokens: int) -> float:
-    """The most a call could cost before it is made, for spending caps: LiteLLM's price for
-    the prompt's tokens plus max_tokens (else ``reply_tokens``) of reply. Raises
-    NotConfigured when LiteLLM has no price for the model."""
+def estimate_cost_usd(
+    settings: LLMSettings, model: str, request: PromptRequest, reply_tokens: int
+) -> float:
+    """The most a call could cost before it is made, for spending caps: the prompt's tokens
+    plus max_tokens (else ``reply_tokens``) of reply, at the custom prices when set, else
+    LiteLLM's. Raises NotConfigured when neither prices the model."""
+    price = _priced(
+        settings, model, prompt_tokens(model, request), reply_tokens_of(request, reply_tokens)
+    )
+    if price is None:
+        raise NotConfigured(
+            f"a spending cap applies but the price of {model} is unknown: set "
+            "LLM_INPUT_COST_PER_TOKEN and LLM_OUTPUT_COST_PER_TOKEN"
+        )
+    return price
+
+
+def _priced(
+    settings: LLMSettings, model: str, prompt_tokens: int, completion_tokens: int
+) -> float | None:
+    """Tokens at LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN when set, else at
+    LiteLLM's prices for the model, else None."""
+    input_cost, output_cost = settings.input_cost_per_token, settings.output_cost_per_token
+    if input_cost is not None or output_cost is not None:
+        return prompt_tokens * (input_cost or 0.0) + completion_tokens * (output_cost or 0.0)
     try:
         prompt_usd, reply_usd = litellm.cost_per_token(
-            model=model,
-            prompt_tokens=prompt_tokens(model, request),
-            completion_tokens=reply_tokens_of(request, reply_tokens),
+            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
         )
-    except Exception as exc:  # LiteLLM raises for models it has no price for
-        raise NotConfigured(
-            f"a spending cap applies but the price of {model} is unknown: {type(exc).__name__}"
-        ) from None
+    except Exception:  # LiteLLM raises for models it has no price for
+        return None
     return float(prompt_usd) + float(reply_usd)
 
 
@@ -232,11 +249,8 @@ def _cost_usd(response: Any, usage: Usage, settings: LLMSettings) -> float | Non
     """The call's price: from LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN when set
     (they win over LiteLLM's map; cached prompt tokens count at the input price), else from
     the price map bundled with LiteLLM, else None."""
-    input_cost, output_cost = settings.input_cost_per_token, settings.output_cost_per_token
-    if input_cost is not None or output_cost is not None:
-        return usage.prompt_tokens * (input_cost or 0.0) + usage.completion_tokens * (
-            output_cost or 0.0
-        )
+    if settings.input_cost_per_token is not None or settings.output_cost_per_token is not None:
+        return _priced(settings, "", usage.prompt_tokens, usage.completion_tokens)  # no map
     try:
         return float(litellm.completion_cost(completion_response=response))
     except Exception:  # LiteLLM raises for models it has no price for

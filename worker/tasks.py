@@ -217,7 +217,7 @@ def _reserve_spend(app: PromptqCelery, request: PromptRequest, model: str) -> Re
     if not app.spend.applies(request.budget):
         return None
     reply_tokens = app.settings.queue.limiter_reply_tokens
-    estimate_usd = llm.estimate_cost_usd(model, request, reply_tokens)
+    estimate_usd = llm.estimate_cost_usd(app.settings.llm, model, request, reply_tokens)
     return app.spend.reserve(request.budget, estimate_usd)
 
 
