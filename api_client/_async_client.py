@@ -79,10 +79,11 @@ class AsyncClient:
         model: str | None = None,
         idempotency_key: str | None = None,
         budget: str | None = None,
+        llm: str | None = None,
         **params: Any,
     ) -> AsyncJob:
         """Queue one prompt and return its AsyncJob at once (see Client.submit)."""
-        request = build_request(prompt, messages, model, params, budget)
+        request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return (await self._publish([job]))[0]
 

@@ -79,6 +79,7 @@ class Client:
         model: str | None = None,
         idempotency_key: str | None = None,
         budget: str | None = None,
+        llm: str | None = None,
         **params: Any,
     ) -> Job:
         """Queue one prompt (plain text or OpenAI-style messages) and return its Job at once.
@@ -86,10 +87,12 @@ class Client:
         With ``idempotency_key``, every submit with that key returns the same job and queues it
         once, from any thread or process, as long as the job's state or result is kept
         (PROMPTQ_RESULT_TTL_S). With ``budget``, its calls are charged to that budget
-        (see create_budget). Raises InvalidRequest for bad input (nothing is queued) and
-        BrokerUnavailable when Redis cannot be reached within the client's timeouts.
+        (see create_budget). With ``llm``, the workers call it with their [llm.NAME] settings
+        of that name (model, endpoint, key, retries) instead of [llm]. Raises InvalidRequest
+        for bad input (nothing is queued) and BrokerUnavailable when Redis cannot be reached
+        within the client's timeouts.
         """
-        request = build_request(prompt, messages, model, params, budget)
+        request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return self._publish([job])[0]
 

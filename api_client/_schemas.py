@@ -28,6 +28,7 @@ RESERVED_PARAMS = frozenset(
         "custom_llm_provider",
         "metadata",
         "budget",
+        "llm",
     }
 )
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -89,6 +90,8 @@ class PromptRequest(BaseModel):
     # A spending budget (Client.create_budget) this job's calls are charged to, besides the
     # fleet's PROMPTQ_MAX_SPEND_USD.
     budget: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")
+    # A named LLM configuration of the workers ([llm.NAME] in their config.toml); None: [llm].
+    llm: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")
 
     @field_validator("messages")
     @classmethod

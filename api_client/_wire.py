@@ -42,7 +42,9 @@ def build_request(
     messages: Any,
     model: str | None,
     params: Mapping[str, Any],
+    *,
     budget: str | None = None,
+    llm: str | None = None,
 ) -> PromptRequest:
     """Validate one submission; raise InvalidRequest naming the problem."""
     if (prompt is None) == (messages is None):
@@ -57,7 +59,11 @@ def build_request(
         raise InvalidRequest("messages must be a list of {'role': ..., 'content': ...} mappings")
     try:
         return PromptRequest(
-            messages=[dict(m) for m in messages], model=model, params=dict(params), budget=budget
+            messages=[dict(m) for m in messages],
+            model=model,
+            params=dict(params),
+            budget=budget,
+            llm=llm,
         )
     except ValidationError as exc:
         raise InvalidRequest(_describe(exc)) from None
@@ -86,8 +92,8 @@ def submissions(
     """submit_many's input, every item checked before any is published.
 
     An item is a PromptRequest, a prompt string, or a mapping with ``prompt`` or ``messages``,
-    optional ``model``, ``idempotency_key`` and ``budget``, and sampling parameters beside them (as
-    ``submit`` takes them). An error names the item's index.
+    optional ``model``, ``llm``, ``idempotency_key`` and ``budget``, and sampling parameters
+    beside them (as ``submit`` takes them). An error names the item's index.
     """
     checked = []
     for index, item in enumerate(items):
@@ -110,7 +116,8 @@ def _coerce(item: PromptRequest | str | Mapping[str, Any], max_prompt_chars: int
         model = fields.pop("model", None)
         key = fields.pop("idempotency_key", None)
         budget = fields.pop("budget", None)
-        request = build_request(prompt, messages, model, fields, budget)
+        llm = fields.pop("llm", None)
+        request = build_request(prompt, messages, model, fields, budget=budget, llm=llm)
         return submission(request, key, max_prompt_chars)
     raise InvalidRequest(
         f"each request must be a string, a mapping or a PromptRequest, got {type(item).__name__}"

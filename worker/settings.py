@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -149,11 +150,20 @@ class Settings(BaseModel):
 
     llm: LLMSettings
     queue: QueueSettings
-    rate_limits: Mapping[str, ModelLimits] = MappingProxyType({})
+    rate_limits: Mapping[str, ModelLimits] = Field(default_factory=dict)
+    # [llm.NAME] tables: the default [llm] settings with the table's values on top.
+    named_llms: Mapping[str, LLMSettings] = Field(default_factory=dict)
 
-    def limits_for(self, model: str) -> ModelLimits:
-        """The requests/tokens per minute the fleet keeps to for ``model``."""
-        return self.rate_limits.get(model) or ModelLimits(rpm=self.llm.rpm, tpm=self.llm.tpm)
+    def llm_named(self, name: str | None) -> LLMSettings:
+        """The LLM settings a job asks for by name (None: the default [llm]); KeyError when
+        this worker has no such configuration."""
+        return self.llm if name is None else self.named_llms[name]
+
+    def limits_for(self, model: str, llm: LLMSettings | None = None) -> ModelLimits:
+        """The requests/tokens per minute the fleet keeps to for ``model``, called with
+        ``llm`` (default: [llm]): its [rate_limits."MODEL"] entry, else the llm's rpm/tpm."""
+        llm = llm or self.llm
+        return self.rate_limits.get(model) or ModelLimits(rpm=llm.rpm, tpm=llm.tpm)
 
     @property
     def longest_wait_s(self) -> float:
@@ -181,6 +191,10 @@ def load_settings(
     Raises ConfigError naming every bad key.
     """
     path, tables = read_config_file(config_path)
+    named_tables = {k: v for k, v in tables.get("llm", {}).items() if isinstance(v, dict)}
+    if named_tables:  # the [llm] source reads only the table's own values
+        plain = {k: v for k, v in tables["llm"].items() if k not in named_tables}
+        tables = {**tables, "llm": plain}
     source = f"[{{table}}] of {path}" if path else "[{table}] of config.toml"
     problems: list[str] = []
     token = _file_tables.set(tables)
@@ -192,12 +206,46 @@ def load_settings(
     finally:
         _file_tables.reset(token)
     rate_limits = _model_limits(tables.get("rate_limits", {}), path, problems)
+    named_llms = {}
+    if llm_settings is not None:
+        named_llms = _named_llms(llm_settings, named_tables, path, problems)
     if llm_settings is None or queue_settings is None or problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-    settings = Settings(llm=llm_settings, queue=queue_settings, rate_limits=rate_limits)
+    settings = Settings(
+        llm=llm_settings, queue=queue_settings, rate_limits=rate_limits, named_llms=named_llms
+    )
     _check_waits_fit(settings)
     _check_prices(settings.llm)
+    for name, named in named_llms.items():
+        try:
+            _check_waits_fit(Settings(llm=named, queue=queue_settings))
+            _check_prices(named)
+        except ConfigError as exc:
+            raise ConfigError(f"[llm.{name}]: {exc}") from None
     return settings
+
+
+_LLM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+def _named_llms(
+    base: LLMSettings,
+    tables: Mapping[str, Mapping[str, Any]],
+    path: Path | None,
+    problems: list[str],
+) -> dict[str, LLMSettings]:
+    """Each [llm.NAME] table over the default LLM settings (the table's values win)."""
+    named: dict[str, LLMSettings] = {}
+    inherited = base.model_dump()
+    for name, table in tables.items():
+        where = f"[llm.{name}] of {path or 'config.toml'}"
+        if not _LLM_NAME.fullmatch(name):
+            problems.append(f"{where}: a configuration name is letters, digits, _ and -")
+            continue
+        built = _build(LLMSettings, {**inherited, **table}, "LLM_", where, problems)
+        if built is not None:
+            named[name] = built
+    return named
 
 
 def _model_limits(
@@ -301,9 +349,4 @@ def read_config_file(
     for table in ("llm", "promptq", "rate_limits"):
         if not isinstance(data.get(table, {}), dict):
             raise ConfigError(f"{table} in {path} must be a table ([{table}])")
-    named_configs = [k for k, v in data.get("llm", {}).items() if isinstance(v, dict)]
-    if named_configs:
-        raise ConfigError(
-            f"[llm.{named_configs[0]}] in {path}: named LLM configurations are not supported yet"
-        )
     return path, data

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from .app import PromptqCelery
     from .limiter import Deployment
+    from .settings import LLMSettings
 
 logger = logging.getLogger("promptq.worker")
 
@@ -102,7 +103,7 @@ def _attempt(
         return
     started = time.monotonic()
     try:
-        completion = llm.complete(task.app.settings.llm, call.request)
+        completion = llm.complete(call.llm, call.request)
     except Exception as exc:  # every failure is classified; none escapes to Celery
         _after_failure(task, call, exc, failures)
         return
@@ -126,7 +127,7 @@ def _start(task: Task, request: dict[str, Any], failures: int) -> tuple[PromptRe
         return None
     try:
         parsed = PromptRequest.model_validate(request)
-        return parsed, llm.model_of(app.settings.llm, parsed)
+        return parsed, llm.model_of(app.llm_settings(parsed.llm), parsed)
     except ValidationError as exc:
         _fail(app, job_id, Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}"), attempts=0)
     except NotConfigured as exc:
@@ -146,7 +147,8 @@ def _prepare(
     money aside under a spending cap; None when the job was parked or refused."""
     app: PromptqCelery = task.app
     reserved_tokens, slot_at = reserved
-    deployment = app.deployment(model)
+    llm_settings = app.llm_settings(request.llm)
+    deployment = app.deployment(model, request.llm)
     if reserved_tokens is None:
         reserved_tokens = take_slot(task, deployment, request, failures)
         if reserved_tokens is None:
@@ -154,7 +156,7 @@ def _prepare(
     else:
         sleep_until_slot(app, slot_at)
     try:
-        reservation = _reserve_spend(app, request, model)
+        reservation = _reserve_spend(app, request, model, llm_settings)
     except BudgetExceeded as exc:
         failure = Failure(ErrorKind.BUDGET_EXCEEDED, str(exc))
         _fail(app, task.request.id, failure, attempts=failures)
@@ -162,7 +164,7 @@ def _prepare(
     except NotConfigured as exc:
         _fail(app, task.request.id, classify(exc), attempts=failures)
         return None
-    return _Call(request, deployment, reserved_tokens, reservation)
+    return _Call(request, llm_settings, deployment, reserved_tokens, reservation)
 
 
 def _after_success(
@@ -206,18 +208,21 @@ class _Call:
     """One provider call about to be made, and what was set aside for it."""
 
     request: PromptRequest
+    llm: LLMSettings  # the job's LLM settings: the default [llm] or its [llm.NAME]
     deployment: Deployment
     reserved_tokens: int  # charged to the rate limiter
     reservation: Reservation | None  # money set aside under a spending cap
 
 
-def _reserve_spend(app: PromptqCelery, request: PromptRequest, model: str) -> Reservation | None:
+def _reserve_spend(
+    app: PromptqCelery, request: PromptRequest, model: str, llm_settings: LLMSettings
+) -> Reservation | None:
     """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
     there is no room; NotConfigured when the model has no price)."""
     if not app.spend.applies(request.budget):
         return None
     reply_tokens = app.settings.queue.limiter_reply_tokens
-    estimate_usd = llm.estimate_cost_usd(app.settings.llm, model, request, reply_tokens)
+    estimate_usd = llm.estimate_cost_usd(llm_settings, model, request, reply_tokens)
     return app.spend.reserve(request.budget, estimate_usd)
 
 
@@ -225,7 +230,7 @@ def _after_failure(task: Task, call: _Call, exc: Exception, failures: int) -> No
     """Classify a failed call; schedule its retry while the budget lasts, else store it."""
     app: PromptqCelery = task.app
     job_id: str = task.request.id
-    failure = classify(exc, secrets=_secrets(app))
+    failure = classify(exc, secrets=app.secrets)
     rate_limited = failure.kind is ErrorKind.RATE_LIMITED
     headers: dict[str, Any] = {}
     for found in response_headers(exc):
@@ -242,8 +247,8 @@ def _after_failure(task: Task, call: _Call, exc: Exception, failures: int) -> No
     )
     # A call refused before it was sent (missing key, say) is not an attempt.
     attempts = failures if isinstance(exc, NotConfigured) else failures + 1
-    if failure.retryable and failures < app.settings.llm.num_retries:
-        wait_s = app.retry_policy.wait_s(failures, failure.retry_after_s)
+    if failure.retryable and failures < call.llm.num_retries:
+        wait_s = app.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
         app.store.mark_retrying(job_id)
         raise task.retry(
             countdown=wait_s,
@@ -273,8 +278,3 @@ def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -
     )
     if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error), patient=True):
         logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())
-
-
-def _secrets(app: PromptqCelery) -> tuple[str, ...]:
-    key = app.settings.llm.api_key
-    return (key.get_secret_value(),) if key else ()
