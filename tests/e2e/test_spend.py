@@ -13,7 +13,7 @@ from tests.e2e.conftest import worker_env
 from tests.e2e.test_cli import promptq
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
-from tests.support.worker_process import WorkerProcess
+from tests.support.worker_process import WorkerProcess, worker_fleet
 from worker.spend import SPEND_PREFIX
 from worker.status import format_status, gather_status
 
@@ -56,17 +56,8 @@ def workers(
         "LLM_MODEL": MODEL,
         "PROMPTQ_MAX_SPEND_USD": repr(GLOBAL_CAP_USD),
     }
-    processes = [
-        WorkerProcess(env, directory / f"worker-{n}.log", args=("--concurrency", "4")).start()
-        for n in range(2)
-    ]
-    try:
-        for process in processes:
-            process.wait_ready()
+    with worker_fleet(env, directory, count=2, concurrency=4) as processes:
         yield processes
-    finally:
-        for process in processes:
-            process.stop()
 
 
 @pytest.fixture
