@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from api_client import Client, ErrorKind, Job, JobError, JobFailed, JobStatus
+from api_client import BrokerUnavailable, Client, ErrorKind, Job, JobError, JobFailed, JobStatus
 from api_client._wire import Poller
 
 from .batchfile import BatchItem, OutputWriter, read_done, read_items
@@ -91,7 +91,7 @@ def run_batch(
     pending = _unanswered(input_path, model, skip, tally)
     tally.to_run = max(valid_items - tally.already_done, 0)  # refined once the input is read
     in_flight: dict[str, tuple[Job, str]] = {}
-    poller = Poller(None)
+    poller = Poller(None, client.settings.max_outage_s)
     exhausted = False
     with OutputWriter(output_path) as writer:
         while True:
@@ -110,7 +110,12 @@ def run_batch(
                 tally.to_run = tally.finished + len(in_flight)
             if not in_flight and exhausted:
                 break
-            finished = client.poll(job for job, _ in in_flight.values())
+            try:
+                finished = client.poll(job for job, _ in in_flight.values())
+            except BrokerUnavailable as exc:  # ride the outage out, as Job.wait() does
+                time.sleep(poller.unreachable(exc, len(in_flight)))
+                continue
+            poller.reachable()
             for job in finished:
                 _, custom_id = in_flight.pop(job.id)
                 _record(writer, tally, job, custom_id)
