@@ -140,7 +140,8 @@ def test_the_server_serves_the_registry_on_a_free_port_and_stops() -> None:
         server.stop()
 
     port = int(url.rsplit(":", 1)[1].split("/")[0])
-    with socket.socket() as sock:  # released: it can be bound again at once
+    with socket.socket() as sock:  # released: nothing listens there any more
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the scrape's TIME_WAIT
         sock.bind(("127.0.0.1", port))
 
 
