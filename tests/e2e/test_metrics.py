@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from api_client import Client, JobFailed, PromptResult
+from tests.support.metrics import Samples, metrics_url, sample, scrape
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -42,23 +41,6 @@ def metrics_worker(
         yield process, f"http://127.0.0.1:{port}/metrics"
 
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(url: str) -> Samples:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def sample(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
 def ended(samples: Samples) -> float:
     """Jobs counted as succeeded or failed."""
     return sample(samples, "promptq_jobs_succeeded_total", model=MODEL) + sum(
@@ -73,7 +55,7 @@ def test_a_batch_is_counted_exactly(
     tmp_path: Path,
 ) -> None:
     worker, url = metrics_worker
-    assert f"metrics at {url}" in worker.log()
+    assert metrics_url(worker) == url
     # Whichever jobs get them: one 429 (retried, then answered), one 400 (failed), and 200s.
     provider.script(Reply(status=429), Reply(status=400))
 
@@ -131,8 +113,7 @@ def test_port_0_serves_on_a_free_port_logged_at_start_and_released_at_stop(
     env = {**worker_env(redis_server.url, provider.base_url), "PROMPTQ_METRICS_PORT": "0"}
     process = WorkerProcess(env, tmp_path / "worker.log").start().wait_ready()
     try:
-        [line] = [line for line in process.log().splitlines() if "metrics at " in line]
-        url = line.split("metrics at ", 1)[1].strip()
+        url = metrics_url(process)
         assert url.startswith("http://127.0.0.1:")
         assert ("promptq_calls_total", frozenset()) not in scrape(url)  # served, nothing yet
     finally:
