@@ -187,8 +187,9 @@ class MetricsServer:
             except OSError as exc:
                 raise MetricsPortTaken(
                     f"cannot serve metrics on {self._host}:{self._port} ({exc.strerror or exc}): "
-                    "set PROMPTQ_METRICS_PORT to a free port (each worker process needs its "
-                    "own), or leave it unset for no metrics"
+                    "PROMPTQ_METRICS_PORT must be a free port (each worker process needs its "
+                    "own) and PROMPTQ_METRICS_HOST an address of this machine; leave "
+                    "PROMPTQ_METRICS_PORT unset for no metrics"
                 ) from None
             logger.info("metrics at %s", self.url)
         return self.url
