@@ -120,11 +120,12 @@ class Metrics:
         """A call answered: its job succeeded with these tokens and this cost."""
         label = self._model(model)
         self.calls.labels(label, "ok").inc()
-        self.jobs_succeeded.labels(label).inc()
         self.prompt_tokens.labels(label).inc(usage.prompt_tokens)
         self.completion_tokens.labels(label).inc(usage.completion_tokens)
         if cost_usd:
             self.spend_usd.labels(label).inc(cost_usd)
+        # Last, so that a scrape counting this job sees all of the above with it.
+        self.jobs_succeeded.labels(label).inc()
 
     def call_failed(self, model: str, kind: ErrorKind) -> None:
         label = self._model(model)
