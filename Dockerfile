@@ -12,7 +12,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY api_client/ api_client/
 COPY worker/ worker/
-RUN pip install --no-cache-dir . && rm -rf /src
+# With Flower (the `flower` extra): docker-compose.yml runs it from this image too.
+RUN pip install --no-cache-dir ".[flower]" && rm -rf /src
 
 # The worker reads ./config.toml when present: run from a directory the user owns.
 WORKDIR /app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import cached_property
 from typing import Any
 
@@ -12,7 +13,9 @@ from kombu.entity import Exchange, Queue
 from api_client._constants import QUEUE
 
 from .classify import NotConfigured
+from .cli import EXIT_USAGE
 from .limiter import Deployment, RateLimiter
+from .metrics import Metrics, MetricsPortTaken, MetricsServer
 from .parking import Parking, ParkingMover
 from .queue_guard import transport_for
 from .retry import RetryPolicy
@@ -35,6 +38,8 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
         self.conf.update(celery_config(settings))
         self._deployments: dict[tuple[str | None, str], Deployment] = {}
         self._retry_policies: dict[str | None, RetryPolicy] = {}
+        # What `promptq worker` exits with (worker_main gives back no status of its own).
+        self.exit_status = 0
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -63,6 +68,10 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
     def spend(self) -> SpendLedger:
         queue = self.settings.queue
         return SpendLedger(self.redis, max_usd=queue.max_spend_usd, period=queue.spend_period)
+
+    @cached_property
+    def metrics(self) -> Metrics:
+        return Metrics()
 
     @cached_property
     def parking(self) -> Parking:
@@ -170,9 +179,42 @@ class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
         worker.app.parking_mover.stop()
 
 
+class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """Serves the app's metrics over HTTP for as long as the worker runs, when
+    PROMPTQ_METRICS_PORT is set; a port that cannot be had stops the worker (exit status 2)."""
+
+    label = "promptq metrics"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        self.server: MetricsServer | None = None
+
+    def start(self, worker: Any) -> None:
+        app: PromptqCelery = worker.app
+        queue = app.settings.queue
+        if queue.metrics_port is None:
+            return
+        self.server = MetricsServer(app.metrics.registry, queue.metrics_host, queue.metrics_port)
+        try:
+            self.server.start()
+        except MetricsPortTaken as exc:
+            self.server = None
+            # Celery has put a logger in place of sys.stderr by now: write to the real one,
+            # as a bad setting is reported (worker.cli), then stop the worker with status 2.
+            print(f"promptq worker: {exc}", file=sys.__stderr__, flush=True)
+            app.exit_status = EXIT_USAGE
+            raise SystemExit(EXIT_USAGE) from None
+
+    def stop(self, worker: Any) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
 def create_app(settings: Settings) -> PromptqCelery:
     """A Celery app for these settings with the promptq task registered."""
     app = PromptqCelery(settings)
     register(app)
     app.steps["worker"].add(ParkingStep)
+    app.steps["worker"].add(MetricsStep)
     return app

@@ -93,6 +93,10 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         print("promptq worker: --concurrency must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    if args.pool == "prefork" and settings.queue.metrics_port is not None:
+        # The calls would be counted in the pool's child processes, out of the server's sight.
+        print("promptq worker: PROMPTQ_METRICS_PORT needs -P threads or solo", file=sys.stderr)
+        return EXIT_USAGE
     from .app import create_app  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
 
     app = create_app(settings)
@@ -111,7 +115,7 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
             *celery_args,
         ]
     )
-    return 0
+    return app.exit_status
 
 
 def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

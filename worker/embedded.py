@@ -229,7 +229,10 @@ class Embedded:
 
     def __enter__(self) -> str:
         self._redis.start()
-        queue = self._settings.queue.model_copy(update={"redis_url": self._redis.url})
+        # The command reports its own progress: no metrics server, whose port could be a
+        # worker's on this machine.
+        update = {"redis_url": self._redis.url, "metrics_port": None}
+        queue = self._settings.queue.model_copy(update=update)
         settings = self._settings.model_copy(update={"queue": queue})
         self._worker = EmbeddedWorker(settings, concurrency=self._concurrency).start()
         return self._redis.url

@@ -128,6 +128,10 @@ class QueueSettings(_LayeredSettings):
     # "total" (since the counter began), "day" or "month" (UTC). Unset: no cap.
     max_spend_usd: float | None = Field(default=None, ge=0)
     spend_period: Literal["total", "day", "month"] = "total"
+    # Prometheus metrics (worker.metrics) at http://metrics_host:metrics_port/metrics, one
+    # port per worker process; unset: no server. 0 takes any free port (logged at start).
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
 
     @property
     def broker_url(self) -> str:

@@ -103,7 +103,8 @@ def _attempt(
         return
     started = time.monotonic()
     try:
-        completion = llm.complete(call.llm, call.request)
+        with task.app.metrics.timing(call.deployment.model):
+            completion = llm.complete(call.llm, call.request)
     except Exception as exc:  # every failure is classified; none escapes to Celery
         _after_failure(task, call, exc, failures)
         return
@@ -159,6 +160,7 @@ def _prepare(
         reservation = _reserve_spend(app, request, model, llm_settings)
     except BudgetExceeded as exc:
         failure = Failure(ErrorKind.BUDGET_EXCEEDED, str(exc))
+        app.metrics.budget_refused(model)
         _fail(app, task.request.id, failure, attempts=failures)
         return None
     except NotConfigured as exc:
@@ -191,6 +193,7 @@ def _after_success(
     # after it is best effort.
     outcome = Outcome(status=JobStatus.SUCCEEDED, result=result)
     app.store.finish(task.request.id, outcome, patient=True)
+    app.metrics.call_succeeded(call.deployment.model, completion.usage, cost_usd)
     usage = completion.usage
     charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
     _book(
@@ -231,6 +234,7 @@ def _after_failure(task: Task, call: _Call, exc: Exception, failures: int) -> No
     app: PromptqCelery = task.app
     job_id: str = task.request.id
     failure = classify(exc, secrets=app.secrets)
+    app.metrics.call_failed(call.deployment.model, failure.kind)
     rate_limited = failure.kind is ErrorKind.RATE_LIMITED
     headers: dict[str, Any] = {}
     for found in response_headers(exc):
@@ -250,6 +254,7 @@ def _after_failure(task: Task, call: _Call, exc: Exception, failures: int) -> No
     if failure.retryable and failures < call.llm.num_retries:
         wait_s = app.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
         app.store.mark_retrying(job_id)
+        app.metrics.retry_scheduled(call.deployment.model, failure.kind)
         raise task.retry(
             countdown=wait_s,
             kwargs={"failures": attempts},
@@ -277,4 +282,5 @@ def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -
         attempts=attempts,
     )
     if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error), patient=True):
+        app.metrics.job_failed(failure.kind)
         logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())

@@ -47,6 +47,7 @@ def take_slot(
     grant = limiter.acquire(deployment, tokens)
     if grant.granted and grant.wait_s <= max_sleep_s:
         if grant.wait_s > 0:
+            app.metrics.limiter_waited(deployment.model, "slept", grant.wait_s)
             time.sleep(grant.wait_s)
         return tokens
     state: dict[str, Any] = {"failures": failures}
@@ -60,6 +61,7 @@ def take_slot(
     app.store.mark_waiting(job_id)
     retries = task.request.retries + 1  # one more delivery of this job
     app.parking.park(task_message(job_id, request, kwargs=state, retries=retries), delay_s)
+    app.metrics.limiter_waited(deployment.model, "parked", delay_s)
     logger.info("job %s parked %.1f s for the rate limit of %s", job_id, delay_s, deployment.model)
     return None
 

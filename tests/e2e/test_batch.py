@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -188,3 +189,19 @@ def test_embedded_batch_runs_without_redis_installed(
     lines = check_output(tmp_path / "out.jsonl", [f"q{i}" for i in range(12)])
     assert lines[0]["custom_id"] == "q0" and lines[0]["promptq"]["attempts"] == 3
     assert len(provider.requests) == 14  # 12 prompts, one of them tried three times
+
+
+def test_embedded_batch_serves_no_metrics(tmp_path: Path, provider: ScriptedOpenAIServer) -> None:
+    """PROMPTQ_METRICS_PORT set for the workers of this machine does not concern the command:
+    its port being taken by one of them stops nothing."""
+    write_input(tmp_path / "in.jsonl", 2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = batch_env(provider.base_url) | {"PROMPTQ_METRICS_PORT": str(taken.getsockname()[1])}
+
+        completed = run_batch(tmp_path, env, "in.jsonl", "-o", "out.jsonl")
+
+    assert completed.returncode == 0, completed.stderr
+    assert "metrics" not in completed.stderr
+    check_output(tmp_path / "out.jsonl", ["q0", "q1"])

@@ -11,6 +11,7 @@ import redis
 
 from api_client import Client
 from tests.e2e.conftest import CANARY_KEY, NUM_RETRIES, worker_env
+from tests.support.metrics import summed
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess, worker_fleet
@@ -42,6 +43,7 @@ def workers(
         "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
         "PROMPTQ_LIMITER_MAX_AHEAD_S": str(MAX_AHEAD_S),
         "PROMPTQ_LIMITER_REPLY_TOKENS": str(REPLY_TOKENS),
+        "PROMPTQ_METRICS_PORT": "0",
     }
     with worker_fleet(env, directory, count=2, concurrency=8) as processes:
         yield processes
@@ -149,6 +151,9 @@ def test_waiting_for_capacity_spends_no_retry(
     result = job.wait(timeout=WAIT_S)
     assert result.attempts == NUM_RETRIES + 1
     assert len(provider.requests) == NUM_RETRIES + 1
+    model = "openai/test-model"
+    assert summed(workers, "promptq_limiter_waits_total", model=model, how="parked") >= 5
+    assert summed(workers, "promptq_limiter_wait_seconds_total", model=model, how="parked") > 0
 
 
 def test_token_reservations_are_reconciled(

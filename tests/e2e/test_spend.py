@@ -11,6 +11,7 @@ import pytest
 from api_client import Client, JobFailed, PromptResult
 from tests.e2e.conftest import worker_env
 from tests.e2e.test_cli import promptq
+from tests.support.metrics import summed, wait_for_total
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess, worker_fleet
@@ -55,6 +56,7 @@ def workers(
     env = worker_env(redis_server.url, provider.base_url) | {
         "LLM_MODEL": MODEL,
         "PROMPTQ_MAX_SPEND_USD": repr(GLOBAL_CAP_USD),
+        "PROMPTQ_METRICS_PORT": "0",
     }
     with worker_fleet(env, directory, count=2, concurrency=4) as processes:
         yield processes
@@ -81,7 +83,7 @@ def outcomes(client: Client, jobs: list[str]) -> tuple[list[PromptResult], list[
 
 
 def test_the_fleet_stops_calling_at_the_global_cap(
-    client: Client, provider: ScriptedOpenAIServer
+    client: Client, provider: ScriptedOpenAIServer, workers: list[WorkerProcess]
 ) -> None:
     provider.script(*[reply()] * 12)
     jobs = client.submit_many({"prompt": f"spend {n}", "max_tokens": MAX_TOKENS} for n in range(12))
@@ -104,6 +106,11 @@ def test_the_fleet_stops_calling_at_the_global_cap(
     assert total.spent_usd == pytest.approx(spent)
     assert total.reserved_usd == pytest.approx(0, abs=1e-12)
     assert "spend (total)" in format_status(status)
+    # The workers' metrics count the refusals and what was spent.
+    wait_for_total(workers, "promptq_jobs_failed_total", 7, kind="budget_exceeded")
+    wait_for_total(workers, "promptq_jobs_succeeded_total", 5, model=MODEL)
+    assert summed(workers, "promptq_budget_refusals_total", model=MODEL) == 7
+    assert summed(workers, "promptq_spend_usd_total", model=MODEL) == pytest.approx(spent)
 
 
 def test_a_budget_caps_its_own_jobs_only(client: Client, provider: ScriptedOpenAIServer) -> None:

@@ -4,6 +4,7 @@ message, no traceback, and never the API key."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,11 @@ BAD_CONFIGURATIONS: dict[str, tuple[dict[str, str], str | None, tuple[str, ...]]
     "bad boolean in the file": ({}, '[llm]\ndrop_params = "maybe"\n', ("LLM_DROP_PARAMS",)),
     "malformed TOML": ({}, '[llm\nmodel = "openai/x"\n', ("cannot read config file", "line 1")),
     "[llm] not a table": ({}, 'llm = "openai/x"\n', ("[llm]",)),
+    "metrics port out of range": (
+        {"PROMPTQ_METRICS_PORT": "70000"},
+        None,
+        ("PROMPTQ_METRICS_PORT", "70000"),
+    ),
 }
 
 
@@ -94,3 +100,39 @@ def test_bad_setting_stops_the_worker_naming_the_key(
     assert completed.stderr.startswith("promptq worker: ")
     assert "Traceback" not in completed.stderr
     assert CANARY_KEY not in completed.stderr + completed.stdout
+
+
+def run_worker(tmp_path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_"))}
+    run_env = {**clean, "PROMPTQ_REDIS_URL": "redis://127.0.0.1:1/0", "LLM_API_KEY": CANARY_KEY}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "worker", *args],
+        env={**run_env, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_metrics_port_in_use_stops_the_worker_naming_the_setting(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        completed = run_worker(tmp_path, {"PROMPTQ_METRICS_PORT": str(port)})
+
+    assert completed.returncode == 2, completed.stderr
+    assert f"promptq worker: cannot serve metrics on 127.0.0.1:{port}" in completed.stderr
+    assert "PROMPTQ_METRICS_PORT" in completed.stderr
+    assert "Traceback" not in completed.stderr + completed.stdout
+    assert CANARY_KEY not in completed.stderr + completed.stdout
+
+
+def test_metrics_with_a_prefork_pool_are_refused(tmp_path: Path) -> None:
+    completed = run_worker(tmp_path, {"PROMPTQ_METRICS_PORT": "0"}, "--pool", "prefork")
+
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.startswith("promptq worker: PROMPTQ_METRICS_PORT needs -P threads")
