@@ -19,6 +19,11 @@ LIMITER_PREFIX = f"{KEY_PREFIX}limiter:"
 STATE_TTL_S = 3600.0
 # How far ahead of its limit a deployment may run after being idle: GCRA's burst tolerance.
 BURST_S = 1.0
+# Token counts are estimates until a call's usage is known: slots reserved far ahead keep
+# their estimated size (a refund cannot move them), so over-estimates would space calls too
+# widely and refunds would overlap them. Under a token limit, slots are reserved at most this
+# far ahead (measured: goodput 0.78 and 5 % 429s with 60 s, 0.99 and none with 3 s).
+TOKEN_MAX_AHEAD_S = 5.0
 # After a 429 without limit headers, the fleet drops to this fraction of the rate it was
 # sending at, and then climbs back by RECOVERY_PER_MINUTE (a fraction of that rate) a minute.
 BACKOFF_FACTOR = 0.75
@@ -73,7 +78,8 @@ local function save(ttl_ms)
 end
 """
 
-# ARGV: tokens, max_ahead_us, rpm_cfg, tpm_cfg, burst_us, ttl_ms, model, base.
+# ARGV: tokens, max_ahead_us, rpm_cfg, tpm_cfg, burst_us, ttl_ms, model, base,
+# token_max_ahead_us.
 # Returns {granted (1/0), wait_us, rpm, tpm}: a granted call may start after wait_us (its slot
 # is reserved); a refused one should ask again in wait_us (nothing is reserved).
 _ACQUIRE = (
@@ -88,6 +94,7 @@ if rpm > 0 then earliest = math.max(earliest, num(h.r_tat) - burst) end
 if tpm > 0 then earliest = math.max(earliest, num(h.t_tat) - burst) end
 local wait = earliest - now
 local max_ahead = num(ARGV[2])
+if tpm > 0 then max_ahead = math.min(max_ahead, num(ARGV[9])) end
 if wait > max_ahead then
   save(ARGV[6])
   return {0, math.floor(wait - max_ahead), rpm, tpm}
@@ -228,6 +235,7 @@ class RateLimiter:
                 int(STATE_TTL_S * 1000),
                 deployment.model,
                 deployment.endpoint,
+                int(TOKEN_MAX_AHEAD_S * 1_000_000),
             ],
         )
         self._tpm_seen[deployment.identity] = float(tpm)

@@ -11,6 +11,7 @@ from api_client._schemas import PromptRequest
 from api_client._wire import task_message
 
 from . import llm
+from .limiter import TOKEN_MAX_AHEAD_S
 
 if TYPE_CHECKING:
     from celery import Task
@@ -56,7 +57,10 @@ def take_slot(
         state |= {"reserved_tokens": tokens, "slot_at": time.time() + grant.wait_s}
     else:  # spread the jobs that found no slot, so they do not all ask again at once
         spread = random.uniform(0.25, 0.5)  # noqa: S311
-        delay_s = grant.wait_s + spread * app.settings.limiter_max_ahead_s
+        horizon_s = app.settings.limiter_max_ahead_s
+        if grant.tpm:  # token slots are reserved only a little ahead (see TOKEN_MAX_AHEAD_S)
+            horizon_s = min(horizon_s, TOKEN_MAX_AHEAD_S)
+        delay_s = grant.wait_s + spread * horizon_s
     job_id: str = task.request.id
     app.store.mark_waiting(job_id)
     retries = task.request.retries + 1  # one more delivery of this job

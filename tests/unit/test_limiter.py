@@ -10,6 +10,7 @@ from worker.limiter import (
     BACKOFF_MIN_CALLS,
     BURST_S,
     LIMITER_PREFIX,
+    TOKEN_MAX_AHEAD_S,
     Deployment,
     RateLimiter,
     limits_from_headers,
@@ -72,15 +73,29 @@ def test_no_slot_is_reserved_beyond_max_ahead(lua_redis: redis.Redis) -> None:
     assert 0 < refused[0].wait_s <= 1.0 + SLACK_S
 
 
+def test_under_a_token_limit_slots_are_reserved_only_a_little_ahead(
+    lua_redis: redis.Redis,
+) -> None:
+    rl, target = limiter(lua_redis, max_ahead_s=60), deployment(tpm=6000)  # 100 tokens/s
+    grants = [rl.acquire(target, tokens=100) for _ in range(10)]  # a second's worth each
+    granted = [g for g in grants if g.granted]
+    assert max(g.wait_s for g in granted) <= TOKEN_MAX_AHEAD_S
+    assert len(granted) == 7  # the burst of 2, then one a second up to 5 s ahead
+    assert not grants[-1].granted
+
+
 def test_tokens_are_charged_and_reconciled(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment(tpm=6000)  # 100 tokens a second
     assert rl.acquire(target, tokens=1000).wait_s == 0
-    # 1,000 tokens are 10 s of budget; one second of it is burst tolerance.
-    assert rl.acquire(target, tokens=10).wait_s == pytest.approx(9.0, abs=SLACK_S)
+    # 1,000 tokens are 10 s of budget (one second of it burst tolerance): the next slot is 9 s
+    # away, further than token slots are reserved, so the call is told to ask again.
+    refused = rl.acquire(target, tokens=10)
+    assert not refused.granted
+    assert refused.wait_s == pytest.approx(9.0 - TOKEN_MAX_AHEAD_S, abs=SLACK_S)
 
-    # The first call really used 100 tokens and the second 10: 1.1 s of budget in all.
+    # The first call really used 100 tokens: a second of budget, within the burst.
     rl.settle(target, reserved_tokens=1000, charged_tokens=100, outcome="ok")
-    assert rl.acquire(target, tokens=10).wait_s == pytest.approx(0.1, abs=SLACK_S)
+    assert rl.acquire(target, tokens=10).wait_s == pytest.approx(0, abs=SLACK_S)
 
 
 def test_tokens_are_counted_only_where_a_token_limit_applies(lua_redis: redis.Redis) -> None:
