@@ -6,7 +6,7 @@ import itertools
 import json
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,9 +114,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, owner: ScriptedOpenAIServer) -> None:
+    def __init__(self, owner: ScriptedOpenAIServer, port: int) -> None:
         self.owner = owner
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -219,6 +219,7 @@ class ScriptedOpenAIServer:
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._port = 0  # kept across stop() and start(): the base URL stays the same
 
     def script(self, *replies: Reply) -> None:
         """Append replies, consumed in order, one per request."""
@@ -232,6 +233,12 @@ class ScriptedOpenAIServer:
             self._requests.clear()
             self.default = Reply()
 
+    def heal(self) -> None:
+        """Forget the script and answer every request with Reply() again; keep the record."""
+        with self._lock:
+            self._script.clear()
+            self.default = Reply()
+
     @property
     def base_url(self) -> str:
         if self._httpd is None:
@@ -243,6 +250,15 @@ class ScriptedOpenAIServer:
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
             return list(self._requests)
+
+    def calls_by_prompt(self) -> Counter[str]:
+        """How many chat requests carried each prompt (the text of the last user message)."""
+        calls: Counter[str] = Counter()
+        for request in self.requests:
+            users = [m for m in _messages_of(request.body) if m.get("role") == "user"]
+            if users:
+                calls[text_of(users[-1].get("content"))] += 1
+        return calls
 
     def wait_for_requests(self, n: int, timeout_s: float) -> list[RecordedRequest]:
         """Block until at least ``n`` requests were recorded; return them all."""
@@ -262,7 +278,8 @@ class ScriptedOpenAIServer:
         if self._httpd is not None:
             raise RuntimeError("server already started")
         self._stopping.clear()
-        self._httpd = _HTTPServer(self)
+        self._httpd = _HTTPServer(self, self._port)
+        self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -273,7 +290,8 @@ class ScriptedOpenAIServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving; wakes delayed handlers, which then drop their connection."""
+        """Stop serving (connections are refused until start() serves the same port again);
+        wakes delayed handlers, which then drop their connection."""
         httpd, thread = self._httpd, self._thread
         if httpd is None:
             return

@@ -58,13 +58,31 @@ class WorkerProcess:
         assert self._process is not None
         return self._process.pid
 
+    def rss_bytes(self) -> int:
+        """The worker process's resident memory (VmRSS), from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmRSS for pid {self.pid}")
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM) and return at once; stop() then waits for it."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies at once, acknowledging nothing."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """Warm shutdown (SIGTERM), killing the process if it does not exit in time."""
+        self.terminate()
         process, self._process = self._process, None
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
         try:
             return process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
