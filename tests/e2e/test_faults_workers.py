@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from api_client import Client, Job, JobFailed
+from api_client import Client, Job, JobFailed, JobStatus
+from api_client._constants import QUEUE
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
+from worker.parking import PARKED_KEY
 
-from .conftest import CANARY_KEY, worker_env
-from .test_core_loop import WAIT_S
+from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
+from .test_core_loop import WAIT_S, wait_until
 
 # A killed worker's jobs come back after this long (kombu's unacknowledged set); it must fit
 # two LLM_RETRY_MAX_WAIT + LLM_TIMEOUT (2.4 s) and hold a call past the kill.
@@ -200,3 +202,101 @@ def test_a_job_that_kills_every_worker_fails_as_worker_lost(
         max_calls=max_redeliveries + 1,
         timeout_s=WAIT_S,
     )
+
+
+# --- 2. Warm shutdown (SIGTERM) ---------------------------------------------------------------
+
+
+def stop_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
+    # Long retry waits, so that a retry is still held in worker memory at the shutdown, and a
+    # long visibility timeout that nothing below may wait for.
+    return worker_env(redis_server.url, provider.base_url) | {
+        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
+        "LLM_RETRY_MIN_WAIT": "6",
+        "LLM_RETRY_MAX_WAIT": "6",
+    }
+
+
+def test_warm_shutdown_finishes_calls_in_flight_and_requeues_held_retries(
+    client: Client,
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet(stop_env(redis_server, provider))
+    [stopping] = fleet.start()
+    redis = redis_server.client()
+    provider.script(Reply(status=503))
+    held = submit(client, 1, "held for a retry")
+    [held_job] = held.values()
+    wait_until(lambda: held_job.status() is JobStatus.RETRYING and redis.hlen("unacked") == 1)
+    gate = threading.Event()
+    provider.script(*[Reply(gate=gate)] * 3)
+    in_flight = submit(client, 3, "in flight at the shutdown")
+    provider.wait_for_requests(4, timeout_s=WAIT_S)
+    started = time.monotonic()
+    try:
+        stopping.terminate()
+        wait_until(lambda: "Warm shutdown" in stopping.log())
+    finally:
+        gate.set()  # the provider answers the calls the stopping worker is waiting for
+    assert stopping.stop(timeout_s=WAIT_S) == 0
+
+    # The calls in flight ended and stored their results before the worker exited.
+    for job in in_flight.values():
+        assert job.wait(timeout=0.1).attempts == 1
+    # The retry it held (due in 6 s) went back to the queue at once, not after 60 s.
+    assert redis.llen(QUEUE) == 1
+    assert redis.hlen("unacked") == 0
+    assert held_job.status() is JobStatus.RETRYING
+    fleet.start()
+    outcomes = assert_invariants(
+        client,
+        held | in_flight,
+        redis_server=redis_server,
+        provider=provider,
+        workers=fleet.started,
+        secret=CANARY_KEY,
+        max_calls=1 + NUM_RETRIES,
+        timeout_s=WAIT_S,
+    )
+    [(_, retried)] = [(p, o) for p, o in outcomes.items() if p in held]
+    assert not isinstance(retried, JobFailed) and retried.attempts == 2
+    assert time.monotonic() - started < STOP_VISIBILITY_S / 2
+
+
+def test_a_job_parked_for_the_rate_limit_survives_every_worker_stopping(
+    client: Client,
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    make_fleet: MakeFleet,
+) -> None:
+    env = worker_env(redis_server.url, provider.base_url) | {
+        "LLM_RPM": "12",  # one call every 5 s for the fleet
+        "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
+    }
+    fleet = make_fleet(env)
+    fleet.start()
+    redis = redis_server.client()
+    jobs = submit(client, 2, "paced")
+    wait_until(lambda: redis.zcard(PARKED_KEY) == 1)
+    [parked] = [job for job in jobs.values() if job.status() is JobStatus.QUEUED]
+
+    for process in fleet.started:
+        assert process.stop(timeout_s=WAIT_S) == 0
+    assert redis.zcard(PARKED_KEY) == 1  # no worker left, the job still waits in Redis
+    assert parked.result() is None
+
+    fleet.start()
+    outcomes = assert_invariants(
+        client,
+        jobs,
+        redis_server=redis_server,
+        provider=provider,
+        workers=fleet.started,
+        secret=CANARY_KEY,
+        max_calls=1,
+        timeout_s=WAIT_S,
+    )
+    assert all(not isinstance(o, JobFailed) and o.attempts == 1 for o in outcomes.values())
+    assert redis.zcard(PARKED_KEY) == 0
