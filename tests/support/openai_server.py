@@ -183,6 +183,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             payload = _model_list()
         self._send(reply.status, payload, reply.headers)
+        owner._answered()
 
     def _send(self, status: int, payload: dict[str, Any] | bytes, extra: dict[str, str]) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -215,6 +216,7 @@ class ScriptedOpenAIServer:
         self._changed = threading.Condition(self._lock)
         self._script: deque[Reply] = deque()
         self._requests: list[RecordedRequest] = []
+        self._replies = 0  # requests answered (sent a reply) since the last reset
         self._counter = itertools.count(1)
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
@@ -231,6 +233,7 @@ class ScriptedOpenAIServer:
         with self._lock:
             self._script.clear()
             self._requests.clear()
+            self._replies = 0
             self.default = Reply()
 
     def heal(self) -> None:
@@ -250,6 +253,12 @@ class ScriptedOpenAIServer:
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
             return list(self._requests)
+
+    @property
+    def answered(self) -> int:
+        """How many requests got a reply (any status); the rest are pending or were dropped."""
+        with self._lock:
+            return self._replies
 
     def calls_by_prompt(self) -> Counter[str]:
         """How many chat requests carried each prompt (the text of the last user message)."""
@@ -320,6 +329,10 @@ class ScriptedOpenAIServer:
             number = next(self._counter)
             self._changed.notify_all()
         return number
+
+    def _answered(self) -> None:
+        with self._lock:
+            self._replies += 1
 
     def _next_reply(self) -> Reply:
         with self._lock:
