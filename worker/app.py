@@ -110,8 +110,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # Retries are ETA messages held in memory until due: bound how many.
-        "worker_eta_task_limit": queue.eta_task_limit,
+        # Retries are ETA messages held in memory until due: bound how many. Celery applies
+        # the limit to every message the worker holds, calls in flight included (it caps the
+        # prefetch count), so a limit at or below the concurrency stopped the worker taking
+        # jobs while that many retries were held: the limit comes on top of the concurrency.
+        "worker_eta_task_limit": queue.concurrency + queue.eta_task_limit,
         "broker_transport_options": {
             "visibility_timeout": queue.visibility_timeout_s,
             # kombu looks for messages unacknowledged past the visibility timeout (a killed
@@ -131,6 +134,14 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "enable_utc": True,
     }
+
+
+def with_concurrency(settings: Settings, concurrency: int | None) -> Settings:
+    """The settings with the concurrency a command line chose (None or 0: as configured)."""
+    if not concurrency:
+        return settings
+    queue = settings.queue.model_copy(update={"concurrency": concurrency})
+    return settings.model_copy(update={"queue": queue})
 
 
 def restore_interval_s(visibility_timeout_s: float) -> float:

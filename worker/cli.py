@@ -92,10 +92,11 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
     if args.concurrency is not None and args.concurrency < 1:
         print("promptq worker: --concurrency must be at least 1", file=sys.stderr)
         return EXIT_USAGE
-    from .app import create_app  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
+    from .app import create_app, with_concurrency  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
 
+    settings = with_concurrency(settings, args.concurrency)
     app = create_app(settings)
-    concurrency = args.concurrency or settings.queue.concurrency
+    concurrency = settings.queue.concurrency
     app.worker_main(
         [
             "worker",
