@@ -16,20 +16,26 @@ class WorkerProcess:
     """Runs ``python -m worker worker`` with exactly the given LLM_*/PROMPTQ_* environment."""
 
     def __init__(
-        self, env: Mapping[str, str], log_path: Path, *, args: tuple[str, ...] = ()
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        args: tuple[str, ...] = (),
+        loglevel: str | None = "INFO",
     ) -> None:
+        """``loglevel`` None runs the worker at its default log level (no ``--loglevel``)."""
         clean = {
             k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_", "OPENAI"))
         }
         self.env = {**clean, **env}
         self.log_path = log_path
-        self.args = args
+        self.args = args if loglevel is None else ("--loglevel", loglevel, *args)
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "worker", "--loglevel", "INFO", *self.args],
+                [sys.executable, "-m", "worker", "worker", *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
