@@ -257,8 +257,8 @@ def test_retries_held_in_memory_do_not_take_the_workers_threads(
     """PROMPTQ_ETA_TASK_LIMIT bounds the retries held, on top of the calls in flight."""
     concurrency, eta_task_limit = 4, 2
     env = worker_env(own_redis.url, provider.base_url) | {
-        "LLM_RETRY_MIN_WAIT": "6",  # the retries stay held while the test looks
-        "LLM_RETRY_MAX_WAIT": "6",
+        "LLM_RETRY_MIN_WAIT": "4",  # the retries stay held while the test looks
+        "LLM_RETRY_MAX_WAIT": "4",
         "PROMPTQ_ETA_TASK_LIMIT": str(eta_task_limit),
     }
     args = ("--concurrency", str(concurrency))
@@ -279,9 +279,9 @@ def test_retries_held_in_memory_do_not_take_the_workers_threads(
             wait_until(lambda: held() == eta_task_limit)
             more = [f"beside {i} {uuid.uuid4().hex[:8]}" for i in range(concurrency)]
             jobs |= dict(zip(more, client.submit_many(more), strict=True))
-            # Every thread takes a job while the retries wait (6 s): a call each reaches the
+            # Every thread takes a job while the retries wait (4 s): a call each reaches the
             # provider, well before the retries are due.
-            provider.wait_for_requests(eta_task_limit + concurrency, timeout_s=3)
+            provider.wait_for_requests(eta_task_limit + concurrency, timeout_s=2.5)
             assert held() == eta_task_limit
         finally:
             gate.set()

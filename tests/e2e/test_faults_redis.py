@@ -114,7 +114,7 @@ def crash_mid_batch(
             workers=workers,
             secret=CANARY_KEY,
             max_calls=1 + NUM_RETRIES + MAX_REDELIVERIES,
-            timeout_s=VISIBILITY_S + 10,
+            timeout_s=VISIBILITY_S + 6,
         )
     failed = {p: o for p, o in outcomes.items() if isinstance(o, JobFailed)}
     assert not failed, failed

@@ -212,8 +212,8 @@ def stop_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[
     # long visibility timeout that nothing below may wait for.
     return worker_env(redis_server.url, provider.base_url) | {
         "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
-        "LLM_RETRY_MIN_WAIT": "6",
-        "LLM_RETRY_MAX_WAIT": "6",
+        "LLM_RETRY_MIN_WAIT": "5",
+        "LLM_RETRY_MAX_WAIT": "5",
     }
 
 
@@ -245,7 +245,7 @@ def test_warm_shutdown_finishes_calls_in_flight_and_requeues_held_retries(
     # The calls in flight ended and stored their results before the worker exited.
     for job in in_flight.values():
         assert job.wait(timeout=0.1).attempts == 1
-    # The retry it held (due in 6 s) went back to the queue at once, not after 60 s.
+    # The retry it held (due in 5 s) went back to the queue at once, not after 60 s.
     assert redis.llen(QUEUE) == 1
     assert redis.hlen("unacked") == 0
     assert held_job.status() is JobStatus.RETRYING
@@ -272,7 +272,7 @@ def test_a_job_parked_for_the_rate_limit_survives_every_worker_stopping(
     make_fleet: MakeFleet,
 ) -> None:
     env = worker_env(redis_server.url, provider.base_url) | {
-        "LLM_RPM": "12",  # one call every 5 s for the fleet
+        "LLM_RPM": "20",  # one call every 3 s for the fleet
         "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
     }
     fleet = make_fleet(env)
