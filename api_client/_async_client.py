@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from ._constants import budget_key
 from ._errors import BrokerUnavailable, JobTimeout
 from ._schemas import JobStatus, PromptRequest, PromptResult
 from ._settings import ClientSettings
@@ -22,6 +23,7 @@ from ._wire import (
     Submission,
     broker_errors,
     build_request,
+    check_budget,
     check_job_id,
     enqueue,
     job_timeout,
@@ -76,10 +78,12 @@ class AsyncClient:
         messages: list[dict[str, Any]] | None = None,
         model: str | None = None,
         idempotency_key: str | None = None,
+        budget: str | None = None,
+        llm: str | None = None,
         **params: Any,
     ) -> AsyncJob:
         """Queue one prompt and return its AsyncJob at once (see Client.submit)."""
-        request = build_request(prompt, messages, model, params)
+        request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return (await self._publish([job]))[0]
 
@@ -88,6 +92,16 @@ class AsyncClient:
     ) -> list[AsyncJob]:
         """Queue many prompts in one round trip; all are validated before any is queued."""
         return await self._publish(submissions(requests, self.settings.max_prompt_chars))
+
+    async def create_budget(self, max_spend_usd: float, budget_id: str | None = None) -> str:
+        """Create (or re-cap) a spending budget; see Client.create_budget."""
+        budget_id, cap = check_budget(max_spend_usd, budget_id)
+        with self._guard():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(budget_key(budget_id), "max", cap)
+            pipe.pexpire(budget_key(budget_id), int(self.settings.result_ttl_s * 1000))
+            await pipe.execute()
+        return budget_id
 
     def job(self, job_id: str) -> AsyncJob:
         """A handle on an existing job, for example one submitted by another process."""

@@ -12,6 +12,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from ._constants import budget_key
 from ._errors import BrokerUnavailable, JobTimeout
 from ._schemas import JobStatus, PromptRequest, PromptResult
 from ._settings import ClientSettings
@@ -22,6 +23,7 @@ from ._wire import (
     Submission,
     broker_errors,
     build_request,
+    check_budget,
     check_job_id,
     enqueue,
     job_timeout,
@@ -76,16 +78,21 @@ class Client:
         messages: list[dict[str, Any]] | None = None,
         model: str | None = None,
         idempotency_key: str | None = None,
+        budget: str | None = None,
+        llm: str | None = None,
         **params: Any,
     ) -> Job:
         """Queue one prompt (plain text or OpenAI-style messages) and return its Job at once.
 
         With ``idempotency_key``, every submit with that key returns the same job and queues it
         once, from any thread or process, as long as the job's state or result is kept
-        (PROMPTQ_RESULT_TTL_S). Raises InvalidRequest for bad input (nothing is queued) and
-        BrokerUnavailable when Redis cannot be reached within the client's timeouts.
+        (PROMPTQ_RESULT_TTL_S). With ``budget``, its calls are charged to that budget
+        (see create_budget). With ``llm``, the workers call it with their [llm.NAME] settings
+        of that name (model, endpoint, key, retries) instead of [llm]. Raises InvalidRequest
+        for bad input (nothing is queued) and BrokerUnavailable when Redis cannot be reached
+        within the client's timeouts.
         """
-        request = build_request(prompt, messages, model, params)
+        request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return self._publish([job])[0]
 
@@ -97,6 +104,18 @@ class Client:
         ``idempotency_key`` (see submit).
         """
         return self._publish(submissions(requests, self.settings.max_prompt_chars))
+
+    def create_budget(self, max_spend_usd: float, budget_id: str | None = None) -> str:
+        """Create a spending budget of ``max_spend_usd`` (or re-cap an existing one) and
+        return its id; jobs submitted with ``budget=`` that id are refused with
+        ``budget_exceeded`` once it is spent. It is kept for PROMPTQ_RESULT_TTL_S."""
+        budget_id, cap = check_budget(max_spend_usd, budget_id)
+        with self._guard():
+            pipe = self._redis.pipeline(transaction=True)
+            pipe.hset(budget_key(budget_id), "max", cap)
+            pipe.pexpire(budget_key(budget_id), int(self.settings.result_ttl_s * 1000))
+            pipe.execute()
+        return budget_id
 
     def job(self, job_id: str) -> Job:
         """A handle on an existing job, for example one submitted by another process."""

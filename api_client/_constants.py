@@ -31,3 +31,8 @@ def state_key(job_id: str) -> str:
 def starts_key(job_id: str) -> str:
     """How many times a worker has started the job (retries and redeliveries alike)."""
     return f"{KEY_PREFIX}starts:{job_id}"
+
+
+def budget_key(budget_id: str) -> str:
+    """A spending budget jobs can name: its cap (max), what is spent and what is reserved."""
+    return f"{KEY_PREFIX}budget:{budget_id}"

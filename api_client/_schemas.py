@@ -27,6 +27,8 @@ RESERVED_PARAMS = frozenset(
         "num_retries",
         "custom_llm_provider",
         "metadata",
+        "budget",
+        "llm",
     }
 )
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -61,6 +63,7 @@ class ErrorKind(StrEnum):
     CONTENT_POLICY = "content_policy"
     CONFIGURATION = "configuration"  # the worker cannot call this model as configured
     WORKER_LOST = "worker_lost"  # the worker died on every delivery of the job
+    BUDGET_EXCEEDED = "budget_exceeded"  # a spending cap left no room: no call was made
     INTERNAL = "internal"  # a bug in promptq; the message says where
 
 
@@ -84,6 +87,11 @@ class PromptRequest(BaseModel):
     messages: list[dict[str, Any]] = Field(min_length=1)
     model: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
+    # A spending budget (Client.create_budget) this job's calls are charged to, besides the
+    # fleet's PROMPTQ_MAX_SPEND_USD.
+    budget: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")
+    # A named LLM configuration of the workers ([llm.NAME] in their config.toml); None: [llm].
+    llm: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")
 
     @field_validator("messages")
     @classmethod
@@ -128,6 +136,8 @@ class Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Of prompt_tokens, those read from the provider's prompt cache (0 when none, or unknown).
+    cached_tokens: int = 0
 
 
 class PromptResult(BaseModel):

@@ -25,6 +25,7 @@ from ._errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, 
 from ._schemas import JobStatus, Outcome, PromptRequest, PromptResult
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_BUDGET_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
 _ORIGIN = f"promptq-client@{socket.gethostname()}:{os.getpid()}"
 MAX_IDEMPOTENCY_KEY_CHARS = 1024
 
@@ -37,7 +38,13 @@ logger = logging.getLogger("promptq.client")
 
 
 def build_request(
-    prompt: str | None, messages: Any, model: str | None, params: Mapping[str, Any]
+    prompt: str | None,
+    messages: Any,
+    model: str | None,
+    params: Mapping[str, Any],
+    *,
+    budget: str | None = None,
+    llm: str | None = None,
 ) -> PromptRequest:
     """Validate one submission; raise InvalidRequest naming the problem."""
     if (prompt is None) == (messages is None):
@@ -51,7 +58,13 @@ def build_request(
     elif not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
         raise InvalidRequest("messages must be a list of {'role': ..., 'content': ...} mappings")
     try:
-        return PromptRequest(messages=[dict(m) for m in messages], model=model, params=dict(params))
+        return PromptRequest(
+            messages=[dict(m) for m in messages],
+            model=model,
+            params=dict(params),
+            budget=budget,
+            llm=llm,
+        )
     except ValidationError as exc:
         raise InvalidRequest(_describe(exc)) from None
 
@@ -79,8 +92,8 @@ def submissions(
     """submit_many's input, every item checked before any is published.
 
     An item is a PromptRequest, a prompt string, or a mapping with ``prompt`` or ``messages``,
-    optional ``model`` and ``idempotency_key``, and sampling parameters beside them (as
-    ``submit`` takes them). An error names the item's index.
+    optional ``model``, ``llm``, ``idempotency_key`` and ``budget``, and sampling parameters
+    beside them (as ``submit`` takes them). An error names the item's index.
     """
     checked = []
     for index, item in enumerate(items):
@@ -102,7 +115,9 @@ def _coerce(item: PromptRequest | str | Mapping[str, Any], max_prompt_chars: int
         messages = fields.pop("messages", None)
         model = fields.pop("model", None)
         key = fields.pop("idempotency_key", None)
-        request = build_request(prompt, messages, model, fields)
+        budget = fields.pop("budget", None)
+        llm = fields.pop("llm", None)
+        request = build_request(prompt, messages, model, fields, budget=budget, llm=llm)
         return submission(request, key, max_prompt_chars)
     raise InvalidRequest(
         f"each request must be a string, a mapping or a PromptRequest, got {type(item).__name__}"
@@ -137,6 +152,18 @@ def _describe(exc: ValidationError) -> str:
         message = error["msg"].removeprefix("Value error, ")
         problems.append(f"{where}: {message}" if where else message)
     return "invalid request: " + "; ".join(problems)
+
+
+def check_budget(max_spend_usd: float, budget_id: str | None) -> tuple[str, float]:
+    """A budget's id (a new one unless given) and its cap, both checked."""
+    if isinstance(max_spend_usd, bool) or not isinstance(max_spend_usd, int | float):
+        raise InvalidRequest(f"max_spend_usd must be a number, got {max_spend_usd!r}")
+    if not math.isfinite(max_spend_usd) or max_spend_usd < 0:
+        raise InvalidRequest(f"max_spend_usd must be a finite amount >= 0, got {max_spend_usd}")
+    budget_id = budget_id if budget_id is not None else f"budget-{uuid.uuid4()}"
+    if not isinstance(budget_id, str) or not _BUDGET_ID.fullmatch(budget_id):
+        raise InvalidRequest(f"not a budget id (letters, digits, _.:- up to 128): {budget_id!r}")
+    return budget_id, float(max_spend_usd)
 
 
 def new_job_id() -> str:

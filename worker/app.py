@@ -11,11 +11,13 @@ from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
 
+from .classify import NotConfigured
 from .limiter import Deployment, RateLimiter
 from .parking import Parking, ParkingMover
 from .queue_guard import transport_for
 from .retry import RetryPolicy
-from .settings import Settings
+from .settings import LLMSettings, Settings
+from .spend import SpendLedger
 from .store import JobStore
 from .tasks import register
 
@@ -31,7 +33,8 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
         super().__init__("promptq", set_as_current=False)
         self.settings = settings
         self.conf.update(celery_config(settings))
-        self._deployments: dict[str, Deployment] = {}
+        self._deployments: dict[tuple[str | None, str], Deployment] = {}
+        self._retry_policies: dict[str | None, RetryPolicy] = {}
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -57,6 +60,11 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
         )
 
     @cached_property
+    def spend(self) -> SpendLedger:
+        queue = self.settings.queue
+        return SpendLedger(self.redis, max_usd=queue.max_spend_usd, period=queue.spend_period)
+
+    @cached_property
     def parking(self) -> Parking:
         return Parking(self.redis)
 
@@ -64,20 +72,42 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
     def parking_mover(self) -> ParkingMover:
         return ParkingMover(self.parking)
 
-    def deployment(self, model: str) -> Deployment:
-        """The rate-limited deployment a call to ``model`` goes to, with its limits."""
-        found = self._deployments.get(model)
+    def llm_settings(self, name: str | None) -> LLMSettings:
+        """The LLM settings a job names (None: the default [llm]); NotConfigured when this
+        worker has no [llm.NAME] of that name."""
+        try:
+            return self.settings.llm_named(name)
+        except KeyError:
+            raise NotConfigured(
+                f"this worker has no [llm.{name}] configuration (it has: "
+                f"{', '.join(sorted(self.settings.named_llms)) or 'none'})"
+            ) from None
+
+    def retry_policy(self, name: str | None) -> RetryPolicy:
+        """The backoff of the LLM settings a job names."""
+        found = self._retry_policies.get(name)
         if found is None:
-            llm = self.settings.llm
-            limits = self.settings.limits_for(model)
+            named = self.settings.model_copy(update={"llm": self.llm_settings(name)})
+            found = self._retry_policies[name] = RetryPolicy.from_settings(named)
+        return found
+
+    def deployment(self, model: str, name: str | None) -> Deployment:
+        """The rate-limited deployment a call to ``model`` with the LLM settings ``name``
+        goes to (its endpoint and key), with its limits."""
+        found = self._deployments.get((name, model))
+        if found is None:
+            llm = self.llm_settings(name)
+            limits = self.settings.limits_for(model, llm)
             key = llm.api_key.get_secret_value() if llm.api_key else None
             found = Deployment.of(model, llm.base_url, key, rpm=limits.rpm, tpm=limits.tpm)
-            self._deployments[model] = found
+            self._deployments[(name, model)] = found
         return found
 
     @cached_property
-    def retry_policy(self) -> RetryPolicy:
-        return RetryPolicy.from_settings(self.settings)
+    def secrets(self) -> tuple[str, ...]:
+        """Every API key this worker holds, to scrub from error messages."""
+        configs = [self.settings.llm, *self.settings.named_llms.values()]
+        return tuple({c.api_key.get_secret_value() for c in configs if c.api_key})
 
 
 def celery_config(settings: Settings) -> dict[str, object]:

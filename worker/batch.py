@@ -18,7 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from api_client import Client, ErrorKind, Job, JobError, JobFailed, JobStatus
+from api_client import BrokerUnavailable, Client, ErrorKind, Job, JobError, JobFailed, JobStatus
 from api_client._wire import Poller
 
 from .batchfile import BatchItem, OutputWriter, read_done, read_items
@@ -75,11 +75,13 @@ def run_batch(
     model: str | None = None,
     max_in_flight: int = 500,
     retry_failed: bool = False,
+    budget: str | None = None,
     display: Display | None = None,
 ) -> Tally:
     """Submit every line of INPUT not yet answered in OUTPUT, and write each answer as it comes.
 
     At most ``max_in_flight`` prompts are queued or running at once; the input is streamed.
+    With ``budget`` (Client.create_budget) every prompt's calls are charged to it.
     Each output line is flushed when written, so an interrupted run leaves a valid OUTPUT and
     the same call resumes it.
     """
@@ -89,7 +91,7 @@ def run_batch(
     pending = _unanswered(input_path, model, skip, tally)
     tally.to_run = max(valid_items - tally.already_done, 0)  # refined once the input is read
     in_flight: dict[str, tuple[Job, str]] = {}
-    poller = Poller(None)
+    poller = Poller(None, client.settings.max_outage_s)
     exhausted = False
     with OutputWriter(output_path) as writer:
         while True:
@@ -98,14 +100,22 @@ def run_batch(
                 chunk = list(itertools.islice(pending, min(room, SUBMIT_CHUNK)))
                 exhausted = len(chunk) < min(room, SUBMIT_CHUNK)
                 if chunk:
-                    jobs = client.submit_many([item.request for item in chunk])
+                    requests = [item.request for item in chunk]
+                    if budget is not None:
+                        requests = [r.model_copy(update={"budget": budget}) for r in requests]
+                    jobs = client.submit_many(requests)
                     for job, item in zip(jobs, chunk, strict=True):
                         in_flight[job.id] = (job, item.custom_id)
             if exhausted:
                 tally.to_run = tally.finished + len(in_flight)
             if not in_flight and exhausted:
                 break
-            finished = client.poll(job for job, _ in in_flight.values())
+            try:
+                finished = client.poll(job for job, _ in in_flight.values())
+            except BrokerUnavailable as exc:  # ride the outage out, as Job.wait() does
+                time.sleep(poller.unreachable(exc, len(in_flight)))
+                continue
+            poller.reachable()
             for job in finished:
                 _, custom_id = in_flight.pop(job.id)
                 _record(writer, tally, job, custom_id)

@@ -396,17 +396,20 @@ def chat_completion(result: PromptResult) -> dict[str, Any]:
     created = result.created
     if created.tzinfo is None:
         created = created.replace(tzinfo=UTC)
+    usage: dict[str, Any] = {
+        "prompt_tokens": result.usage.prompt_tokens,
+        "completion_tokens": result.usage.completion_tokens,
+        "total_tokens": result.usage.total_tokens,
+    }
+    if result.usage.cached_tokens:
+        usage["prompt_tokens_details"] = {"cached_tokens": result.usage.cached_tokens}
     return {
         "id": f"chatcmpl-{result.id}",
         "object": "chat.completion",
         "created": int(created.timestamp()),
         "model": result.model,
         "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
-        "usage": {
-            "prompt_tokens": result.usage.prompt_tokens,
-            "completion_tokens": result.usage.completion_tokens,
-            "total_tokens": result.usage.total_tokens,
-        },
+        "usage": usage,
     }
 
 

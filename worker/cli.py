@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -138,6 +139,13 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="prompts queued or running at once (default: 500)",
     )
     batch.add_argument(
+        "--max-spend",
+        type=float,
+        metavar="USD",
+        help="stop calling once this run has spent USD (by LiteLLM's prices); the lines left "
+        "fail as budget_exceeded",
+    )
+    batch.add_argument(
         "--retry-failed", action="store_true", help="also re-run lines that failed in OUTPUT"
     )
     batch.add_argument(
@@ -169,6 +177,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
     if args.max_in_flight < 1:
         print(f"{name}: --max-in-flight must be at least 1", file=sys.stderr)
         return EXIT_USAGE
+    if args.max_spend is not None and not (0 <= args.max_spend < math.inf):
+        print(f"{name}: --max-spend must be a finite amount >= 0", file=sys.stderr)
+        return EXIT_USAGE
     if not args.input.is_file():
         print(f"{name}: no such input file: {args.input}", file=sys.stderr)
         return EXIT_USAGE
@@ -187,6 +198,9 @@ def run_batch_command(args: argparse.Namespace) -> int:
             from api_client import Client  # noqa: PLC0415
 
             with Client(redis_url) as client:
+                budget = None
+                if args.max_spend is not None:
+                    budget = client.create_budget(args.max_spend)
                 display = RichDisplay() if show_progress else None
                 with display or nullcontext():
                     tally = run_batch(
@@ -197,6 +211,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
                         model=args.model,
                         max_in_flight=args.max_in_flight,
                         retry_failed=args.retry_failed,
+                        budget=budget,
                         display=display,
                     )
     except KeyboardInterrupt:

@@ -54,6 +54,13 @@ def describe_settings(
             else:
                 source = "default"
             rows.append(SettingRow(env_name, _display(model, field_name), source))
+    for name, named in settings.named_llms.items():  # what each [llm.NAME] table sets
+        for field_name in tables["llm"][name]:
+            rows.append(
+                SettingRow(
+                    f"[llm.{name}] {field_name}", _display(named, field_name), f"file ({path})"
+                )
+            )
     for model_name, limits in settings.rate_limits.items():  # only the file sets these
         for field_name in ModelLimits.model_fields:
             name = f'rate_limits."{model_name}".{field_name}'

@@ -13,6 +13,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm  # after the environment above is set
 from litellm.exceptions import ContentPolicyViolationError, ContextWindowExceededError
+from litellm.utils import supports_prompt_caching as _litellm_supports_prompt_caching
 
 from api_client._schemas import PromptRequest, Usage
 
@@ -22,6 +23,7 @@ from .classify import (
     MalformedResponse,
     NotConfigured,
 )
+from .messages import with_cache_marks, without_images
 from .settings import LLMSettings
 
 # No "Give Feedback / Get Help" banner on stdout for every failed call, and no per-call INFO
@@ -61,15 +63,58 @@ def reply_token_budget(request: PromptRequest) -> int | None:
     return None
 
 
+def prompt_tokens(model: str, request: PromptRequest) -> int:
+    """The request's prompt in tokens, by LiteLLM's counter for the model."""
+    try:
+        return int(litellm.token_counter(model=model, messages=request.messages))
+    except Exception:  # an unusual message shape: fall back on ~4 characters a token
+        return len(str(request.messages)) // 4
+
+
+def reply_tokens_of(request: PromptRequest, default: int) -> int:
+    """The reply tokens to expect: max_tokens when the request sets it, else ``default``."""
+    budget = reply_token_budget(request)
+    return default if budget is None else budget
+
+
 def estimate_tokens(model: str, request: PromptRequest, reply_tokens: int) -> int:
     """What a call will count against a tokens-per-minute limit, before it is made: the
-    prompt (LiteLLM's counter for the model) plus max_tokens, else ``reply_tokens``."""
+    prompt plus max_tokens, else ``reply_tokens``."""
+    return prompt_tokens(model, request) + reply_tokens_of(request, reply_tokens)
+
+
+def estimate_cost_usd(
+    settings: LLMSettings, model: str, request: PromptRequest, reply_tokens: int
+) -> float:
+    """The most a call could cost before it is made, for spending caps: the prompt's tokens
+    plus max_tokens (else ``reply_tokens``) of reply, at the custom prices when set, else
+    LiteLLM's. Raises NotConfigured when neither prices the model."""
+    price = _priced(
+        settings, model, prompt_tokens(model, request), reply_tokens_of(request, reply_tokens)
+    )
+    if price is None:
+        raise NotConfigured(
+            f"a spending cap applies but the price of {model} is unknown: set "
+            "LLM_INPUT_COST_PER_TOKEN and LLM_OUTPUT_COST_PER_TOKEN"
+        )
+    return price
+
+
+def _priced(
+    settings: LLMSettings, model: str, prompt_tokens: int, completion_tokens: int
+) -> float | None:
+    """Tokens at LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN when set, else at
+    LiteLLM's prices for the model, else None."""
+    input_cost, output_cost = settings.input_cost_per_token, settings.output_cost_per_token
+    if input_cost is not None or output_cost is not None:
+        return prompt_tokens * (input_cost or 0.0) + completion_tokens * (output_cost or 0.0)
     try:
-        prompt = int(litellm.token_counter(model=model, messages=request.messages))
-    except Exception:  # an unusual message shape: fall back on ~4 characters a token
-        prompt = len(str(request.messages)) // 4
-    budget = reply_token_budget(request)
-    return prompt + (reply_tokens if budget is None else budget)
+        prompt_usd, reply_usd = litellm.cost_per_token(
+            model=model, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens
+        )
+    except Exception:  # LiteLLM raises for models it has no price for
+        return None
+    return float(prompt_usd) + float(reply_usd)
 
 
 def charged_tokens(usage: Usage, request: PromptRequest) -> int:
@@ -80,30 +125,63 @@ def charged_tokens(usage: Usage, request: PromptRequest) -> int:
     return usage.prompt_tokens + reply
 
 
+def call_arguments(settings: LLMSettings, request: PromptRequest, model: str) -> dict[str, Any]:
+    """The keyword arguments of the one litellm.completion call for ``request`` (a pure
+    function of its inputs and LiteLLM's model map, so tests can check them without HTTP).
+
+    The request's parameters come last but cannot override the worker's: the request schema
+    refuses those (api_client._schemas.RESERVED_PARAMS).
+    """
+    messages = request.messages
+    if settings.disable_vision:
+        messages = without_images(messages)
+    if settings.caching_prompt and takes_cache_marks(model):
+        messages = with_cache_marks(messages)
+    return {
+        "model": model,
+        "messages": messages,
+        "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
+        "base_url": settings.base_url,
+        "api_version": settings.api_version,
+        "drop_params": settings.drop_params,
+        "timeout": settings.timeout,
+        # Celery owns the retry budget: one HTTP request per attempt.
+        "max_retries": 0,
+        "num_retries": 0,
+        **request.params,
+    }
+
+
 def complete(settings: LLMSettings, request: PromptRequest) -> Completion:
     """Make exactly one chat-completion request; raise on any failure (see worker.classify)."""
     model = model_of(settings, request)
-    api_key = settings.api_key.get_secret_value() if settings.api_key else None
-    _check_credentials(model, api_key is not None, settings.base_url)
+    _check_credentials(model, settings.api_key is not None, settings.base_url)
     try:
-        response = litellm.completion(
-            model=model,
-            messages=request.messages,
-            api_key=api_key,
-            base_url=settings.base_url,
-            api_version=settings.api_version,
-            drop_params=settings.drop_params,
-            timeout=settings.timeout,
-            # Celery owns the retry budget: one HTTP request per attempt.
-            max_retries=0,
-            num_retries=0,
-            **request.params,
-        )
+        response = litellm.completion(**call_arguments(settings, request, model))
     except ContextWindowExceededError as exc:
         raise ContextWindowExceeded(str(exc), status_code=exc.status_code) from exc
     except ContentPolicyViolationError as exc:
         raise ContentPolicyViolation(str(exc), status_code=exc.status_code) from exc
-    return _completion_of(response)
+    return _completion_of(response, settings)
+
+
+@lru_cache(maxsize=256)
+def takes_cache_marks(model: str) -> bool:
+    """Whether prompt-cache marks go on ``model``'s messages (LLM_CACHING_PROMPT): Anthropic's
+    Claude models, wherever served (Anthropic, Bedrock, Vertex AI, OpenRouter), when
+    LiteLLM's model map says the model supports prompt caching.
+
+    Not the other models the map flags: OpenAI, Azure and DeepSeek cache long prompts on
+    their own, and Azure is sent the marks as they are, which it need not accept; for
+    Gemini, LiteLLM turns marks into cachedContents resources (extra requests, billed
+    storage) instead of a per-request breakpoint.
+    """
+    if "claude" not in model.lower():
+        return False
+    try:
+        return bool(_litellm_supports_prompt_caching(model=model))
+    except Exception:  # LiteLLM raises for a model it cannot map to a provider
+        return False
 
 
 @lru_cache(maxsize=256)
@@ -117,29 +195,48 @@ def _check_credentials(model: str, has_key: bool, base_url: str | None) -> None:
     found = litellm.validate_environment(model=model, api_key=None, api_base=base_url)
     if not found.get("keys_in_environment", True):
         missing = ", ".join(found.get("missing_keys") or ["an API key"])
-        raise NotConfigured(f"model {model} needs {missing}: set LLM_API_KEY on the worker")
+        raise NotConfigured(
+            f"model {model} needs {missing}: set LLM_API_KEY on the worker (or, for "
+            "credentials that are not one key, those variables in the worker's environment)"
+        )
 
 
-def _completion_of(response: Any) -> Completion:
+def _completion_of(response: Any, settings: LLMSettings) -> Completion:
     choices = getattr(response, "choices", None)
     if not choices:
         raise MalformedResponse("the provider returned a completion without choices")
     choice = choices[0]
     message = {k: v for k, v in choice.message.model_dump().items() if v is not None}
-    usage = getattr(response, "usage", None)
+    usage = _usage_of(getattr(response, "usage", None))
     return Completion(
         model=str(response.model),
         message=message,
         content=choice.message.content,
         finish_reason=choice.finish_reason,
-        usage=Usage(
-            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-            total_tokens=getattr(usage, "total_tokens", 0) or 0,
-        ),
-        cost_usd=_cost_usd(response),
+        usage=usage,
+        cost_usd=_cost_usd(response, usage, settings),
         headers=_headers_of(response),
     )
+
+
+def _usage_of(usage: Any) -> Usage:
+    """LiteLLM's usage in promptq's terms. Prompt tokens read from the provider's cache are
+    in prompt_tokens_details.cached_tokens (OpenAI's form, which LiteLLM fills for most
+    providers) or cache_read_input_tokens (Anthropic's)."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached = getattr(details, "cached_tokens", None) or getattr(
+        usage, "cache_read_input_tokens", None
+    )
+    return Usage(
+        prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),
+        completion_tokens=_count(getattr(usage, "completion_tokens", 0)),
+        total_tokens=_count(getattr(usage, "total_tokens", 0)),
+        cached_tokens=_count(cached),
+    )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def _headers_of(response: Any) -> dict[str, str]:
@@ -148,7 +245,12 @@ def _headers_of(response: Any) -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
 
 
-def _cost_usd(response: Any) -> float | None:
+def _cost_usd(response: Any, usage: Usage, settings: LLMSettings) -> float | None:
+    """The call's price: from LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN when set
+    (they win over LiteLLM's map; cached prompt tokens count at the input price), else from
+    the price map bundled with LiteLLM, else None."""
+    if settings.input_cost_per_token is not None or settings.output_cost_per_token is not None:
+        return _priced(settings, "", usage.prompt_tokens, usage.completion_tokens)  # no map
     try:
         return float(litellm.completion_cost(completion_response=response))
     except Exception:  # LiteLLM raises for models it has no price for

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
@@ -89,6 +90,10 @@ class LLMSettings(_LayeredSettings):
     # (requests and tokens per minute); [rate_limits."MODEL"] in the file overrides them.
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
+    # Prices in USD per token, for models LiteLLM's price map does not know (or prices it
+    # should not use): set both, and cost_usd is computed from them instead of the map.
+    input_cost_per_token: float | None = Field(default=None, ge=0)
+    output_cost_per_token: float | None = Field(default=None, ge=0)
 
 
 class QueueSettings(_LayeredSettings):
@@ -119,6 +124,10 @@ class QueueSettings(_LayeredSettings):
     limiter_max_sleep_s: float = Field(default=2.0, ge=0)
     limiter_max_ahead_s: float | None = Field(default=None, gt=0)
     limiter_reply_tokens: int = Field(default=512, ge=0)
+    # A cap on what the whole fleet spends (USD, by LiteLLM's prices) per spend_period:
+    # "total" (since the counter began), "day" or "month" (UTC). Unset: no cap.
+    max_spend_usd: float | None = Field(default=None, ge=0)
+    spend_period: Literal["total", "day", "month"] = "total"
 
     @property
     def broker_url(self) -> str:
@@ -141,11 +150,20 @@ class Settings(BaseModel):
 
     llm: LLMSettings
     queue: QueueSettings
-    rate_limits: Mapping[str, ModelLimits] = MappingProxyType({})
+    rate_limits: Mapping[str, ModelLimits] = Field(default_factory=dict)
+    # [llm.NAME] tables: the default [llm] settings with the table's values on top.
+    named_llms: Mapping[str, LLMSettings] = Field(default_factory=dict)
 
-    def limits_for(self, model: str) -> ModelLimits:
-        """The requests/tokens per minute the fleet keeps to for ``model``."""
-        return self.rate_limits.get(model) or ModelLimits(rpm=self.llm.rpm, tpm=self.llm.tpm)
+    def llm_named(self, name: str | None) -> LLMSettings:
+        """The LLM settings a job asks for by name (None: the default [llm]); KeyError when
+        this worker has no such configuration."""
+        return self.llm if name is None else self.named_llms[name]
+
+    def limits_for(self, model: str, llm: LLMSettings | None = None) -> ModelLimits:
+        """The requests/tokens per minute the fleet keeps to for ``model``, called with
+        ``llm`` (default: [llm]): its [rate_limits."MODEL"] entry, else the llm's rpm/tpm."""
+        llm = llm or self.llm
+        return self.rate_limits.get(model) or ModelLimits(rpm=llm.rpm, tpm=llm.tpm)
 
     @property
     def longest_wait_s(self) -> float:
@@ -173,6 +191,10 @@ def load_settings(
     Raises ConfigError naming every bad key.
     """
     path, tables = read_config_file(config_path)
+    named_tables = {k: v for k, v in tables.get("llm", {}).items() if isinstance(v, dict)}
+    if named_tables:  # the [llm] source reads only the table's own values
+        plain = {k: v for k, v in tables["llm"].items() if k not in named_tables}
+        tables = {**tables, "llm": plain}
     source = f"[{{table}}] of {path}" if path else "[{table}] of config.toml"
     problems: list[str] = []
     token = _file_tables.set(tables)
@@ -184,11 +206,46 @@ def load_settings(
     finally:
         _file_tables.reset(token)
     rate_limits = _model_limits(tables.get("rate_limits", {}), path, problems)
+    named_llms = {}
+    if llm_settings is not None:
+        named_llms = _named_llms(llm_settings, named_tables, path, problems)
     if llm_settings is None or queue_settings is None or problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
-    settings = Settings(llm=llm_settings, queue=queue_settings, rate_limits=rate_limits)
+    settings = Settings(
+        llm=llm_settings, queue=queue_settings, rate_limits=rate_limits, named_llms=named_llms
+    )
     _check_waits_fit(settings)
+    _check_prices(settings.llm)
+    for name, named in named_llms.items():
+        try:
+            _check_waits_fit(Settings(llm=named, queue=queue_settings))
+            _check_prices(named)
+        except ConfigError as exc:
+            raise ConfigError(f"[llm.{name}]: {exc}") from None
     return settings
+
+
+_LLM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+def _named_llms(
+    base: LLMSettings,
+    tables: Mapping[str, Mapping[str, Any]],
+    path: Path | None,
+    problems: list[str],
+) -> dict[str, LLMSettings]:
+    """Each [llm.NAME] table over the default LLM settings (the table's values win)."""
+    named: dict[str, LLMSettings] = {}
+    inherited = base.model_dump()
+    for name, table in tables.items():
+        where = f"[llm.{name}] of {path or 'config.toml'}"
+        if not _LLM_NAME.fullmatch(name):
+            problems.append(f"{where}: a configuration name is letters, digits, _ and -")
+            continue
+        built = _build(LLMSettings, {**inherited, **table}, "LLM_", where, problems)
+        if built is not None:
+            named[name] = built
+    return named
 
 
 def _model_limits(
@@ -238,6 +295,16 @@ def _check_waits_fit(settings: Settings) -> None:
         )
 
 
+def _check_prices(llm: LLMSettings) -> None:
+    # One price alone would price the other side of every call at nothing, silently.
+    if (llm.input_cost_per_token is None) != (llm.output_cost_per_token is None):
+        missing = "OUTPUT" if llm.output_cost_per_token is None else "INPUT"
+        raise ConfigError(
+            "invalid configuration:\n  - LLM_INPUT_COST_PER_TOKEN and LLM_OUTPUT_COST_PER_TOKEN "
+            f"go together: set LLM_{missing}_COST_PER_TOKEN too (0 for a side that is free)"
+        )
+
+
 def _build(
     cls: type[S],
     explicit: Mapping[str, Any] | None,
@@ -268,7 +335,8 @@ def read_config_file(
     if named:
         path = Path(named)
         if not path.is_file():
-            raise ConfigError(f"{CONFIG_ENV}: config file {path} does not exist")
+            given_by = "the config file given" if config_path is not None else CONFIG_ENV
+            raise ConfigError(f"{given_by}: config file {path} does not exist")
     elif DEFAULT_CONFIG_PATH.is_file():
         path = DEFAULT_CONFIG_PATH
     else:
@@ -281,9 +349,4 @@ def read_config_file(
     for table in ("llm", "promptq", "rate_limits"):
         if not isinstance(data.get(table, {}), dict):
             raise ConfigError(f"{table} in {path} must be a table ([{table}])")
-    named_configs = [k for k, v in data.get("llm", {}).items() if isinstance(v, dict)]
-    if named_configs:
-        raise ConfigError(
-            f"[llm.{named_configs[0]}] in {path}: named LLM configurations are not supported yet"
-        )
     return path, data

@@ -16,6 +16,7 @@ from api_client._wire import broker_errors, redact_url
 
 from .limiter import LimiterState, read_limiters
 from .parking import PARKED_KEY
+from .spend import SpendCounter, read_spend
 
 # Kombu's Redis transport (kombu/transport/redis.py, Channel) names these; promptq sets no
 # ``global_keyprefix`` transport option, so they are used as they are.
@@ -48,6 +49,8 @@ class FleetStatus:
     max_scanned_keys: int = MAX_SCANNED_KEYS
     # Each deployment's rate limiter (worker.limiter): limits, last minute's rate and 429s.
     rate_limits: list[LimiterState] = field(default_factory=list)
+    # What the fleet has spent (worker.spend), by period.
+    spend: list[SpendCounter] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (for `promptq status --json`)."""
@@ -73,6 +76,7 @@ def gather_status(
             retries_scheduled, retries_truncated = _held_retries(client, max_scanned_keys)
             jobs, jobs_truncated = _job_counts(client, max_scanned_keys)
             rate_limits = read_limiters(client)
+            spend = read_spend(client)
     finally:
         client.close()
     return FleetStatus(
@@ -87,6 +91,7 @@ def gather_status(
         inspect_timeout_s=inspect_timeout_s,
         max_scanned_keys=max_scanned_keys,
         rate_limits=rate_limits,
+        spend=spend,
     )
 
 
@@ -199,6 +204,11 @@ def format_status(status: FleetStatus) -> str:
         ("workers", workers),
         ("jobs", jobs),
     ]
+    for counter in status.spend:
+        line = f"${counter.spent_usd:,.4f} in {counter.calls:,} calls"
+        if counter.reserved_usd > 0:
+            line += f" (+${counter.reserved_usd:,.4f} reserved by calls in flight)"
+        lines.append((f"spend ({counter.period})", line))
     if not status.rate_limits:
         lines.append(("rate limits", "no calls in the last hour"))
     for limiter in status.rate_limits:

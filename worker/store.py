@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import redis
 
 from api_client._constants import result_key, starts_key, state_key
 from api_client._schemas import JobStatus, Outcome
+
+# How long a worker keeps trying to store an outcome that cost a provider call while Redis
+# is unreachable, before the job goes back to the queue (and the call is made again).
+FINISH_PATIENCE_S = 60.0
 
 # KEYS[1] result, KEYS[2] state, KEYS[3] starts; ARGV[1] state value, ARGV[2] ttl in ms.
 # Returns -1 when the job already has an outcome (a duplicate delivery), else the number of
@@ -67,10 +72,22 @@ class JobStore:
     def _set_state(self, job_id: str, status: JobStatus) -> None:
         self._mark(keys=[result_key(job_id), state_key(job_id)], args=[status.value, self._ttl_ms])
 
-    def finish(self, job_id: str, outcome: Outcome) -> bool:
-        """Store the outcome unless one is already stored; True if this one was stored."""
-        stored: Any = self._finish(
-            keys=[result_key(job_id), state_key(job_id), starts_key(job_id)],
-            args=[outcome.model_dump_json(), self._ttl_ms],
-        )
-        return bool(stored)
+    def finish(self, job_id: str, outcome: Outcome, *, patient: bool = False) -> bool:
+        """Store the outcome unless one is already stored; True if this one was stored.
+
+        ``patient``: an outcome that cost a provider call is worth waiting for Redis to come
+        back (up to FINISH_PATIENCE_S) rather than running the job again later.
+        """
+        keys = [result_key(job_id), state_key(job_id), starts_key(job_id)]
+        args: list[str | int] = [outcome.model_dump_json(), self._ttl_ms]
+        deadline = time.monotonic() + (FINISH_PATIENCE_S if patient else 0.0)
+        pause_s = 0.1
+        while True:
+            try:
+                stored: Any = self._finish(keys=keys, args=args)
+                return bool(stored)
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() + pause_s > deadline:
+                    raise
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 2.0)

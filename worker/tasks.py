@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
-import random
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import redis
+from celery.exceptions import Reject
+from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from api_client._constants import TASK_NAME
@@ -19,18 +22,23 @@ from api_client._schemas import (
     PromptRequest,
     PromptResult,
 )
-from api_client._wire import task_message
 
 from . import llm
 from .classify import Failure, NotConfigured, classify, response_headers
+from .spend import BudgetExceeded, Reservation
+from .throttle import sleep_until_slot, take_slot
 
 if TYPE_CHECKING:
     from celery import Task
 
     from .app import PromptqCelery
     from .limiter import Deployment
+    from .settings import LLMSettings
 
 logger = logging.getLogger("promptq.worker")
+
+# Redis (or the broker connection through it) cannot be reached right now.
+REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 # What Celery logs instead of the arguments when it re-publishes a retry: never the prompt.
 REDACTED_ARGS = {"argsrepr": "(<request>,)", "kwargsrepr": "{}"}
@@ -38,12 +46,6 @@ REDACTED_ARGS = {"argsrepr": "(<request>,)", "kwargsrepr": "{}"}
 
 class RetryableFailure(Exception):
     """A transient provider failure, as Celery logs it when scheduling the retry."""
-
-
-# A job parked for a reserved slot comes back this long before it (at most
-# PROMPTQ_LIMITER_MAX_SLEEP_S) and sleeps the rest, so that moving it and handing it to a
-# worker thread do not make it late.
-SLOT_LEAD_S = 0.25
 
 
 def register(app: PromptqCelery) -> None:
@@ -71,8 +73,45 @@ def complete(
 
     ``failures`` counts the provider failures so far (the retry budget); ``reserved_tokens``
     is set when this delivery already holds a rate-limit slot, charged that many tokens,
-    starting at ``slot_at`` (epoch seconds).
+    starting at ``slot_at`` (epoch seconds). When Redis cannot be reached the message is
+    rejected back to the queue (or, if that fails too, left unacknowledged until the
+    visibility timeout returns it): a job is never acknowledged without an outcome or a
+    follow-up message.
     """
+    try:
+        _attempt(task, request, failures, reserved_tokens, slot_at)
+    except REDIS_UNAVAILABLE as exc:
+        logger.warning(
+            "job %s goes back to the queue: Redis is unavailable (%s)", task.request.id, exc
+        )
+        raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
+
+
+def _attempt(
+    task: Task,
+    request: dict[str, Any],
+    failures: int,
+    reserved_tokens: int | None,
+    slot_at: float | None,
+) -> None:
+    started_job = _start(task, request, failures)
+    if started_job is None:
+        return
+    parsed, model = started_job
+    call = _prepare(task, parsed, model, failures, reserved=(reserved_tokens, slot_at))
+    if call is None:
+        return
+    started = time.monotonic()
+    try:
+        completion = llm.complete(call.llm, call.request)
+    except Exception as exc:  # every failure is classified; none escapes to Celery
+        _after_failure(task, call, exc, failures)
+        return
+    _after_success(task, call, completion, failures + 1, time.monotonic() - started)
+
+
+def _start(task: Task, request: dict[str, Any], failures: int) -> tuple[PromptRequest, str] | None:
+    """Mark the job running and read its request and model; None when it ends here."""
     app: PromptqCelery = task.app
     job_id: str = task.request.id
     # Every re-publish (a retry or a wait for capacity) is a new delivery of the same job.
@@ -80,131 +119,154 @@ def complete(
     starts = app.store.begin(job_id)
     if starts is None:
         logger.info("job %s already has an outcome; dropped a duplicate delivery", job_id)
-        return
+        return None
     redeliveries = starts - deliveries
     if redeliveries > app.settings.queue.max_redeliveries:
         message = f"the worker running this job died {redeliveries} times"
         _fail(app, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=failures)
-        return
+        return None
     try:
         parsed = PromptRequest.model_validate(request)
-        model = llm.model_of(app.settings.llm, parsed)
+        return parsed, llm.model_of(app.llm_settings(parsed.llm), parsed)
     except ValidationError as exc:
         _fail(app, job_id, Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}"), attempts=0)
-        return
     except NotConfigured as exc:
         _fail(app, job_id, classify(exc), attempts=0)
-        return
+    return None
 
-    deployment = app.deployment(model)
+
+def _prepare(
+    task: Task,
+    request: PromptRequest,
+    model: str,
+    failures: int,
+    *,
+    reserved: tuple[int | None, float | None],
+) -> _Call | None:
+    """Take a rate-limit slot (unless ``reserved`` holds one: its tokens and time) and set
+    money aside under a spending cap; None when the job was parked or refused."""
+    app: PromptqCelery = task.app
+    reserved_tokens, slot_at = reserved
+    llm_settings = app.llm_settings(request.llm)
+    deployment = app.deployment(model, request.llm)
     if reserved_tokens is None:
-        reserved_tokens = _take_slot(task, deployment, parsed, failures)
+        reserved_tokens = take_slot(task, deployment, request, failures)
         if reserved_tokens is None:
-            return  # parked: it comes back for its slot
-    elif slot_at is not None and slot_at > time.time():
-        time.sleep(min(slot_at - time.time(), app.settings.queue.limiter_max_sleep_s))
-    attempts = failures + 1
-    started = time.monotonic()
+            return None  # parked: it comes back for its slot
+    else:
+        sleep_until_slot(app, slot_at)
     try:
-        completion = llm.complete(app.settings.llm, parsed)
-    except Exception as exc:  # every failure is classified; none escapes to Celery
-        failure = classify(exc, secrets=_secrets(app))
-        _settle_failure(app, deployment, reserved_tokens, failure, exc)
-        num_retries = app.settings.llm.num_retries
-        if failure.retryable and failures < num_retries:
-            wait_s = app.retry_policy.wait_s(failures, failure.retry_after_s)
-            app.store.mark_retrying(job_id)
-            raise task.retry(
-                countdown=wait_s,
-                kwargs={"failures": attempts},
-                exc=RetryableFailure(failure.summary()),
-                **REDACTED_ARGS,
-            ) from None
-        _fail(app, job_id, failure, attempts=attempts)
-        return
+        reservation = _reserve_spend(app, request, model, llm_settings)
+    except BudgetExceeded as exc:
+        failure = Failure(ErrorKind.BUDGET_EXCEEDED, str(exc))
+        _fail(app, task.request.id, failure, attempts=failures)
+        return None
+    except NotConfigured as exc:
+        _fail(app, task.request.id, classify(exc), attempts=failures)
+        return None
+    return _Call(request, llm_settings, deployment, reserved_tokens, reservation)
 
-    charged = llm.charged_tokens(completion.usage, parsed) if completion.usage.total_tokens else 0
-    app.limiter.settle(
-        deployment,
-        reserved_tokens=reserved_tokens,
-        charged_tokens=charged or reserved_tokens,
-        outcome="ok",
-        headers=completion.headers,
-    )
+
+def _after_success(
+    task: Task, call: _Call, completion: llm.Completion, attempts: int, latency_s: float
+) -> None:
+    """Store the answer, then book what it cost."""
+    app: PromptqCelery = task.app
+    cost_usd = completion.cost_usd
+    if cost_usd is None and call.reservation is not None:
+        cost_usd = call.reservation.amount_usd  # priced before the call; keep the cap honest
     result = PromptResult(
-        id=job_id,
+        id=task.request.id,
         model=completion.model,
         content=completion.content,
         message=completion.message,
         finish_reason=completion.finish_reason,
         usage=completion.usage,
-        cost_usd=completion.cost_usd,
+        cost_usd=cost_usd,
         attempts=attempts,
-        latency_s=time.monotonic() - started,
+        latency_s=latency_s,
         created=datetime.now(UTC),
     )
-    app.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result))
+    # The paid answer is stored first (riding out a short Redis outage); the bookkeeping
+    # after it is best effort.
+    outcome = Outcome(status=JobStatus.SUCCEEDED, result=result)
+    app.store.finish(task.request.id, outcome, patient=True)
+    usage = completion.usage
+    charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
+    _book(
+        app,
+        call,
+        cost_usd=cost_usd or 0.0,
+        charged_tokens=charged or call.reserved_tokens,
+        outcome="ok",
+        headers=completion.headers,
+    )
 
 
-def _take_slot(
-    task: Task, deployment: Deployment, request: PromptRequest, failures: int
-) -> int | None:
-    """Wait for the deployment's rate limit to allow this call: return the tokens charged,
-    or None when the job was parked to come back later (the task then ends).
+@dataclass(frozen=True)
+class _Call:
+    """One provider call about to be made, and what was set aside for it."""
 
-    A wait of up to PROMPTQ_LIMITER_MAX_SLEEP_S is slept in this worker thread. A longer
-    one gives the thread back: the slot stays reserved and the job is parked in Redis until
-    just before it; when no slot is free within PROMPTQ_LIMITER_MAX_AHEAD_S, the job is
-    parked to ask again later. Neither spends a retry.
-    """
+    request: PromptRequest
+    llm: LLMSettings  # the job's LLM settings: the default [llm] or its [llm.NAME]
+    deployment: Deployment
+    reserved_tokens: int  # charged to the rate limiter
+    reservation: Reservation | None  # money set aside under a spending cap
+
+
+def _reserve_spend(
+    app: PromptqCelery, request: PromptRequest, model: str, llm_settings: LLMSettings
+) -> Reservation | None:
+    """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
+    there is no room; NotConfigured when the model has no price)."""
+    if not app.spend.applies(request.budget):
+        return None
+    reply_tokens = app.settings.queue.limiter_reply_tokens
+    estimate_usd = llm.estimate_cost_usd(llm_settings, model, request, reply_tokens)
+    return app.spend.reserve(request.budget, estimate_usd)
+
+
+def _after_failure(task: Task, call: _Call, exc: Exception, failures: int) -> None:
+    """Classify a failed call; schedule its retry while the budget lasts, else store it."""
     app: PromptqCelery = task.app
-    max_sleep_s = app.settings.queue.limiter_max_sleep_s
-    limiter = app.limiter
-    tokens = 0
-    if limiter.counts_tokens(deployment):
-        reply_tokens = app.settings.queue.limiter_reply_tokens
-        tokens = llm.estimate_tokens(deployment.model, request, reply_tokens)
-    grant = limiter.acquire(deployment, tokens)
-    if grant.granted and grant.wait_s <= max_sleep_s:
-        if grant.wait_s > 0:
-            time.sleep(grant.wait_s)
-        return tokens
-    state: dict[str, Any] = {"failures": failures}
-    if grant.granted:  # back shortly before the slot, then sleep the rest of the way
-        delay_s = grant.wait_s - min(max_sleep_s, SLOT_LEAD_S)
-        state |= {"reserved_tokens": tokens, "slot_at": time.time() + grant.wait_s}
-    else:  # spread the jobs that found no slot, so they do not all ask again at once
-        spread = random.uniform(0.25, 0.5)  # noqa: S311
-        delay_s = grant.wait_s + spread * app.settings.limiter_max_ahead_s
     job_id: str = task.request.id
-    app.store.mark_waiting(job_id)
-    retries = task.request.retries + 1  # one more delivery of this job
-    app.parking.park(task_message(job_id, request, kwargs=state, retries=retries), delay_s)
-    logger.info("job %s parked %.1f s for the rate limit of %s", job_id, delay_s, deployment.model)
-    return None
-
-
-def _settle_failure(
-    app: PromptqCelery,
-    deployment: Deployment,
-    reserved_tokens: int,
-    failure: Failure,
-    exc: BaseException,
-) -> None:
-    """Tell the limiter how a failed call went: a 429 (and its Retry-After) slows the fleet."""
+    failure = classify(exc, secrets=app.secrets)
     rate_limited = failure.kind is ErrorKind.RATE_LIMITED
     headers: dict[str, Any] = {}
     for found in response_headers(exc):
         headers.update(found)
-    app.limiter.settle(
-        deployment,
-        reserved_tokens=reserved_tokens,
+    _book(
+        app,
+        call,
+        cost_usd=0.0,  # providers do not bill failed calls
         # A refused request costs nothing; anything else may have been counted.
-        charged_tokens=0 if rate_limited else reserved_tokens,
+        charged_tokens=0 if rate_limited else call.reserved_tokens,
         outcome="rate_limited" if rate_limited else "error",
         retry_after_s=failure.retry_after_s,
         headers=headers,
     )
+    # A call refused before it was sent (missing key, say) is not an attempt.
+    attempts = failures if isinstance(exc, NotConfigured) else failures + 1
+    if failure.retryable and failures < call.llm.num_retries:
+        wait_s = app.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
+        app.store.mark_retrying(job_id)
+        raise task.retry(
+            countdown=wait_s,
+            kwargs={"failures": attempts},
+            exc=RetryableFailure(failure.summary()),
+            **REDACTED_ARGS,
+        ) from None
+    _fail(app, job_id, failure, attempts=attempts)
+
+
+def _book(app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any) -> None:
+    """Tell the rate limiter how the call went and book its cost; a Redis outage only costs
+    this bookkeeping."""
+    try:
+        app.limiter.settle(call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news)
+        app.spend.settle(call.reservation, cost_usd, call.request.budget)
+    except REDIS_UNAVAILABLE as exc:
+        logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
 
 
 def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -> None:
@@ -214,10 +276,5 @@ def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -
         status_code=failure.status_code,
         attempts=attempts,
     )
-    if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error)):
+    if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error), patient=True):
         logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())
-
-
-def _secrets(app: PromptqCelery) -> tuple[str, ...]:
-    key = app.settings.llm.api_key
-    return (key.get_secret_value(),) if key else ()

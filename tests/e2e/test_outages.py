@@ -7,6 +7,7 @@ SIGSTOP, and restarted on the same port with the same data directory.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from api_client import AsyncClient, BrokerUnavailable, Client, PromptResult
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
+from worker.batch import run_batch
 
 from .conftest import CANARY_KEY, worker_env
 from .test_core_loop import WAIT_S, wait_until
@@ -211,6 +213,45 @@ def test_waiting_rides_out_a_redis_restart(
     )
     assert "Unrecoverable error" not in worker.log()
     assert CANARY_KEY not in worker.log()
+
+
+def test_a_fleet_batch_rides_out_a_redis_restart(
+    client: Client,
+    *,
+    provider: ScriptedOpenAIServer,
+    redis_server: RedisServer,
+    worker: WorkerProcess,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    gate = threading.Event()
+    provider.script(Reply(gate=gate))
+    source, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text('{"custom_id": "only", "prompt": "batch through the outage"}\n')
+    outcome: dict[str, Any] = {}
+
+    def batch() -> None:
+        try:
+            outcome["tally"] = run_batch(client, source, output, valid_items=1)
+        except BaseException as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=batch, daemon=True)
+    thread.start()
+    try:
+        provider.wait_for_requests(1, timeout_s=WAIT_S)
+        redis_server.stop()
+        wait_until(lambda: "Redis unreachable" in caplog.text)
+        redis_server.start()
+    finally:
+        gate.set()
+    thread.join(WAIT_S)
+
+    assert not thread.is_alive()
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["tally"].succeeded == 1
+    [line] = [json.loads(text) for text in output.read_text().splitlines()]
+    assert line["custom_id"] == "only" and line["error"] is None
 
 
 # --- 3. Redis down when a worker starts -------------------------------------------------------

@@ -7,12 +7,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 
 from api_client import Client
 from tests.e2e.conftest import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
-from tests.support.worker_process import WorkerProcess
+from tests.support.worker_process import WorkerProcess, worker_fleet
 from worker.limiter import BURST_S, Deployment, RateLimiter, read_limiters
 
 RPM = 120  # one call every 0.5 s for the whole fleet
@@ -42,17 +43,8 @@ def workers(
         "PROMPTQ_LIMITER_MAX_AHEAD_S": str(MAX_AHEAD_S),
         "PROMPTQ_LIMITER_REPLY_TOKENS": str(REPLY_TOKENS),
     }
-    processes = [
-        WorkerProcess(env, directory / f"worker-{n}.log", args=("--concurrency", "8")).start()
-        for n in range(2)
-    ]
-    try:
-        for process in processes:
-            process.wait_ready()
+    with worker_fleet(env, directory, count=2, concurrency=8) as processes:
         yield processes
-    finally:
-        for process in processes:
-            process.stop()
 
 
 @pytest.fixture
@@ -68,9 +60,17 @@ def wait_until(condition: Callable[[], bool]) -> None:
         time.sleep(0.02)
 
 
-def fleet_limiter(redis_server: RedisServer) -> RateLimiter:
-    """A limiter as a third worker would hold it, to inspect or push the shared state."""
-    return RateLimiter(redis_server.client(), max_ahead_s=MAX_AHEAD_S, adaptive=True)
+@pytest.fixture
+def shared(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    """A connection to the fleet's Redis, to read or push the limiters' shared state."""
+    connection = redis_server.client()
+    yield connection
+    connection.close()
+
+
+def fleet_limiter(shared: redis.Redis) -> RateLimiter:
+    """A limiter as a third worker would hold it."""
+    return RateLimiter(shared, max_ahead_s=MAX_AHEAD_S, adaptive=True)
 
 
 def test_two_workers_together_keep_to_the_configured_rate(
@@ -96,14 +96,14 @@ def test_two_workers_together_keep_to_the_configured_rate(
 
 
 def test_a_retry_after_slows_the_whole_fleet(
-    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
+    client: Client, provider: ScriptedOpenAIServer, shared: redis.Redis
 ) -> None:
     # The headers state a generous limit, so the 429 pauses the fleet without a backoff.
     headers = {"Retry-After": "2", "x-ratelimit-limit-requests": "100000"}
     provider.script(Reply(status=429, headers=headers))
     first = client.submit("meets the 429")
     [refused] = provider.wait_for_requests(1, timeout_s=WAIT_S)
-    wait_until(lambda: any(s.paused_for_s > 0 for s in read_limiters(redis_server.client())))
+    wait_until(lambda: any(s.paused_for_s > 0 for s in read_limiters(shared)))
 
     others = [client.submit(f"after the 429 {n}") for n in range(4)]
     for job in [first, *others]:
@@ -117,12 +117,12 @@ def test_a_retry_after_slows_the_whole_fleet(
 def test_waiting_for_capacity_spends_no_retry(
     client: Client,
     provider: ScriptedOpenAIServer,
-    redis_server: RedisServer,
+    shared: redis.Redis,
     workers: list[WorkerProcess],
 ) -> None:
     """A job sent back to wait for capacity five times still has its whole retry budget."""
     target = Deployment.of("openai/test-model", provider.base_url, CANARY_KEY, rpm=RPM)
-    limiter = fleet_limiter(redis_server)
+    limiter = fleet_limiter(shared)
     # Every retry fails but the last: the job succeeds only with its full budget left.
     provider.script(*[Reply(status=503)] * NUM_RETRIES)
 
@@ -152,7 +152,7 @@ def test_waiting_for_capacity_spends_no_retry(
 
 
 def test_token_reservations_are_reconciled(
-    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
+    client: Client, provider: ScriptedOpenAIServer, shared: redis.Redis
 ) -> None:
     # Each call reserves its prompt plus REPLY_TOKENS (over 5 s of this model's budget) and
     # is then charged what it used: unreconciled, the third call would wait about 10 s.
@@ -163,8 +163,8 @@ def test_token_reservations_are_reconciled(
 
     used = sum(result.usage.total_tokens for result in results)
     assert 0 < used < REPLY_TOKENS
-    [state] = [s for s in read_limiters(redis_server.client()) if s.model == TOKENS_MODEL]
+    [state] = [s for s in read_limiters(shared) if s.model == TOKENS_MODEL]
     assert state.tpm_limit == TPM
     assert state.tokens_per_minute == pytest.approx(used, rel=0.05)
     target = Deployment.of(TOKENS_MODEL, provider.base_url, CANARY_KEY, tpm=TPM)
-    assert fleet_limiter(redis_server).acquire(target, tokens=0).wait_s == 0
+    assert fleet_limiter(shared).acquire(target, tokens=0).wait_s == 0

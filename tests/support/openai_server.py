@@ -12,10 +12,15 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qsl
 
 from worker.fake_provider.replies import text_of
 
-_CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+# Any path ending so: /v1/chat/completions, Azure's /openai/deployments/<name>/chat/completions,
+# Groq's /openai/v1/..., OpenRouter's /api/v1/...
+_CHAT_SUFFIX = "/chat/completions"
+# Google AI Studio's (Gemini's) /v1beta/models/<model>:generateContent
+_GEMINI_SUFFIX = ":generateContent"
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
 
 
@@ -47,6 +52,7 @@ class RecordedRequest:
     headers: dict[str, str]
     body: dict[str, Any]
     received_at: float
+    query: dict[str, str] = field(default_factory=dict)  # the URL's query parameters
 
 
 def _messages_of(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -83,6 +89,37 @@ def _echo_completion(body: dict[str, Any], completion_id: str) -> dict[str, Any]
             "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
         },
+    }
+
+
+def _gemini_echo(body: dict[str, Any], model: str) -> dict[str, Any]:
+    """A Gemini generateContent reply echoing the last user turn's text."""
+    contents = body.get("contents")
+    turns = [c for c in contents if isinstance(c, dict)] if isinstance(contents, list) else []
+    last_user = next((t for t in reversed(turns) if t.get("role") == "user"), {})
+    parts = last_user.get("parts")
+    text = " ".join(
+        str(p["text"])
+        for p in (parts if isinstance(parts, list) else [])
+        if isinstance(p, dict) and "text" in p
+    )
+    content = "echo: " + text
+    prompt_tokens = max(1, len(text.split()))
+    completion_tokens = max(1, len(content.split()))
+    return {
+        "candidates": [
+            {
+                "content": {"role": "model", "parts": [{"text": content}]},
+                "finishReason": "STOP",
+                "index": 0,
+            }
+        ],
+        "usageMetadata": {
+            "promptTokenCount": prompt_tokens,
+            "candidatesTokenCount": completion_tokens,
+            "totalTokenCount": prompt_tokens + completion_tokens,
+        },
+        "modelVersion": model,
     }
 
 
@@ -147,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(self.server, _HTTPServer):
             raise TypeError("handler bound to an unexpected server")
         owner = self.server.owner
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         body = self._read_body()
         number = owner._record(
             RecordedRequest(
@@ -155,12 +192,14 @@ class _Handler(BaseHTTPRequestHandler):
                 headers={k.lower(): v for k, v in self.headers.items()},
                 body=body,
                 received_at=time.monotonic(),
+                query=dict(parse_qsl(query)),
             )
         )
 
-        is_chat = self.command == "POST" and path in _CHAT_PATHS
+        is_chat = self.command == "POST" and path.endswith(_CHAT_SUFFIX)
+        is_gemini = self.command == "POST" and path.endswith(_GEMINI_SUFFIX)
         is_models = self.command == "GET" and path in _MODELS_PATHS
-        if not (is_chat or is_models):
+        if not (is_chat or is_gemini or is_models):
             self._send(404, _error_body(404), {})
             return
 
@@ -180,6 +219,9 @@ class _Handler(BaseHTTPRequestHandler):
             payload = _error_body(reply.status)
         elif is_chat:
             payload = _echo_completion(body, f"chatcmpl-{number}")
+        elif is_gemini:
+            model = path.rsplit("/", 1)[-1].removesuffix(_GEMINI_SUFFIX)
+            payload = _gemini_echo(body, model)
         else:
             payload = _model_list()
         self._send(reply.status, payload, reply.headers)
@@ -206,8 +248,10 @@ class ScriptedOpenAIServer:
     """OpenAI-compatible server on 127.0.0.1 replying from a script of :class:`Reply`.
 
     Every request is recorded (before any reply or delay). Each request to a known route
-    (``POST /v1/chat/completions``, ``POST /chat/completions``, ``GET /v1/models``) consumes the
-    next scripted reply, or ``default`` when the script is empty; other paths get a 404.
+    (``POST .../chat/completions`` under any prefix, Gemini's ``POST .../models/<model>:
+    generateContent``, ``GET /v1/models``) consumes the next scripted reply, or ``default``
+    when the script is empty; other paths get a 404. The default 200 reply is an echo in the
+    route's own format.
     """
 
     def __init__(self, default: Reply | None = None) -> None:

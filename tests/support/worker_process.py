@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -105,3 +106,21 @@ class WorkerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def worker_fleet(
+    env: Mapping[str, str], directory: Path, *, count: int, concurrency: int
+) -> Iterator[list[WorkerProcess]]:
+    """``count`` workers with the same environment, started together and ready; stopped after."""
+    args = ("--concurrency", str(concurrency))
+    processes = [
+        WorkerProcess(env, directory / f"worker-{n}.log", args=args).start() for n in range(count)
+    ]
+    try:
+        for process in processes:
+            process.wait_ready()
+        yield processes
+    finally:
+        for process in processes:
+            process.stop()

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+import fakeredis
 import pytest
+import redis
+
+from tests.support.redis_server import RedisServer
 
 _OWNED_PREFIXES = ("LLM_", "PROMPTQ_")
+
+# Test modules that import litellm themselves may do so before worker.llm sets this: LiteLLM
+# would then fetch its price map from GitHub at import. Tests never reach the network.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 
 @pytest.fixture(autouse=True)
@@ -31,3 +40,25 @@ def closed_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+@pytest.fixture(scope="session")
+def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the unit tests that run their scripts on the real thing too."""
+    with RedisServer(tmp_path_factory.mktemp("unit-redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+def lua_redis(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """An empty Redis for Lua scripts: fakeredis (lupa), then a real redis-server."""
+    if request.param == "fakeredis":
+        yield fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        return
+    server: RedisServer = request.getfixturevalue("real_redis")
+    connection = server.client()
+    connection.flushall()
+    try:
+        yield connection
+    finally:
+        connection.close()

@@ -467,6 +467,26 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def test_cached_prompt_tokens_are_in_openais_usage_details(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    cached = result().model_copy(
+        update={
+            "usage": Usage(
+                prompt_tokens=1200, completion_tokens=5, total_tokens=1205, cached_tokens=1024
+            )
+        }
+    )
+    with OutputWriter(path) as writer:
+        writer.write_success("q1", cached)
+        writer.write_success("q2", result())
+    with_cache, without = read_lines(path)
+    completion = ChatCompletion.model_validate(with_cache["response"]["body"])
+    assert completion.usage is not None
+    assert completion.usage.prompt_tokens_details is not None
+    assert completion.usage.prompt_tokens_details.cached_tokens == 1024
+    assert "prompt_tokens_details" not in without["response"]["body"]["usage"]
+
+
 def test_success_line_is_openai_batch_output_with_a_valid_chat_completion(tmp_path: Path) -> None:
     path = tmp_path / "out.jsonl"
     with OutputWriter(path) as writer:

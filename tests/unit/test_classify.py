@@ -14,6 +14,7 @@ import pytest
 
 from api_client._schemas import ErrorKind, PromptRequest
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
+from tests.support.threads import off_main_thread
 from worker import llm
 from worker.classify import MAX_MESSAGE_CHARS, Failure, classify, scrub
 from worker.settings import LLMSettings, load_settings
@@ -86,7 +87,7 @@ def _attempt(
         server.default = reply
     before = len(server.requests)
     try:
-        llm.complete(settings, REQUEST)
+        off_main_thread(lambda: llm.complete(settings, REQUEST))
     except Exception as exc:  # the task classifies every exception the same way
         secrets = (settings.api_key.get_secret_value(),) if settings.api_key else ()
         failure = classify(exc, secrets=secrets)
@@ -282,7 +283,7 @@ def test_request_model_overrides_a_missing_worker_model(server: ScriptedOpenAISe
     request = PromptRequest(messages=REQUEST.messages, model="openai/test-model")
     before = len(server.requests)
 
-    completion = llm.complete(settings, request)
+    completion = off_main_thread(lambda: llm.complete(settings, request))
 
     assert completion.content == "echo: Name three prime numbers."
     assert len(server.requests) - before == 1

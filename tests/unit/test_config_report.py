@@ -78,6 +78,19 @@ def test_per_model_rate_limits_are_listed_with_their_file(tmp_path: Path) -> Non
     assert by_name['rate_limits."openai/gpt-4o".tpm'].value == NOT_SET
 
 
+def test_named_configurations_list_what_their_tables_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[llm.cheap]\nmodel = "openai/mini"\napi_key = "{SECRET}"\n')
+
+    rows = describe_settings(str(path))
+    by_name = _by_name(rows)
+
+    assert by_name["[llm.cheap] model"].value == "openai/mini"
+    assert by_name["[llm.cheap] model"].source == f"file ({path})"
+    assert by_name["[llm.cheap] api_key"].value == MASK
+    assert SECRET not in format_rows(rows)
+
+
 def test_default_config_toml_and_promptq_config_are_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import http.client
 import json
 import math
@@ -15,8 +14,8 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -24,6 +23,7 @@ import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
+from tests.support.threads import off_main_thread
 from worker.fake_provider import FakeProvider, FakeProviderConfig, embedding_of, main
 
 RATE_HEADERS = (
@@ -34,17 +34,6 @@ RATE_HEADERS = (
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
 )
-
-
-T = TypeVar("T")
-
-
-def off_main_thread(fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a fresh thread: an asyncio.run() there leaves the main thread's event loop
-    alone (a LiteLLM call in an earlier test can leave one there, unclosed, and replacing it
-    would surface as that test's ResourceWarning here)."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(fn).result(timeout=60)
 
 
 class FakeClock:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import fakeredis
 import pytest
 import redis
 
-from tests.support.redis_server import RedisServer
 from worker.limiter import (
     BACKOFF_FACTOR,
     BACKOFF_MIN_CALLS,
@@ -26,45 +21,25 @@ KEY = "sk-limiter-test-secret-0123456789"
 SLACK_S = 0.25
 
 
-@pytest.fixture(scope="module")
-def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("limiter-redis")) as server:
-        yield server
-
-
-@pytest.fixture(params=["fakeredis", "redis-server"])
-def client(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        yield fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        return
-    server: RedisServer = request.getfixturevalue("real_redis")
-    connection = server.client()
-    connection.flushall()
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
 def limiter(
-    client: redis.Redis, *, max_ahead_s: float = 60.0, adaptive: bool = True
+    lua_redis: redis.Redis, *, max_ahead_s: float = 60.0, adaptive: bool = True
 ) -> RateLimiter:
-    return RateLimiter(client, max_ahead_s=max_ahead_s, adaptive=adaptive)
+    return RateLimiter(lua_redis, max_ahead_s=max_ahead_s, adaptive=adaptive)
 
 
 def deployment(rpm: int | None = None, tpm: int | None = None, key: str = KEY) -> Deployment:
     return Deployment.of("openai/m", "http://127.0.0.1:9/v1", key, rpm=rpm, tpm=tpm)
 
 
-def test_without_any_limit_every_call_starts_at_once(client: redis.Redis) -> None:
-    rl, target = limiter(client), deployment()
+def test_without_any_limit_every_call_starts_at_once(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment()
     grants = [rl.acquire(target, tokens=100) for _ in range(50)]
     assert all(g.granted and g.wait_s == 0 for g in grants)
     assert grants[-1].rpm == 0 and grants[-1].tpm == 0
 
 
-def test_configured_rpm_spaces_calls_after_the_burst(client: redis.Redis) -> None:
-    rl, target = limiter(client), deployment(rpm=600)  # one call every 100 ms
+def test_configured_rpm_spaces_calls_after_the_burst(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment(rpm=600)  # one call every 100 ms
     burst = int(BURST_S / 0.1) + 1  # GCRA lets this many start at once after idling
     waits = [rl.acquire(target, tokens=0).wait_s for _ in range(burst + 20)]
 
@@ -73,9 +48,9 @@ def test_configured_rpm_spaces_calls_after_the_burst(client: redis.Redis) -> Non
         assert wait == pytest.approx(n * 0.1, abs=SLACK_S), n
 
 
-def test_two_limiters_share_one_budget(client: redis.Redis) -> None:
+def test_two_limiters_share_one_budget(lua_redis: redis.Redis) -> None:
     """Two workers (two limiters, the same Redis) together get the rate, not twice it."""
-    first, second, target = limiter(client), limiter(client), deployment(rpm=60)
+    first, second, target = limiter(lua_redis), limiter(lua_redis), deployment(rpm=60)
     waits = [rl.acquire(target, tokens=0).wait_s for _ in range(10) for rl in (first, second)]
     # One call a second between both, whichever limiter asks: 20 calls span 18 s after a burst
     # of two (one second of tolerance).
@@ -83,8 +58,8 @@ def test_two_limiters_share_one_budget(client: redis.Redis) -> None:
     assert sorted(waits) == waits
 
 
-def test_no_slot_is_reserved_beyond_max_ahead(client: redis.Redis) -> None:
-    rl, target = limiter(client, max_ahead_s=5), deployment(rpm=60)
+def test_no_slot_is_reserved_beyond_max_ahead(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis, max_ahead_s=5), deployment(rpm=60)
     grants = [rl.acquire(target, tokens=0) for _ in range(12)]
     granted = [g for g in grants if g.granted]
     refused = [g for g in grants if not g.granted]
@@ -97,8 +72,8 @@ def test_no_slot_is_reserved_beyond_max_ahead(client: redis.Redis) -> None:
     assert 0 < refused[0].wait_s <= 1.0 + SLACK_S
 
 
-def test_tokens_are_charged_and_reconciled(client: redis.Redis) -> None:
-    rl, target = limiter(client), deployment(tpm=6000)  # 100 tokens a second
+def test_tokens_are_charged_and_reconciled(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment(tpm=6000)  # 100 tokens a second
     assert rl.acquire(target, tokens=1000).wait_s == 0
     # 1,000 tokens are 10 s of budget; one second of it is burst tolerance.
     assert rl.acquire(target, tokens=10).wait_s == pytest.approx(9.0, abs=SLACK_S)
@@ -108,8 +83,8 @@ def test_tokens_are_charged_and_reconciled(client: redis.Redis) -> None:
     assert rl.acquire(target, tokens=10).wait_s == pytest.approx(0.1, abs=SLACK_S)
 
 
-def test_tokens_are_counted_only_where_a_token_limit_applies(client: redis.Redis) -> None:
-    rl = limiter(client)
+def test_tokens_are_counted_only_where_a_token_limit_applies(lua_redis: redis.Redis) -> None:
+    rl = limiter(lua_redis)
     assert rl.counts_tokens(deployment(tpm=1000))
     learned = deployment()
     assert not rl.counts_tokens(learned)
@@ -125,9 +100,9 @@ def test_tokens_are_counted_only_where_a_token_limit_applies(client: redis.Redis
 
 
 def test_limits_are_learned_from_headers_and_configured_ones_cap_them(
-    client: redis.Redis,
+    lua_redis: redis.Redis,
 ) -> None:
-    rl = limiter(client)
+    rl = limiter(lua_redis)
     headers = {"llm_provider-x-ratelimit-limit-requests": "120", "x-ratelimit-limit-tokens": "9000"}
     target = deployment()
     rl.settle(target, reserved_tokens=0, charged_tokens=10, outcome="ok", headers=headers)
@@ -139,14 +114,14 @@ def test_limits_are_learned_from_headers_and_configured_ones_cap_them(
     assert (grant.rpm, grant.tpm) == (60, 9000)
 
 
-def test_a_retry_after_pauses_the_whole_fleet(client: redis.Redis) -> None:
-    one, other, target = limiter(client), limiter(client), deployment()
+def test_a_retry_after_pauses_the_whole_fleet(lua_redis: redis.Redis) -> None:
+    one, other, target = limiter(lua_redis), limiter(lua_redis), deployment()
     one.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=3)
     assert other.acquire(target, tokens=0).wait_s == pytest.approx(3.0, abs=SLACK_S)
 
 
-def test_a_429_without_headers_backs_the_rate_off_then_it_recovers(client: redis.Redis) -> None:
-    rl, target = limiter(client), deployment()
+def test_a_429_without_headers_backs_the_rate_off_then_it_recovers(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment()
     for _ in range(30):
         rl.acquire(target, tokens=0)
     rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited")
@@ -163,8 +138,8 @@ def test_a_429_without_headers_backs_the_rate_off_then_it_recovers(client: redis
     assert rl.acquire(target, tokens=0).rpm == pytest.approx(backed_off + 5, abs=1)
 
 
-def test_a_429_after_too_few_calls_only_pauses(client: redis.Redis) -> None:
-    rl, target = limiter(client), deployment()
+def test_a_429_after_too_few_calls_only_pauses(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment()
     for _ in range(BACKOFF_MIN_CALLS - 1):
         rl.acquire(target, tokens=0)
     rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=1)
@@ -173,8 +148,8 @@ def test_a_429_after_too_few_calls_only_pauses(client: redis.Redis) -> None:
     assert grant.wait_s == pytest.approx(1.0, abs=SLACK_S)
 
 
-def test_without_adaptive_only_configured_limits_apply(client: redis.Redis) -> None:
-    rl, target = limiter(client, adaptive=False), deployment()
+def test_without_adaptive_only_configured_limits_apply(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis, adaptive=False), deployment()
     rl.settle(
         target,
         reserved_tokens=0,
@@ -185,34 +160,36 @@ def test_without_adaptive_only_configured_limits_apply(client: redis.Redis) -> N
     assert rl.acquire(target, tokens=0).rpm == 0
 
 
-def test_the_key_never_reaches_redis_and_keys_tell_deployments_apart(client: redis.Redis) -> None:
-    rl = limiter(client)
+def test_the_key_never_reaches_redis_and_keys_tell_deployments_apart(
+    lua_redis: redis.Redis,
+) -> None:
+    rl = limiter(lua_redis)
     one, other = deployment(rpm=60), deployment(rpm=60, key="sk-another-key-abcdefghij")
     rl.acquire(one, tokens=0)
     rl.acquire(other, tokens=0)
 
     assert one.identity != other.identity
     dump = ""
-    for key in client.scan_iter(match=f"{LIMITER_PREFIX}*"):
-        dump += repr(key) + repr(client.hgetall(key))
+    for key in lua_redis.scan_iter(match=f"{LIMITER_PREFIX}*"):
+        dump += repr(key) + repr(lua_redis.hgetall(key))
     assert KEY not in dump
     assert "openai/m" in dump and "127.0.0.1:9" in dump
 
 
-def test_state_expires_when_idle(client: redis.Redis) -> None:
-    rl, target = limiter(client), deployment(rpm=60)
+def test_state_expires_when_idle(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment(rpm=60)
     rl.acquire(target, tokens=0)
-    assert 0 < client.pttl(target.redis_key) <= 3600 * 1000
+    assert 0 < lua_redis.pttl(target.redis_key) <= 3600 * 1000
 
 
-def test_read_limiters_reports_the_last_minute(client: redis.Redis) -> None:
-    rl, target = limiter(client, adaptive=False), deployment(rpm=600)
+def test_read_limiters_reports_the_last_minute(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis, adaptive=False), deployment(rpm=600)
     for _ in range(5):
         rl.acquire(target, tokens=0)
         rl.settle(target, reserved_tokens=0, charged_tokens=40, outcome="ok")
     rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=9)
 
-    (state,) = read_limiters(client)
+    (state,) = read_limiters(lua_redis)
     assert (state.model, state.endpoint) == ("openai/m", "127.0.0.1:9")
     assert (state.rpm_limit, state.rpm_source, state.tpm_limit) == (600, "configured", 0)
     # (approx: should the test cross a minute, the last minute's counts are prorated)

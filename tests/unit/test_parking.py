@@ -3,85 +3,62 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import fakeredis
 import pytest
 import redis
 
 from api_client._constants import QUEUE
-from tests.support.redis_server import RedisServer
 from worker.parking import PARKED_KEY, Parking, ParkingMover
 
 WAIT_S = 10.0
 
 
-@pytest.fixture(scope="module")
-def real_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    with RedisServer(tmp_path_factory.mktemp("parking-redis")) as server:
-        yield server
-
-
-@pytest.fixture(params=["fakeredis", "redis-server"])
-def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
-    if request.param == "fakeredis":
-        yield fakeredis.FakeRedis(server=fakeredis.FakeServer())
-        return
-    server: RedisServer = request.getfixturevalue("real_redis")
-    connection = server.client()
-    connection.flushall()
-    try:
-        yield connection
-    finally:
-        connection.close()
-
-
-def test_a_job_is_queued_only_once_due(client: redis.Redis) -> None:
-    parking = Parking(client)
+def test_a_job_is_queued_only_once_due(lua_redis: redis.Redis) -> None:
+    parking = Parking(lua_redis)
     parking.park(b"later", delay_s=30)
     parking.park(b"now", delay_s=0)
 
     assert parking.move_due() == 1
-    assert client.lrange(QUEUE, 0, -1) == [b"now"]
-    assert client.zrange(PARKED_KEY, 0, -1) == [b"later"]
+    assert lua_redis.lrange(QUEUE, 0, -1) == [b"now"]
+    assert lua_redis.zrange(PARKED_KEY, 0, -1) == [b"later"]
     assert parking.move_due() == 0  # nothing moves twice
 
 
-def test_due_jobs_go_where_workers_take_next(client: redis.Redis) -> None:
+def test_due_jobs_go_where_workers_take_next(lua_redis: redis.Redis) -> None:
     """kombu takes from the right end (BRPOP): a due job overtakes the backlog."""
-    client.lpush(QUEUE, b"backlog-1", b"backlog-2")
-    parking = Parking(client)
+    lua_redis.lpush(QUEUE, b"backlog-1", b"backlog-2")
+    parking = Parking(lua_redis)
     parking.park(b"due", delay_s=0)
     parking.move_due()
 
-    assert client.rpop(QUEUE) == b"due"
+    assert lua_redis.rpop(QUEUE) == b"due"
 
 
-def test_move_due_takes_at_most_its_limit(client: redis.Redis) -> None:
-    parking = Parking(client)
+def test_move_due_takes_at_most_its_limit(lua_redis: redis.Redis) -> None:
+    parking = Parking(lua_redis)
     for n in range(5):
         parking.park(f"job-{n}".encode(), delay_s=0)
 
     assert parking.move_due(limit=3) == 3
     assert parking.move_due(limit=3) == 2
-    assert client.llen(QUEUE) == 5
+    assert lua_redis.llen(QUEUE) == 5
 
 
-def test_the_mover_requeues_a_job_when_it_is_due(client: redis.Redis) -> None:
-    parking = Parking(client)
+def test_the_mover_requeues_a_job_when_it_is_due(lua_redis: redis.Redis) -> None:
+    parking = Parking(lua_redis)
     mover = ParkingMover(parking, interval_s=0.01)
     mover.start()
     try:
         parked_at = time.monotonic()
         parking.park(b"soon", delay_s=0.3)
         deadline = parked_at + WAIT_S
-        while client.llen(QUEUE) == 0:
+        while lua_redis.llen(QUEUE) == 0:
             assert time.monotonic() < deadline, "the parked job never came back"
             time.sleep(0.01)
         assert time.monotonic() - parked_at >= 0.3 - 0.01  # Redis time is in milliseconds
     finally:
         mover.stop()
-    assert client.zcard(PARKED_KEY) == 0
+    assert lua_redis.zcard(PARKED_KEY) == 0
 
 
 def test_the_mover_survives_redis_errors(caplog: pytest.LogCaptureFixture) -> None:

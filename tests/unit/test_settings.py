@@ -485,8 +485,9 @@ def test_promptq_config_naming_a_missing_file_is_refused(
 
 
 def test_explicit_missing_path_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist") as raised:
         load_settings(tmp_path / "missing.toml")
+    assert "PROMPTQ_CONFIG" not in str(raised.value)  # it was not named there
 
 
 def test_malformed_toml_is_refused(tmp_path: Path) -> None:
@@ -505,11 +506,62 @@ def test_llm_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
         load_settings(path)
 
 
-def test_named_llm_configurations_are_refused(tmp_path: Path) -> None:
-    path = _write_config(tmp_path / "c.toml", '[llm.cheap]\nmodel = "openai/x"\n')
+NAMED_CONFIG = """
+[llm]
+model = "openai/gpt-4o"
+num_retries = 5
+rpm = 100
 
-    with pytest.raises(ConfigError, match=r"llm\.cheap"):
-        load_settings(path)
+[llm.cheap]
+model = "openai/gpt-4o-mini"
+num_retries = 2
+
+[llm.local]
+base_url = "http://127.0.0.1:8000/v1"
+rpm = 30
+"""
+
+
+def test_named_llm_configurations_override_the_default(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LLM_API_KEY", SECRET)
+    monkeypatch.setenv("LLM_TIMEOUT", "30")
+    settings = load_settings(_write_config(tmp_path / "c.toml", NAMED_CONFIG))
+
+    cheap, local = settings.llm_named("cheap"), settings.llm_named("local")
+    assert (cheap.model, cheap.num_retries, cheap.base_url) == ("openai/gpt-4o-mini", 2, None)
+    assert (local.model, local.num_retries, local.base_url) == (
+        "openai/gpt-4o",
+        5,
+        "http://127.0.0.1:8000/v1",
+    )
+    # What a table does not set comes from [llm] as the environment left it.
+    assert cheap.timeout == local.timeout == 30
+    assert cheap.api_key is not None and cheap.api_key.get_secret_value() == SECRET
+    assert settings.llm_named(None) is settings.llm
+    assert settings.llm.model == "openai/gpt-4o"  # the tables do not leak into [llm]
+    with pytest.raises(KeyError):
+        settings.llm_named("missing")
+    # Rate limits follow the configuration a call uses.
+    assert settings.limits_for("openai/gpt-4o-mini", cheap).rpm == 100
+    assert settings.limits_for("openai/gpt-4o", local).rpm == 30
+
+
+@pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        ("[llm.bad]\nnum_retries = -1\n", "LLM_NUM_RETRIES (num_retries in [llm.bad]"),
+        ("[llm.bad]\nbogus = 1\n", "bogus in [llm.bad]"),
+        ('[llm."bad name"]\nmodel = "x"\n', "[llm.bad name]"),
+        ("[llm.bad]\nretry_max_wait = 5000\n", "[llm.bad]: invalid configuration"),
+        ("[llm.bad]\ninput_cost_per_token = 0.1\n", "[llm.bad]: invalid configuration"),
+    ],
+)
+def test_a_bad_named_configuration_is_named(tmp_path: Path, table: str, named: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(_write_config(tmp_path / "c.toml", table))
+    assert named in str(raised.value)
 
 
 # --- the API key stays secret ---------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 import fakeredis
 import pytest
+import redis
 
 from api_client._constants import KEY_PREFIX, result_key, starts_key, state_key
 from api_client._schemas import (
@@ -17,6 +20,7 @@ from api_client._schemas import (
     Usage,
 )
 from api_client._wire import poll_keys, read_poll, status_of
+from tests.support.redis_server import RedisServer
 from worker.store import JobStore
 
 JOB_ID = "job-1"
@@ -186,3 +190,26 @@ def test_every_key_has_the_prefix(store: JobStore, redis_client: fakeredis.FakeR
     }
     assert all(key.startswith(KEY_PREFIX) for key in keys)
     assert KEY_PREFIX == "promptq:"
+
+
+def test_a_patient_finish_rides_out_a_redis_restart(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        connection = server.client()
+        store = JobStore(connection, ttl_s=TTL_S)
+        server.stop()
+        restart = threading.Timer(0.5, server.start)
+        restart.start()
+        try:
+            assert store.finish(JOB_ID, _success(), patient=True)
+        finally:
+            restart.join()
+        assert connection.exists(result_key(JOB_ID))
+        connection.close()
+
+
+def test_an_impatient_finish_raises_at_once_when_redis_is_down(tmp_path: Path) -> None:
+    with RedisServer(tmp_path) as server:
+        store = JobStore(server.client(), ttl_s=TTL_S)
+        server.stop()
+        with pytest.raises(redis.ConnectionError):
+            store.finish(JOB_ID, _success())

@@ -1,0 +1,70 @@
+"""Waiting for rate-limit capacity: a short wait in the worker thread, a long one parked."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+from api_client._schemas import PromptRequest
+from api_client._wire import task_message
+
+from . import llm
+
+if TYPE_CHECKING:
+    from celery import Task
+
+    from .app import PromptqCelery
+    from .limiter import Deployment
+
+logger = logging.getLogger("promptq.worker")
+
+# A job parked for a reserved slot comes back this long before it (at most
+# PROMPTQ_LIMITER_MAX_SLEEP_S) and sleeps the rest, so that moving it and handing it to a
+# worker thread do not make it late.
+SLOT_LEAD_S = 0.25
+
+
+def take_slot(
+    task: Task, deployment: Deployment, request: PromptRequest, failures: int
+) -> int | None:
+    """Wait for the deployment's rate limit to allow this call: return the tokens charged,
+    or None when the job was parked to come back later (the task then ends).
+
+    A wait of up to PROMPTQ_LIMITER_MAX_SLEEP_S is slept in this worker thread. A longer
+    one gives the thread back: the slot stays reserved and the job is parked in Redis until
+    just before it; when no slot is free within PROMPTQ_LIMITER_MAX_AHEAD_S, the job is
+    parked to ask again later. Neither spends a retry.
+    """
+    app: PromptqCelery = task.app
+    max_sleep_s = app.settings.queue.limiter_max_sleep_s
+    limiter = app.limiter
+    tokens = 0
+    if limiter.counts_tokens(deployment):
+        reply_tokens = app.settings.queue.limiter_reply_tokens
+        tokens = llm.estimate_tokens(deployment.model, request, reply_tokens)
+    grant = limiter.acquire(deployment, tokens)
+    if grant.granted and grant.wait_s <= max_sleep_s:
+        if grant.wait_s > 0:
+            time.sleep(grant.wait_s)
+        return tokens
+    state: dict[str, Any] = {"failures": failures}
+    if grant.granted:  # back shortly before the slot, then sleep the rest of the way
+        delay_s = grant.wait_s - min(max_sleep_s, SLOT_LEAD_S)
+        state |= {"reserved_tokens": tokens, "slot_at": time.time() + grant.wait_s}
+    else:  # spread the jobs that found no slot, so they do not all ask again at once
+        spread = random.uniform(0.25, 0.5)  # noqa: S311
+        delay_s = grant.wait_s + spread * app.settings.limiter_max_ahead_s
+    job_id: str = task.request.id
+    app.store.mark_waiting(job_id)
+    retries = task.request.retries + 1  # one more delivery of this job
+    app.parking.park(task_message(job_id, request, kwargs=state, retries=retries), delay_s)
+    logger.info("job %s parked %.1f s for the rate limit of %s", job_id, delay_s, deployment.model)
+    return None
+
+
+def sleep_until_slot(app: PromptqCelery, slot_at: float | None) -> None:
+    """A parked job back for its reserved slot (``slot_at``, epoch seconds) waits for it."""
+    if slot_at is not None and slot_at > time.time():
+        time.sleep(min(slot_at - time.time(), app.settings.queue.limiter_max_sleep_s))
