@@ -31,11 +31,10 @@ def run(
     provider: ScriptedOpenAIServer,
     redis_server: RedisServer,
     workers: list[WorkerProcess],
-    n: int = 1,
-) -> list[Outcome]:
-    """Submit n prompts, check the invariants, return the outcomes in submission order."""
-    prompts = [f"provider fault {i} {uuid.uuid4().hex[:8]}" for i in range(n)]
-    jobs: dict[str, Job] = dict(zip(prompts, client.submit_many(prompts), strict=True))
+) -> Outcome:
+    """Submit one prompt, check the invariants, return its outcome."""
+    prompt = f"provider fault {uuid.uuid4().hex[:8]}"
+    jobs: dict[str, Job] = {prompt: client.submit(prompt)}
     ended = assert_invariants(
         client,
         jobs,
@@ -46,7 +45,7 @@ def run(
         max_calls=ATTEMPTS,
         timeout_s=WAIT_S,
     )
-    return [ended[prompt] for prompt in prompts]
+    return ended[prompt]
 
 
 def failure(outcome: Outcome) -> JobFailed:
@@ -103,7 +102,7 @@ def test_a_fault_on_every_attempt_fails_with_its_kind(
 ) -> None:
     provider.script(*replies)
 
-    [outcome] = run(client, provider, redis_server, [worker])
+    outcome = run(client, provider, redis_server, [worker])
 
     failed = failure(outcome)
     assert (failed.kind, failed.status_code, failed.attempts) == (kind, status_code, ATTEMPTS)
@@ -127,7 +126,7 @@ def test_faults_then_an_answer_on_the_last_attempt(
 ) -> None:
     provider.script(*replies)
 
-    [outcome] = run(client, provider, redis_server, [worker])
+    outcome = run(client, provider, redis_server, [worker])
 
     assert not isinstance(outcome, JobFailed), outcome
     assert outcome.attempts == ATTEMPTS

@@ -260,7 +260,7 @@ def test_warm_shutdown_finishes_calls_in_flight_and_requeues_held_retries(
         max_calls=1 + NUM_RETRIES,
         timeout_s=WAIT_S,
     )
-    [(_, retried)] = [(p, o) for p, o in outcomes.items() if p in held]
+    [retried] = [outcome for prompt, outcome in outcomes.items() if prompt in held]
     assert not isinstance(retried, JobFailed) and retried.attempts == 2
     assert time.monotonic() - started < STOP_VISIBILITY_S / 2
 

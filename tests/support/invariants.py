@@ -69,9 +69,9 @@ def assert_invariants(
     Every job reaches exactly one terminal state within ``timeout_s``: a result carrying its
     own prompt's echo or a structured error, with no state left behind. The provider saw
     each prompt at most ``max_calls`` times (1 + retries + redeliveries), and no outcome
-    counts more attempts than that. ``secret`` (the API key) is in no Redis key
-    or value, no worker log, no result or error; no prompt or completion is in a worker
-    log. Last, the provider is healed (answers every request), and the workers answer one more job.
+    counts more attempts than that. ``secret`` (the API key) is in no Redis key or value, no
+    worker log, no result or error; no prompt or completion is in a worker log. Last, the
+    provider is healed (it answers every request) and the workers answer one more job.
     """
     workers = list(workers)
     by_id = {job.id: prompt for prompt, job in submitted.items()}
