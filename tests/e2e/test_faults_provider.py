@@ -258,6 +258,7 @@ def test_retries_held_in_memory_do_not_take_the_workers_threads(
     env = worker_env(own_redis.url, provider.base_url) | {
         "LLM_RETRY_MIN_WAIT": "4",  # the retries stay held while the test looks
         "LLM_RETRY_MAX_WAIT": "4",
+        "LLM_TIMEOUT": "4",  # and the calls beside them wait at the gate without timing out
         "PROMPTQ_ETA_TASK_LIMIT": str(eta_task_limit),
     }
     args = ("--concurrency", str(concurrency))

@@ -45,7 +45,9 @@ def workers(
 ) -> Iterator[list[WorkerProcess]]:
     directory = tmp_path_factory.mktemp("workers")
     env = worker_env(redis_server.url, provider.base_url) | {
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S)
+        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
+        # Calls held through the outage must not time out (and become retries) meanwhile.
+        "LLM_TIMEOUT": "2.5",
     }
     processes = [
         WorkerProcess(env, directory / f"worker-{n}.log", args=("--concurrency", "3")).start()

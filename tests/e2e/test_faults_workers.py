@@ -21,9 +21,12 @@ from worker.parking import PARKED_KEY
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 from .test_core_loop import WAIT_S, wait_until
 
+# A call must still be waiting for the provider when its worker is killed: a timeout would
+# make it a failed attempt instead, so the kill tests allow calls this long.
+KILL_CALL_TIMEOUT_S = 2.5
 # A killed worker's jobs come back after this long (kombu's unacknowledged set); it must fit
-# two LLM_RETRY_MAX_WAIT + LLM_TIMEOUT (2.4 s) and hold a call past the kill.
-KILL_VISIBILITY_S = 5.0
+# twice LLM_RETRY_MAX_WAIT + LLM_TIMEOUT (5.4 s).
+KILL_VISIBILITY_S = 6.0
 # Each worker looks for jobs unacknowledged past the timeout every tenth of it
 # (worker.app.restore_interval_s); allow that, a poll and a call on a loaded machine.
 COMEBACK_SLACK_S = 4.0
@@ -109,7 +112,8 @@ def received_by(process: WorkerProcess, job_id: str) -> bool:
 
 def kill_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
     return worker_env(redis_server.url, provider.base_url) | {
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S)
+        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
+        "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
     }
 
 
@@ -208,10 +212,12 @@ def test_a_job_that_kills_every_worker_fails_as_worker_lost(
 
 
 def stop_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
-    # Long retry waits, so that a retry is still held in worker memory at the shutdown, and a
-    # long visibility timeout that nothing below may wait for.
+    # Long retry waits, so that a retry is still held in worker memory at the shutdown; calls
+    # allowed to wait for the provider through the shutdown; and a long visibility timeout
+    # that nothing below may wait for.
     return worker_env(redis_server.url, provider.base_url) | {
         "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
+        "LLM_TIMEOUT": "10",
         "LLM_RETRY_MIN_WAIT": "5",
         "LLM_RETRY_MAX_WAIT": "5",
     }
