@@ -149,10 +149,18 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # Retries are ETA messages held in memory until due: bound how many.
-        "worker_eta_task_limit": queue.eta_task_limit,
+        # Retries are ETA messages held in memory until due: bound how many. Celery applies
+        # the limit to every message the worker holds, calls in flight included (it caps the
+        # prefetch count), so a limit at or below the concurrency stopped the worker taking
+        # jobs while that many retries were held: the limit comes on top of the concurrency.
+        "worker_eta_task_limit": queue.concurrency + queue.eta_task_limit,
         "broker_transport_options": {
             "visibility_timeout": queue.visibility_timeout_s,
+            # kombu looks for messages unacknowledged past the visibility timeout (a killed
+            # worker's jobs) only every 10 s x 10 by default: they came back up to 100 s late.
+            # Every worker now looks every tenth of the timeout (0.1 s to 10 s).
+            "unacked_restore_interval": restore_interval_s(queue.visibility_timeout_s),
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "socket_keepalive": True,
@@ -165,6 +173,20 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "worker_cancel_long_running_tasks_on_connection_loss": False,
         "enable_utc": True,
     }
+
+
+def with_concurrency(settings: Settings, concurrency: int | None) -> Settings:
+    """The settings with the concurrency a command line chose (None or 0: as configured)."""
+    if not concurrency:
+        return settings
+    queue = settings.queue.model_copy(update={"concurrency": concurrency})
+    return settings.model_copy(update={"queue": queue})
+
+
+def restore_interval_s(visibility_timeout_s: float) -> float:
+    """How often each worker returns messages unacknowledged past the visibility timeout to the
+    queue: a killed worker's jobs come back at most a tenth of the timeout late (10 s at most)."""
+    return max(0.1, min(10.0, visibility_timeout_s / 10))
 
 
 class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped

@@ -97,10 +97,11 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
         # The calls would be counted in the pool's child processes, out of the server's sight.
         print("promptq worker: PROMPTQ_METRICS_PORT needs -P threads or solo", file=sys.stderr)
         return EXIT_USAGE
-    from .app import create_app  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
+    from .app import create_app, with_concurrency  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
 
+    settings = with_concurrency(settings, args.concurrency)
     app = create_app(settings)
-    concurrency = args.concurrency or settings.queue.concurrency
+    concurrency = settings.queue.concurrency
     app.worker_main(
         [
             "worker",

@@ -21,7 +21,7 @@ from celery.worker import WorkController
 from fakeredis import TcpFakeServer
 from fakeredis._clients._tcp_server import TCPFakeRequestHandler
 
-from .app import PromptqCelery, create_app
+from .app import PromptqCelery, create_app, with_concurrency
 from .settings import Settings
 
 START_TIMEOUT_S = 30.0
@@ -181,6 +181,7 @@ class EmbeddedWorker:
     """
 
     def __init__(self, settings: Settings, *, concurrency: int | None = None) -> None:
+        settings = with_concurrency(settings, concurrency)
         self.app: PromptqCelery = create_app(settings)
         # Celery's thread pool resolves tasks through the process-wide default app.
         self.app.set_default()
@@ -189,7 +190,7 @@ class EmbeddedWorker:
         self._controller = _WorkController(
             app=self.app,
             pool="threads",
-            concurrency=concurrency or settings.queue.concurrency,
+            concurrency=settings.queue.concurrency,
             hostname=f"promptq-embedded-{id(self)}@localhost",
             without_heartbeat=True,
             without_mingle=True,

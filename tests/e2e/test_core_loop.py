@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -20,6 +19,7 @@ from api_client import (
 )
 from api_client._constants import QUEUE, starts_key, state_key
 from api_client._wire import build_request, task_message
+from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -187,26 +187,6 @@ def test_async_client_gathers_50(redis_server: RedisServer, worker: WorkerProces
     assert asyncio.run(run()) == [f"echo: async {i}" for i in range(50)]
 
 
-def _dump_redis(redis_server: RedisServer) -> bytes:
-    """Every key and value in the server, whatever its type, as one blob."""
-    redis = redis_server.client()
-    values: list[Any] = []
-    for key in redis.scan_iter(count=1000):
-        values.append(key)
-        kind = redis.type(key)
-        if kind == b"string":
-            values.append(redis.get(key))
-        elif kind == b"list":
-            values += redis.lrange(key, 0, -1)
-        elif kind == b"hash":
-            values += [item for pair in redis.hgetall(key).items() for item in pair]
-        elif kind == b"set":
-            values += redis.smembers(key)
-        elif kind == b"zset":
-            values += redis.zrange(key, 0, -1)
-    return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in values)
-
-
 def test_a_job_redelivered_too_often_fails_as_worker_lost(
     client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
 ) -> None:
@@ -253,7 +233,7 @@ def test_canary_key_never_reaches_redis_results_or_logs(
     assert CANARY_KEY not in str(failed.value)
 
     # Everything the module's runs left in Redis, and everything the worker logged.
-    stored = _dump_redis(redis_server)
+    stored = dump_redis(redis_server)
     assert stored  # the runs above left results to inspect
     assert CANARY_KEY.encode() not in stored
     assert CANARY_KEY not in worker.log()

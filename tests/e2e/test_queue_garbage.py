@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import pickle
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,10 +17,12 @@ import pytest
 from api_client import Client
 from api_client._constants import QUEUE
 from api_client._wire import build_request, task_message
+from tests.support.invariants import assert_invariants
+from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 
-from .conftest import CANARY_KEY
+from .conftest import CANARY_KEY, NUM_RETRIES
 from .test_core_loop import WAIT_S, wait_until
 
 MARKER = "MARKER-secret-prompt-5e1f0c"
@@ -42,13 +47,23 @@ def _not_utf8() -> bytes:
     return b"\xff\xfe" + MARKER.encode()
 
 
-def _pickle() -> bytes:
+def _pickle(args: object = MARKER) -> bytes:
     envelope = _envelope()
     envelope["content-type"] = "application/x-python-serialize"
     envelope["content-encoding"] = "binary"
-    payload = pickle.dumps([[{"prompt": MARKER}], {}, {}])
+    payload = pickle.dumps([[{"prompt": args}], {}, {}])
     envelope["body"] = base64.b64encode(payload).decode()
     return json.dumps(envelope).encode()
+
+
+class _MakeDirectory:
+    """Pickled, it makes a directory when unpickled: what a hostile pickle would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (self.path,))
 
 
 def _unknown_task() -> bytes:
@@ -135,3 +150,36 @@ def test_the_worker_outlived_all_the_garbage(
     assert MARKER not in log
     assert CANARY_KEY not in log
     assert "Traceback" not in log
+
+
+def test_a_pickle_is_never_unpickled(
+    client: Client,
+    *,
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    worker: WorkerProcess,
+    tmp_path: Path,
+) -> None:
+    """The refusal happens before any byte of the body is unpickled (Celery refuses the
+    content type): the payload's code never runs, and the worker goes on."""
+    proof = tmp_path / "the-pickle-ran"
+    refusals_before = worker.log().count(REFUSED)
+    redis = redis_server.client()
+
+    redis.lpush(QUEUE, _pickle(_MakeDirectory(proof)))
+    wait_until(lambda: worker.log().count(REFUSED) > refusals_before)
+    prompts = [f"after a hostile pickle {n} {uuid.uuid4().hex[:8]}" for n in range(3)]
+    assert_invariants(
+        client,
+        dict(zip(prompts, client.submit_many(prompts), strict=True)),
+        redis_server=redis_server,
+        provider=provider,
+        workers=[worker],
+        secret=CANARY_KEY,
+        max_calls=1 + NUM_RETRIES,
+        timeout_s=WAIT_S,
+    )
+
+    assert not proof.exists()
+    assert "ContentDisallowed" in worker.log().split(REFUSED)[-1]
+    wait_until(lambda: redis.llen(QUEUE) == 0 and redis.hlen("unacked") == 0)

@@ -6,7 +6,7 @@ import itertools
 import json
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -151,9 +151,9 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, owner: ScriptedOpenAIServer) -> None:
+    def __init__(self, owner: ScriptedOpenAIServer, port: int) -> None:
         self.owner = owner
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -225,6 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             payload = _model_list()
         self._send(reply.status, payload, reply.headers)
+        owner._answered()
 
     def _send(self, status: int, payload: dict[str, Any] | bytes, extra: dict[str, str]) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -259,10 +260,12 @@ class ScriptedOpenAIServer:
         self._changed = threading.Condition(self._lock)
         self._script: deque[Reply] = deque()
         self._requests: list[RecordedRequest] = []
+        self._replies = 0  # requests answered (sent a reply) since the last reset
         self._counter = itertools.count(1)
         self._stopping = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._port = 0  # kept across stop() and start(): the base URL stays the same
 
     def script(self, *replies: Reply) -> None:
         """Append replies, consumed in order, one per request."""
@@ -274,6 +277,13 @@ class ScriptedOpenAIServer:
         with self._lock:
             self._script.clear()
             self._requests.clear()
+            self._replies = 0
+            self.default = Reply()
+
+    def heal(self) -> None:
+        """Forget the script and answer every request with Reply() again; keep the record."""
+        with self._lock:
+            self._script.clear()
             self.default = Reply()
 
     @property
@@ -287,6 +297,21 @@ class ScriptedOpenAIServer:
     def requests(self) -> list[RecordedRequest]:
         with self._lock:
             return list(self._requests)
+
+    @property
+    def answered(self) -> int:
+        """How many requests got a reply (any status); the rest are pending or were dropped."""
+        with self._lock:
+            return self._replies
+
+    def calls_by_prompt(self) -> Counter[str]:
+        """How many chat requests carried each prompt (the text of the last user message)."""
+        calls: Counter[str] = Counter()
+        for request in self.requests:
+            users = [m for m in _messages_of(request.body) if m.get("role") == "user"]
+            if users:
+                calls[text_of(users[-1].get("content"))] += 1
+        return calls
 
     def wait_for_requests(self, n: int, timeout_s: float) -> list[RecordedRequest]:
         """Block until at least ``n`` requests were recorded; return them all."""
@@ -306,7 +331,8 @@ class ScriptedOpenAIServer:
         if self._httpd is not None:
             raise RuntimeError("server already started")
         self._stopping.clear()
-        self._httpd = _HTTPServer(self)
+        self._httpd = _HTTPServer(self, self._port)
+        self._port = self._httpd.server_address[1]
         self._thread = threading.Thread(
             target=self._httpd.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -317,7 +343,8 @@ class ScriptedOpenAIServer:
         return self
 
     def stop(self) -> None:
-        """Stop serving; wakes delayed handlers, which then drop their connection."""
+        """Stop serving (connections are refused until start() serves the same port again);
+        wakes delayed handlers, which then drop their connection."""
         httpd, thread = self._httpd, self._thread
         if httpd is None:
             return
@@ -346,6 +373,10 @@ class ScriptedOpenAIServer:
             number = next(self._counter)
             self._changed.notify_all()
         return number
+
+    def _answered(self) -> None:
+        with self._lock:
+            self._replies += 1
 
     def _next_reply(self) -> Reply:
         with self._lock:

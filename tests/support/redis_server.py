@@ -24,6 +24,13 @@ class RedisServer(RedisServerProcess):
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no last fsync; start() brings it back on the same port and data."""
+        process, self._process = self._process, None
+        assert process is not None, "not running"
+        process.kill()
+        process.wait()
+
     def pause(self) -> None:
         """SIGSTOP: the kernel still accepts connections on the port, but nothing answers."""
         assert self._process is not None, "not running"

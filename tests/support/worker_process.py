@@ -17,20 +17,26 @@ class WorkerProcess:
     """Runs ``python -m worker worker`` with exactly the given LLM_*/PROMPTQ_* environment."""
 
     def __init__(
-        self, env: Mapping[str, str], log_path: Path, *, args: tuple[str, ...] = ()
+        self,
+        env: Mapping[str, str],
+        log_path: Path,
+        *,
+        args: tuple[str, ...] = (),
+        loglevel: str | None = "INFO",
     ) -> None:
+        """``loglevel`` None runs the worker at its default log level (no ``--loglevel``)."""
         clean = {
             k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_", "OPENAI"))
         }
         self.env = {**clean, **env}
         self.log_path = log_path
-        self.args = args
+        self.args = args if loglevel is None else ("--loglevel", loglevel, *args)
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "worker", "worker", "--loglevel", "INFO", *self.args],
+                [sys.executable, "-m", "worker", "worker", *self.args],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -59,13 +65,31 @@ class WorkerProcess:
         assert self._process is not None
         return self._process.pid
 
+    def rss_bytes(self) -> int:
+        """The worker process's resident memory (VmRSS), from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmRSS for pid {self.pid}")
+
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM) and return at once; stop() then waits for it."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL: the worker dies at once, acknowledging nothing."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait()
+
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """Warm shutdown (SIGTERM), killing the process if it does not exit in time."""
+        self.terminate()
         process, self._process = self._process, None
         if process is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
         try:
             return process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,297 @@
+"""Provider faults, each ending in the right terminal state, kind and attempt count.
+
+tests/e2e/test_core_loop.py covers a 429 then success, two 503s then success, a 400, 429s
+until the retries run out and one hang then success; these are the rest.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from api_client import Client, Job, JobFailed
+from tests.support.invariants import Outcome, assert_invariants
+from tests.support.openai_server import Reply, ScriptedOpenAIServer
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
+from worker.status import gather_status
+
+from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
+from .test_core_loop import WAIT_S, wait_until
+
+ATTEMPTS = NUM_RETRIES + 1  # every call a job may make
+
+
+def run(
+    client: Client,
+    provider: ScriptedOpenAIServer,
+    redis_server: RedisServer,
+    workers: list[WorkerProcess],
+) -> Outcome:
+    """Submit one prompt, check the invariants, return its outcome."""
+    prompt = f"provider fault {uuid.uuid4().hex[:8]}"
+    jobs: dict[str, Job] = {prompt: client.submit(prompt)}
+    ended = assert_invariants(
+        client,
+        jobs,
+        redis_server=redis_server,
+        provider=provider,
+        workers=workers,
+        secret=CANARY_KEY,
+        max_calls=ATTEMPTS,
+        timeout_s=WAIT_S,
+    )
+    return ended[prompt]
+
+
+def failure(outcome: Outcome) -> JobFailed:
+    assert isinstance(outcome, JobFailed), outcome
+    return outcome
+
+
+# (the replies, one per attempt, then the kind, HTTP status and attempts the job ends with)
+FAILING_SEQUENCES: dict[str, tuple[list[Reply], str, int | None]] = {
+    "5xx until the retries run out": (
+        [Reply(status=s) for s in (500, 502, 503, 529)],
+        "provider_unavailable",
+        529,
+    ),
+    "5xx ending in a 504": (
+        [Reply(status=s) for s in (503, 500, 502, 504)],
+        "timeout",
+        504,
+    ),
+    "a hang on every attempt": ([Reply(delay_s=5)] * ATTEMPTS, "timeout", None),
+    "a body that is not JSON": (
+        [Reply(body=b"<html>502 Bad Gateway</html>")] * ATTEMPTS,
+        "malformed_response",
+        None,
+    ),
+    "a truncated body": (
+        [Reply(body=b'{"id": "chatcmpl-1", "object": "chat.completion", "choices": [{"mess')]
+        * ATTEMPTS,
+        "malformed_response",
+        None,
+    ),
+    "JSON without choices": (
+        [Reply(body={"id": "chatcmpl-1", "object": "chat.completion"})] * ATTEMPTS,
+        "malformed_response",
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("replies", "kind", "status_code"),
+    list(FAILING_SEQUENCES.values()),
+    ids=list(FAILING_SEQUENCES),
+)
+def test_a_fault_on_every_attempt_fails_with_its_kind(
+    client: Client,
+    *,
+    provider: ScriptedOpenAIServer,
+    redis_server: RedisServer,
+    worker: WorkerProcess,
+    replies: list[Reply],
+    kind: str,
+    status_code: int | None,
+) -> None:
+    provider.script(*replies)
+
+    outcome = run(client, provider, redis_server, [worker])
+
+    failed = failure(outcome)
+    assert (failed.kind, failed.status_code, failed.attempts) == (kind, status_code, ATTEMPTS)
+    assert len(provider.requests) == ATTEMPTS + 1  # and the invariants' last job
+
+
+@pytest.mark.parametrize(
+    "replies",
+    [
+        [Reply(status=500), Reply(status=502), Reply(status=504)],
+        [Reply(body=b"not json"), Reply(delay_s=5), Reply(status=503)],
+    ],
+    ids=["5xx", "malformed, hang, 503"],
+)
+def test_faults_then_an_answer_on_the_last_attempt(
+    client: Client,
+    provider: ScriptedOpenAIServer,
+    redis_server: RedisServer,
+    worker: WorkerProcess,
+    replies: list[Reply],
+) -> None:
+    provider.script(*replies)
+
+    outcome = run(client, provider, redis_server, [worker])
+
+    assert not isinstance(outcome, JobFailed), outcome
+    assert outcome.attempts == ATTEMPTS
+
+
+def test_connection_refused_fails_as_provider_unavailable(
+    client: Client,
+    provider: ScriptedOpenAIServer,
+    redis_server: RedisServer,
+    worker: WorkerProcess,
+) -> None:
+    provider.stop()  # nothing listens on its port: every call is refused
+    try:
+        prompt = f"nobody home {uuid.uuid4().hex[:8]}"
+        job = client.submit(prompt)
+        with pytest.raises(JobFailed) as refused:
+            job.wait(timeout=WAIT_S)
+    finally:
+        provider.start()  # the same port: the worker's LLM_BASE_URL serves again
+
+    assert refused.value.kind == "provider_unavailable"
+    assert refused.value.status_code is None  # no response: LiteLLM's invented 500 is not kept
+    assert refused.value.attempts == ATTEMPTS
+    assert provider.requests == []
+    assert_invariants(
+        client,
+        {prompt: job},
+        redis_server=redis_server,
+        provider=provider,
+        workers=[worker],
+        secret=CANARY_KEY,
+        max_calls=ATTEMPTS,
+        timeout_s=WAIT_S,
+    )
+
+
+# --- A 429 storm ------------------------------------------------------------------------------
+
+STORM_JOBS = 100
+STORM_RETRIES = 1
+STORM_CONCURRENCY = 16
+ETA_TASK_LIMIT = 30
+STORM_REQUESTS = 150  # 429s to this many requests, then the storm is over
+RSS_GROWTH_BYTES = 150 * 2**20
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis for one worker alone: the module's worker must not take these jobs."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def storm_worker(
+    own_redis: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
+) -> Iterator[WorkerProcess]:
+    env = worker_env(own_redis.url, provider.base_url) | {
+        "LLM_NUM_RETRIES": str(STORM_RETRIES),
+        # Waits longer than the worker takes to go through the queue, so that the retries
+        # come back before they are due and are held in memory (shorter ones wait in Redis).
+        "LLM_RETRY_MIN_WAIT": "4",
+        "LLM_RETRY_MAX_WAIT": "4.5",
+        "PROMPTQ_ETA_TASK_LIMIT": str(ETA_TASK_LIMIT),
+    }
+    args = ("--concurrency", str(STORM_CONCURRENCY))
+    with WorkerProcess(env, tmp_path / "storm.log", args=args) as process:
+        yield process
+
+
+def test_a_429_storm_keeps_worker_memory_and_held_retries_bounded(
+    provider: ScriptedOpenAIServer, own_redis: RedisServer, storm_worker: WorkerProcess
+) -> None:
+    with Client(own_redis.url) as client:
+        run(client, provider, own_redis, [storm_worker])  # warm: LiteLLM fully loaded
+        rss_before = storm_worker.rss_bytes()
+        held: list[int] = []  # retries waiting for their countdown in the worker
+        holding: list[int] = []  # every job the worker holds: those and its calls
+        calm = threading.Event()
+
+        def watch() -> None:  # sample what the worker holds until the storm is over
+            while not calm.wait(0.02):
+                status = gather_status(own_redis.url, inspect_timeout_s=0.01)
+                held.append(status.retries_scheduled)
+                holding.append(status.in_flight)
+
+        # The 429s state a generous limit, so the fleet's limiter keeps its pace (a 429 from a
+        # provider stating none slows it down, and jobs would wait in Redis, not in memory).
+        provider.default = Reply(status=429, headers={"x-ratelimit-limit-requests": "100000"})
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            prompts = [f"storm {i} {uuid.uuid4().hex[:8]}" for i in range(STORM_JOBS)]
+            jobs = dict(zip(prompts, client.submit_many(prompts), strict=True))
+            provider.wait_for_requests(STORM_REQUESTS, timeout_s=WAIT_S)
+            provider.heal()
+            ended = assert_invariants(
+                client,
+                jobs,
+                redis_server=own_redis,
+                provider=provider,
+                workers=[storm_worker],
+                secret=CANARY_KEY,
+                max_calls=STORM_RETRIES + 1,
+                timeout_s=WAIT_S,
+            )
+        finally:
+            calm.set()
+            watcher.join(WAIT_S)
+        rss_after = storm_worker.rss_bytes()
+
+    failed = [failure(o) for o in ended.values() if isinstance(o, JobFailed)]
+    assert failed, "the storm was too short to exhaust any job's retries"
+    assert {(f.kind, f.status_code, f.attempts) for f in failed} == {
+        ("rate_limited", 429, STORM_RETRIES + 1)
+    }
+    assert max(held) > 0, f"no retry was held: the queue took longer than the waits {holding}"
+    # Celery counts the limit on top of the threads (worker.app): retries are held up to it
+    # plus any idle thread's share, never more.
+    assert max(holding) <= STORM_CONCURRENCY + ETA_TASK_LIMIT
+    assert rss_after - rss_before < RSS_GROWTH_BYTES, (rss_before, rss_after)
+
+
+def test_retries_held_in_memory_do_not_take_the_workers_threads(
+    provider: ScriptedOpenAIServer, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """PROMPTQ_ETA_TASK_LIMIT bounds the retries held, on top of the calls in flight."""
+    concurrency, eta_task_limit = 4, 2
+    env = worker_env(own_redis.url, provider.base_url) | {
+        "LLM_RETRY_MIN_WAIT": "4",  # the retries stay held while the test looks
+        "LLM_RETRY_MAX_WAIT": "4",
+        "LLM_TIMEOUT": "4",  # and the calls beside them wait at the gate without timing out
+        "PROMPTQ_ETA_TASK_LIMIT": str(eta_task_limit),
+    }
+    args = ("--concurrency", str(concurrency))
+    gate = threading.Event()
+    provider.script(*[Reply(status=503)] * eta_task_limit)
+    provider.default = Reply(gate=gate)
+    with (
+        WorkerProcess(env, tmp_path / "worker.log", args=args) as process,
+        Client(own_redis.url) as client,
+    ):
+        try:
+            prompts = [f"held {i} {uuid.uuid4().hex[:8]}" for i in range(eta_task_limit)]
+            jobs = dict(zip(prompts, client.submit_many(prompts), strict=True))
+
+            def held() -> int:
+                return gather_status(own_redis.url, inspect_timeout_s=0.01).retries_scheduled
+
+            wait_until(lambda: held() == eta_task_limit)
+            more = [f"beside {i} {uuid.uuid4().hex[:8]}" for i in range(concurrency)]
+            jobs |= dict(zip(more, client.submit_many(more), strict=True))
+            # Every thread takes a job while the retries wait (4 s): a call each reaches the
+            # provider, well before the retries are due.
+            provider.wait_for_requests(eta_task_limit + concurrency, timeout_s=2.5)
+            assert held() == eta_task_limit
+        finally:
+            gate.set()
+        assert_invariants(
+            client,
+            jobs,
+            redis_server=own_redis,
+            provider=provider,
+            workers=[process],
+            secret=CANARY_KEY,
+            max_calls=2,
+            timeout_s=WAIT_S,
+        )

@@ -1,0 +1,308 @@
+"""Workers dying (SIGKILL) and stopping (SIGTERM) with work in flight: no job lost or stuck."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from api_client import Client, Job, JobFailed, JobStatus
+from api_client._constants import QUEUE
+from tests.support.invariants import assert_invariants
+from tests.support.openai_server import Reply, ScriptedOpenAIServer
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import WorkerProcess
+from worker.parking import PARKED_KEY
+
+from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
+from .test_core_loop import WAIT_S, wait_until
+
+# A call must still be waiting for the provider when its worker is killed: a timeout would
+# make it a failed attempt instead, so the kill tests allow calls this long.
+KILL_CALL_TIMEOUT_S = 2.5
+# A killed worker's jobs come back after this long (kombu's unacknowledged set); it must fit
+# twice LLM_RETRY_MAX_WAIT + LLM_TIMEOUT (5.4 s).
+KILL_VISIBILITY_S = 6.0
+# Each worker looks for jobs unacknowledged past the timeout every tenth of it
+# (worker.app.restore_interval_s); allow that, a poll and a call on a loaded machine.
+COMEBACK_SLACK_S = 4.0
+STOP_VISIBILITY_S = 60.0  # long: nothing in the warm-shutdown tests may wait for it
+
+
+@pytest.fixture(autouse=True)
+def _empty_redis(redis_server: RedisServer) -> None:
+    """Each scenario starts from an empty Redis: no job or unacked message of the last one."""
+    redis = redis_server.client()
+    redis.flushall()
+    redis.close()
+
+
+@pytest.fixture
+def client(redis_server: RedisServer) -> Iterator[Client]:
+    with Client(redis_server.url) as client:
+        yield client
+
+
+class Fleet:
+    """The workers a scenario starts, each with its own log; all stopped at the end."""
+
+    def __init__(self, env: Mapping[str, str], directory: Path) -> None:
+        self.env = dict(env)
+        self.directory = directory
+        self.started: list[WorkerProcess] = []
+        self.alive: list[WorkerProcess] = []
+
+    def start(self, n: int = 1) -> list[WorkerProcess]:
+        """Start n workers at once and wait until all consume."""
+        new = []
+        for _ in range(n):
+            log_path = self.directory / f"worker-{len(self.started)}.log"
+            process = WorkerProcess(self.env, log_path, args=("--concurrency", "4"))
+            self.started.append(process.start())
+            new.append(process)
+        for process in new:
+            process.wait_ready()
+        self.alive += new
+        return new
+
+    def holder(self, job_id: str) -> WorkerProcess:
+        """The live worker that received the job."""
+        [holder] = [p for p in self.alive if received_by(p, job_id)]
+        return holder
+
+    def kill(self, process: WorkerProcess) -> None:
+        process.kill()
+        self.alive.remove(process)
+
+    def stop(self) -> None:
+        for process in self.started:
+            process.stop()
+        self.alive.clear()
+
+
+MakeFleet = Callable[[Mapping[str, str]], Fleet]
+
+
+@pytest.fixture
+def make_fleet(tmp_path: Path) -> Iterator[MakeFleet]:
+    fleets: list[Fleet] = []
+
+    def make(env: Mapping[str, str]) -> Fleet:
+        fleets.append(Fleet(env, tmp_path))
+        return fleets[-1]
+
+    yield make
+    for made in fleets:
+        made.stop()
+
+
+def submit(client: Client, n: int, label: str) -> dict[str, Job]:
+    """n jobs with unique prompts, keyed by prompt."""
+    prompts = [f"{label} {i} {uuid.uuid4().hex[:8]}" for i in range(n)]
+    return dict(zip(prompts, client.submit_many(prompts), strict=True))
+
+
+def received_by(process: WorkerProcess, job_id: str) -> bool:
+    return f"Task promptq.complete[{job_id}] received" in process.log()
+
+
+def kill_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
+    return worker_env(redis_server.url, provider.base_url) | {
+        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
+        "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
+    }
+
+
+# --- 1. SIGKILL mid-call ----------------------------------------------------------------------
+
+
+def test_a_killed_workers_jobs_finish_on_another_worker(
+    client: Client,
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet(kill_env(redis_server, provider))
+    doomed, survivor = fleet.start(2)
+    gate = threading.Event()  # the first 8 calls hang until the kill
+    provider.script(*[Reply(gate=gate)] * 8)
+    try:
+        jobs = submit(client, 8, "killed mid-call")
+        provider.wait_for_requests(8, timeout_s=WAIT_S)
+        lost = [job for job in jobs.values() if received_by(doomed, job.id)]
+        assert lost, "the doomed worker took no job"  # 4 each: -c 4, one prefetched per slot
+        fleet.kill(doomed)
+        killed_at = time.monotonic()
+    finally:
+        gate.set()  # the survivor's calls answer; the killed worker's sockets are gone
+
+    # Back after the visibility timeout, not kombu's default sweep of 100 s.
+    outcomes = assert_invariants(
+        client,
+        jobs,
+        redis_server=redis_server,
+        provider=provider,
+        workers=fleet.started,
+        secret=CANARY_KEY,
+        max_calls=2,
+        timeout_s=KILL_VISIBILITY_S + COMEBACK_SLACK_S,
+    )
+    calls = provider.calls_by_prompt()
+    arrivals = {p: [r.received_at for r in provider.requests if p in str(r.body)] for p in jobs}
+    for prompt, job in jobs.items():
+        outcome = outcomes[prompt]
+        assert not isinstance(outcome, JobFailed), outcome
+        assert outcome.attempts == 1  # a call cut short by a dead worker is no provider failure
+        if job in lost:
+            assert received_by(survivor, job.id)
+            assert calls[prompt] == 2
+            first, again = arrivals[prompt]
+            # Redelivered once the visibility timeout passed, and not before.
+            assert again - first >= KILL_VISIBILITY_S - 0.5
+            assert again - killed_at < KILL_VISIBILITY_S + COMEBACK_SLACK_S
+        else:
+            assert calls[prompt] == 1
+
+
+def test_a_job_that_kills_every_worker_fails_as_worker_lost(
+    client: Client,
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    make_fleet: MakeFleet,
+) -> None:
+    max_redeliveries = 1
+    env = kill_env(redis_server, provider) | {"PROMPTQ_MAX_REDELIVERIES": str(max_redeliveries)}
+    fleet = make_fleet(env)
+    fleet.start(2)
+    never = threading.Event()
+    provider.default = Reply(gate=never)  # every call hangs: the job's worker always dies
+    try:
+        jobs = submit(client, 1, "deadly")
+        [job] = jobs.values()
+        for delivery in range(1, max_redeliveries + 2):
+            provider.wait_for_requests(delivery, timeout_s=KILL_VISIBILITY_S + COMEBACK_SLACK_S)
+            fleet.kill(fleet.holder(job.id))
+            fleet.start()  # a fresh worker, as a supervisor would restart one
+        with pytest.raises(JobFailed) as failed:
+            job.wait(timeout=KILL_VISIBILITY_S + COMEBACK_SLACK_S)
+    finally:
+        never.set()
+
+    assert failed.value.kind == "worker_lost"
+    assert failed.value.attempts == 0  # no provider call failed: the workers died
+    # One call per delivery that was allowed to run, and no more: not a loop.
+    assert len(provider.requests) == max_redeliveries + 1
+    assert_invariants(
+        client,
+        jobs,
+        redis_server=redis_server,
+        provider=provider,
+        workers=fleet.started,
+        secret=CANARY_KEY,
+        max_calls=max_redeliveries + 1,
+        timeout_s=WAIT_S,
+    )
+
+
+# --- 2. Warm shutdown (SIGTERM) ---------------------------------------------------------------
+
+
+def stop_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
+    # Long retry waits, so that a retry is still held in worker memory at the shutdown; calls
+    # allowed to wait for the provider through the shutdown; and a long visibility timeout
+    # that nothing below may wait for.
+    return worker_env(redis_server.url, provider.base_url) | {
+        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
+        "LLM_TIMEOUT": "10",
+        "LLM_RETRY_MIN_WAIT": "5",
+        "LLM_RETRY_MAX_WAIT": "5",
+    }
+
+
+def test_warm_shutdown_finishes_calls_in_flight_and_requeues_held_retries(
+    client: Client,
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    make_fleet: MakeFleet,
+) -> None:
+    fleet = make_fleet(stop_env(redis_server, provider))
+    [stopping] = fleet.start()
+    redis = redis_server.client()
+    provider.script(Reply(status=503))
+    held = submit(client, 1, "held for a retry")
+    [held_job] = held.values()
+    wait_until(lambda: held_job.status() is JobStatus.RETRYING and redis.hlen("unacked") == 1)
+    gate = threading.Event()
+    provider.script(*[Reply(gate=gate)] * 3)
+    in_flight = submit(client, 3, "in flight at the shutdown")
+    provider.wait_for_requests(4, timeout_s=WAIT_S)
+    started = time.monotonic()
+    try:
+        stopping.terminate()
+        wait_until(lambda: "Warm shutdown" in stopping.log())
+    finally:
+        gate.set()  # the provider answers the calls the stopping worker is waiting for
+    assert stopping.stop(timeout_s=WAIT_S) == 0
+
+    # The calls in flight ended and stored their results before the worker exited.
+    for job in in_flight.values():
+        assert job.wait(timeout=0.1).attempts == 1
+    # The retry it held (due in 5 s) went back to the queue at once, not after 60 s.
+    assert redis.llen(QUEUE) == 1
+    assert redis.hlen("unacked") == 0
+    assert held_job.status() is JobStatus.RETRYING
+    fleet.start()
+    outcomes = assert_invariants(
+        client,
+        held | in_flight,
+        redis_server=redis_server,
+        provider=provider,
+        workers=fleet.started,
+        secret=CANARY_KEY,
+        max_calls=1 + NUM_RETRIES,
+        timeout_s=WAIT_S,
+    )
+    [retried] = [outcome for prompt, outcome in outcomes.items() if prompt in held]
+    assert not isinstance(retried, JobFailed) and retried.attempts == 2
+    assert time.monotonic() - started < STOP_VISIBILITY_S / 2
+
+
+def test_a_job_parked_for_the_rate_limit_survives_every_worker_stopping(
+    client: Client,
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    make_fleet: MakeFleet,
+) -> None:
+    env = worker_env(redis_server.url, provider.base_url) | {
+        "LLM_RPM": "20",  # one call every 3 s for the fleet
+        "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
+    }
+    fleet = make_fleet(env)
+    fleet.start()
+    redis = redis_server.client()
+    jobs = submit(client, 2, "paced")
+    wait_until(lambda: redis.zcard(PARKED_KEY) == 1)
+    [parked] = [job for job in jobs.values() if job.status() is JobStatus.QUEUED]
+
+    for process in fleet.started:
+        assert process.stop(timeout_s=WAIT_S) == 0
+    assert redis.zcard(PARKED_KEY) == 1  # no worker left, the job still waits in Redis
+    assert parked.result() is None
+
+    fleet.start()
+    outcomes = assert_invariants(
+        client,
+        jobs,
+        redis_server=redis_server,
+        provider=provider,
+        workers=fleet.started,
+        secret=CANARY_KEY,
+        max_calls=1,
+        timeout_s=WAIT_S,
+    )
+    assert all(not isinstance(o, JobFailed) and o.attempts == 1 for o in outcomes.values())
+    assert redis.zcard(PARKED_KEY) == 0

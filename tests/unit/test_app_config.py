@@ -1,0 +1,38 @@
+"""The Celery configuration the worker runs with."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.app import celery_config, restore_interval_s, with_concurrency
+from worker.settings import load_settings
+
+
+@pytest.mark.parametrize(
+    ("visibility_timeout_s", "interval_s"), [(3600, 10.0), (60, 6.0), (5, 0.5), (0.2, 0.1)]
+)
+def test_lost_jobs_are_looked_for_every_tenth_of_the_visibility_timeout(
+    visibility_timeout_s: float, interval_s: float
+) -> None:
+    assert restore_interval_s(visibility_timeout_s) == pytest.approx(interval_s)
+
+
+def test_every_restore_sweep_scans_redis() -> None:
+    settings = load_settings(queue={"visibility_timeout_s": 900})
+    options = celery_config(settings)["broker_transport_options"]
+
+    assert isinstance(options, dict)
+    assert options["visibility_timeout"] == 900
+    assert options["unacked_restore_interval"] == pytest.approx(10.0)
+    # kombu's default scans on one sweep in 10 only: lost jobs came back up to 100 s late.
+    assert options["unacked_restore_throttle"] == 1
+
+
+def test_the_eta_task_limit_comes_on_top_of_the_calls_in_flight() -> None:
+    # Celery caps every message a worker holds (its prefetch count) at worker_eta_task_limit:
+    # as it was, 2 retries held stopped a worker of 4 threads taking any job.
+    settings = load_settings(queue={"eta_task_limit": 2, "concurrency": 4})
+
+    assert celery_config(settings)["worker_eta_task_limit"] == 6
+    assert celery_config(with_concurrency(settings, 16))["worker_eta_task_limit"] == 18
+    assert with_concurrency(settings, None) is settings
