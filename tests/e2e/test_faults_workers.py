@@ -161,8 +161,11 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
             assert received_by(survivor, job.id)
             assert calls[prompt] == 2
             first, again = arrivals[prompt]
-            # Redelivered once the visibility timeout passed, and not before.
-            assert again - first >= KILL_VISIBILITY_S - 0.5
+            # Redelivered once the visibility timeout passed, not at the kill. The timeout runs
+            # from when the worker fetched the message, which on a loaded machine can be a
+            # second or more before its call reached the provider (a CI run saw 4.9 s against
+            # a 6 s timeout): half the timeout still tells a redelivery at the kill apart.
+            assert again - first >= KILL_VISIBILITY_S / 2
             assert again - killed_at < KILL_VISIBILITY_S + COMEBACK_SLACK_S
         else:
             assert calls[prompt] == 1
