@@ -8,7 +8,7 @@
 
 from ._async_client import AsyncClient, AsyncJob
 from ._client import Client, Job
-from ._constants import QUEUE, TASK_NAME
+from ._constants import EMBED_TASK_NAME, QUEUE, TASK_NAME
 from ._errors import (
     BrokerUnavailable,
     InvalidRequest,
@@ -17,10 +17,20 @@ from ._errors import (
     JobTimeout,
     PromptqError,
 )
-from ._schemas import ErrorKind, JobError, JobStatus, PromptRequest, PromptResult, Usage
+from ._schemas import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    ErrorKind,
+    JobError,
+    JobStatus,
+    PromptRequest,
+    PromptResult,
+    Usage,
+)
 from ._settings import ClientSettings
 
 __all__ = [
+    "EMBED_TASK_NAME",
     "QUEUE",
     "TASK_NAME",
     "AsyncClient",
@@ -28,6 +38,8 @@ __all__ = [
     "BrokerUnavailable",
     "Client",
     "ClientSettings",
+    "EmbeddingRequest",
+    "EmbeddingResult",
     "ErrorKind",
     "InvalidRequest",
     "Job",

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -14,14 +14,16 @@ from redis.backoff import ExponentialBackoff
 
 from ._constants import budget_key
 from ._errors import BrokerUnavailable, JobTimeout
-from ._schemas import JobStatus, PromptRequest, PromptResult
+from ._schemas import EmbeddingResult, JobRequest, JobStatus
 from ._settings import ClientSettings
 from ._wire import (
     RETRIED_ERRORS,
     JobHandle,
     Poller,
+    ResultT,
     Submission,
     broker_errors,
+    build_embedding_request,
     build_request,
     check_budget,
     check_job_id,
@@ -32,8 +34,9 @@ from ._wire import (
     status_of,
     submission,
     submissions,
-    unwrap,
 )
+
+AsyncJobT = TypeVar("AsyncJobT", bound="AsyncJob[Any]")
 
 
 class AsyncClient:
@@ -85,13 +88,30 @@ class AsyncClient:
         """Queue one prompt and return its AsyncJob at once (see Client.submit)."""
         request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
-        return (await self._publish([job]))[0]
+        return AsyncJob(self, (await self._publish([job]))[0])
+
+    async def embed(
+        self,
+        texts: str | Sequence[str],
+        model: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        budget: str | None = None,
+        llm: str | None = None,
+        **params: Any,
+    ) -> AsyncJob[EmbeddingResult]:
+        """Queue one embeddings call and return its AsyncJob at once (see Client.embed)."""
+        request = build_embedding_request(texts, model, params, budget=budget, llm=llm)
+        job = submission(request, idempotency_key, self.settings.max_prompt_chars)
+        return AsyncJob(self, (await self._publish([job]))[0])
 
     async def submit_many(
-        self, requests: Iterable[PromptRequest | str | Mapping[str, Any]]
-    ) -> list[AsyncJob]:
-        """Queue many prompts in one round trip; all are validated before any is queued."""
-        return await self._publish(submissions(requests, self.settings.max_prompt_chars))
+        self, requests: Iterable[JobRequest | str | Mapping[str, Any]]
+    ) -> list[AsyncJob[Any]]:
+        """Queue many jobs in one round trip; all are validated before any is queued (see
+        Client.submit_many)."""
+        ids = await self._publish(submissions(requests, self.settings.max_prompt_chars))
+        return [AsyncJob(self, job_id) for job_id in ids]
 
     async def create_budget(self, max_spend_usd: float, budget_id: str | None = None) -> str:
         """Create (or re-cap) a spending budget; see Client.create_budget."""
@@ -103,13 +123,14 @@ class AsyncClient:
             await pipe.execute()
         return budget_id
 
-    def job(self, job_id: str) -> AsyncJob:
-        """A handle on an existing job, for example one submitted by another process."""
+    def job(self, job_id: str) -> AsyncJob[Any]:
+        """A handle on an existing job, for example one submitted by another process (see
+        Client.job)."""
         return AsyncJob(self, check_job_id(job_id))
 
     async def as_completed(
-        self, jobs: Iterable[AsyncJob], timeout: float | None = None
-    ) -> AsyncIterator[AsyncJob]:
+        self, jobs: Iterable[AsyncJobT], timeout: float | None = None
+    ) -> AsyncIterator[AsyncJobT]:
         """Yield each job as it finishes, in finishing order (see Client.as_completed)."""
         pending = {job.id: job for job in jobs}
         poller = Poller(timeout, self.settings.max_outage_s)
@@ -129,7 +150,7 @@ class AsyncClient:
                 poller.progressed()
             await asyncio.sleep(poller.sleep_s(len(pending)))
 
-    async def poll(self, jobs: Iterable[AsyncJob]) -> list[AsyncJob]:
+    async def poll(self, jobs: Iterable[AsyncJobT]) -> list[AsyncJobT]:
         """Check once, without waiting, in one round trip (see Client.poll)."""
         jobs = list(jobs)
         with self._guard():
@@ -137,12 +158,13 @@ class AsyncClient:
         polled = read_poll([job.id for job in jobs], raws)
         return [job for job in jobs if job._settle(polled[job.id])]
 
-    async def _publish(self, jobs: Sequence[Submission]) -> list[AsyncJob]:
+    async def _publish(self, jobs: Sequence[Submission]) -> list[str]:
+        """Queue the jobs in one round trip; their ids."""
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
             enqueue(pipe, jobs, self.settings.result_ttl_s)
             await pipe.execute()
-        return [AsyncJob(self, job.job_id) for job in jobs]
+        return [job.job_id for job in jobs]
 
     async def _status(self, job_id: str) -> JobStatus:
         with self._guard():
@@ -153,8 +175,8 @@ class AsyncClient:
         return broker_errors(self.settings.redis_url)
 
 
-class AsyncJob(JobHandle):
-    """One submitted prompt, followed from asyncio code."""
+class AsyncJob(JobHandle[ResultT], Generic[ResultT]):
+    """One submitted job (see Job), followed from asyncio code."""
 
     def __init__(self, client: AsyncClient, job_id: str) -> None:
         super().__init__(job_id)
@@ -166,18 +188,17 @@ class AsyncJob(JobHandle):
             return self._outcome.status
         return await self._client._status(self.id)
 
-    async def result(self) -> PromptResult | None:
+    async def result(self) -> ResultT | None:
         """The result if the job succeeded, None while it is not finished; raises JobFailed."""
         if self._outcome is None:
             await self._client.poll([self])
-        return None if self._outcome is None else unwrap(self.id, self._outcome)
+        return None if self._outcome is None else self._result()
 
-    async def wait(self, timeout: float | None = None) -> PromptResult:
+    async def wait(self, timeout: float | None = None) -> ResultT:
         """Wait until the job finishes; return its result or raise JobFailed / JobTimeout."""
         try:
             async for _ in self._client.as_completed([self], timeout=timeout):
                 pass
         except JobTimeout as exc:
             raise job_timeout(self.id, exc.timeout_s, exc.__cause__) from exc.__cause__
-        assert self._outcome is not None
-        return unwrap(self.id, self._outcome)
+        return self._result()

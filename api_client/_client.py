@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -14,14 +14,16 @@ from redis.retry import Retry
 
 from ._constants import budget_key
 from ._errors import BrokerUnavailable, JobTimeout
-from ._schemas import JobStatus, PromptRequest, PromptResult
+from ._schemas import EmbeddingResult, JobRequest, JobStatus
 from ._settings import ClientSettings
 from ._wire import (
     RETRIED_ERRORS,
     JobHandle,
     Poller,
+    ResultT,
     Submission,
     broker_errors,
+    build_embedding_request,
     build_request,
     check_budget,
     check_job_id,
@@ -32,8 +34,9 @@ from ._wire import (
     status_of,
     submission,
     submissions,
-    unwrap,
 )
+
+JobT = TypeVar("JobT", bound="Job[Any]")
 
 
 class Client:
@@ -94,16 +97,42 @@ class Client:
         """
         request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
-        return self._publish([job])[0]
+        return Job(self, self._publish([job])[0])
 
-    def submit_many(self, requests: Iterable[PromptRequest | str | Mapping[str, Any]]) -> list[Job]:
-        """Queue many prompts in one round trip to Redis; all are validated before any is queued.
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        model: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+        budget: str | None = None,
+        llm: str | None = None,
+        **params: Any,
+    ) -> Job[EmbeddingResult]:
+        """Queue one embeddings call for ``texts`` (up to 2,048) and return its Job at once.
+
+        Its result holds one vector per text, in order, with usage and cost. ``model``
+        defaults to the workers' LLM_EMBEDDING_MODEL (or their Azure
+        LLM_EMBEDDING_DEPLOYMENT_NAME); ``params`` are the provider's embedding parameters,
+        such as ``dimensions``. The other arguments, retries, rate limits and spending caps
+        work as for submit.
+        """
+        request = build_embedding_request(texts, model, params, budget=budget, llm=llm)
+        job = submission(request, idempotency_key, self.settings.max_prompt_chars)
+        return Job(self, self._publish([job])[0])
+
+    def submit_many(
+        self, requests: Iterable[JobRequest | str | Mapping[str, Any]]
+    ) -> list[Job[Any]]:
+        """Queue many jobs in one round trip to Redis; all are validated before any is queued.
 
         Each request is a prompt string, a mapping like ``{"prompt": ..., "temperature": 0}`` or
-        ``{"messages": [...], "model": ...}``, or a PromptRequest; a mapping may carry an
-        ``idempotency_key`` (see submit).
+        ``{"messages": [...], "model": ...}``, a PromptRequest, or an EmbeddingRequest (whose
+        job's result is an EmbeddingResult); a mapping may carry an ``idempotency_key`` (see
+        submit).
         """
-        return self._publish(submissions(requests, self.settings.max_prompt_chars))
+        ids = self._publish(submissions(requests, self.settings.max_prompt_chars))
+        return [Job(self, job_id) for job_id in ids]
 
     def create_budget(self, max_spend_usd: float, budget_id: str | None = None) -> str:
         """Create a spending budget of ``max_spend_usd`` (or re-cap an existing one) and
@@ -117,14 +146,15 @@ class Client:
             pipe.execute()
         return budget_id
 
-    def job(self, job_id: str) -> Job:
-        """A handle on an existing job, for example one submitted by another process."""
+    def job(self, job_id: str) -> Job[Any]:
+        """A handle on an existing job, for example one submitted by another process: its
+        result is a PromptResult, or an EmbeddingResult for a job made by embed()."""
         return Job(self, check_job_id(job_id))
 
-    def as_completed(self, jobs: Iterable[Job], timeout: float | None = None) -> Iterator[Job]:
+    def as_completed(self, jobs: Iterable[JobT], timeout: float | None = None) -> Iterator[JobT]:
         """Yield each job as it finishes (succeeded or failed), in finishing order.
 
-        ``job.result()`` on a yielded job returns its PromptResult or raises JobFailed.
+        ``job.result()`` on a yielded job returns its result or raises JobFailed.
         Raises JobTimeout if some are still unfinished after ``timeout`` seconds. While Redis is
         unreachable it keeps retrying, until ``timeout``, or with no timeout for
         ``settings.max_outage_s`` (then BrokerUnavailable).
@@ -147,7 +177,7 @@ class Client:
                 poller.progressed()
             time.sleep(poller.sleep_s(len(pending)))
 
-    def poll(self, jobs: Iterable[Job]) -> list[Job]:
+    def poll(self, jobs: Iterable[JobT]) -> list[JobT]:
         """Check once, without waiting, in one round trip: the jobs among these that finished.
 
         Unfinished jobs keep the state seen in ``job.last_status`` (queued, running, retrying).
@@ -158,12 +188,13 @@ class Client:
         polled = read_poll([job.id for job in jobs], raws)
         return [job for job in jobs if job._settle(polled[job.id])]
 
-    def _publish(self, jobs: Sequence[Submission]) -> list[Job]:
+    def _publish(self, jobs: Sequence[Submission]) -> list[str]:
+        """Queue the jobs in one round trip; their ids."""
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
             enqueue(pipe, jobs, self.settings.result_ttl_s)
             pipe.execute()
-        return [Job(self, job.job_id) for job in jobs]
+        return [job.job_id for job in jobs]
 
     def _status(self, job_id: str) -> JobStatus:
         with self._guard():
@@ -174,8 +205,9 @@ class Client:
         return broker_errors(self.settings.redis_url)
 
 
-class Job(JobHandle):
-    """One submitted prompt. Cheap to create; holds no connection of its own."""
+class Job(JobHandle[ResultT], Generic[ResultT]):
+    """One submitted job: a prompt (its result a PromptResult) or, from embed(), texts to
+    embed (an EmbeddingResult). Cheap to create; holds no connection of its own."""
 
     def __init__(self, client: Client, job_id: str) -> None:
         super().__init__(job_id)
@@ -187,13 +219,13 @@ class Job(JobHandle):
             return self._outcome.status
         return self._client._status(self.id)
 
-    def result(self) -> PromptResult | None:
+    def result(self) -> ResultT | None:
         """The result if the job succeeded, None while it is not finished; raises JobFailed."""
         if self._outcome is None:
             self._client.poll([self])
-        return None if self._outcome is None else unwrap(self.id, self._outcome)
+        return None if self._outcome is None else self._result()
 
-    def wait(self, timeout: float | None = None) -> PromptResult:
+    def wait(self, timeout: float | None = None) -> ResultT:
         """Block until the job finishes; return its result or raise JobFailed / JobTimeout.
 
         Rides out a Redis outage as as_completed does.
@@ -203,5 +235,4 @@ class Job(JobHandle):
                 pass
         except JobTimeout as exc:
             raise job_timeout(self.id, exc.timeout_s, exc.__cause__) from exc.__cause__
-        assert self._outcome is not None
-        return unwrap(self.id, self._outcome)
+        return self._result()

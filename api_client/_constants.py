@@ -3,7 +3,8 @@
 import uuid
 from typing import Final
 
-TASK_NAME: Final = "promptq.complete"
+TASK_NAME: Final = "promptq.complete"  # a chat completion (PromptRequest)
+EMBED_TASK_NAME: Final = "promptq.embed"  # an embeddings call (EmbeddingRequest)
 QUEUE: Final = "promptq"
 
 DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"

@@ -1,4 +1,4 @@
-"""The wire contract: the request a job carries, its result, its error and its status."""
+"""The wire contract: the requests a job carries, their results, a job's error and its status."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ RESERVED_PARAMS = frozenset(
         "llm",
     }
 )
+# Embedding requests also own their input; vectors come back as floats (base64 is refused).
+RESERVED_EMBEDDING_PARAMS = RESERVED_PARAMS | {"input"}
+# OpenAI's limit on the texts of one embeddings request.
+MAX_EMBEDDING_INPUTS = 2048
 MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -111,23 +115,70 @@ class PromptRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _check_model(cls, model: str | None) -> str | None:
-        if model is not None and not model.strip():
-            raise ValueError("model must not be empty")
-        return model
+        return _checked_model(model)
 
     @field_validator("params")
     @classmethod
     def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        reserved = sorted(RESERVED_PARAMS & params.keys())
-        if reserved:
+        return _checked_params(params, RESERVED_PARAMS)
+
+
+def _checked_model(model: str | None) -> str | None:
+    if model is not None and not model.strip():
+        raise ValueError("model must not be empty")
+    return model
+
+
+def _checked_params(params: dict[str, Any], reserved_names: frozenset[str]) -> dict[str, Any]:
+    reserved = sorted(reserved_names & params.keys())
+    if reserved:
+        raise ValueError(f"parameter(s) {reserved} cannot be set per request: the worker owns them")
+    for name, value in params.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"parameter {name!r} must be a finite number, got {value}")
+        _check_json(f"parameter {name!r}", value)
+    return params
+
+
+class EmbeddingRequest(BaseModel):
+    """Texts to embed in one provider call: the vectors come back in the same order."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: list[str] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
+    # None: the worker's LLM_EMBEDDING_MODEL (or its Azure LLM_EMBEDDING_DEPLOYMENT_NAME).
+    model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)  # e.g. dimensions, user
+    budget: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")
+    llm: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+
+    @field_validator("input")
+    @classmethod
+    def _check_input(cls, texts: list[str]) -> list[str]:
+        for index, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"input[{index}] is empty")  # providers refuse empty texts
+            _check_json(f"input[{index}]", text)
+        return texts
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, model: str | None) -> str | None:
+        return _checked_model(model)
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        encoding = params.get("encoding_format", "float")
+        if encoding != "float":
             raise ValueError(
-                f"parameter(s) {reserved} cannot be set per request: the worker owns them"
+                f"encoding_format must be 'float' (results hold lists of floats), got {encoding!r}"
             )
-        for name, value in params.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"parameter {name!r} must be a finite number, got {value}")
-            _check_json(f"parameter {name!r}", value)
-        return params
+        return _checked_params(params, RESERVED_EMBEDDING_PARAMS)
+
+
+# What a job can carry: a chat completion or an embeddings call.
+JobRequest = PromptRequest | EmbeddingRequest
 
 
 class Usage(BaseModel):
@@ -155,6 +206,23 @@ class PromptResult(BaseModel):
     created: datetime  # when the answer arrived (UTC)
 
 
+class EmbeddingResult(BaseModel):
+    """The vectors of one embeddings request, one per input text, in the same order."""
+
+    id: str  # the job id
+    model: str  # the model that answered, as the provider names it
+    vectors: list[list[float]]
+    usage: Usage  # prompt_tokens (and total_tokens): what the texts counted
+    cost_usd: float | None  # the call's price; None when the model is unpriced
+    attempts: int  # provider calls made, the successful one included
+    latency_s: float  # how long the successful provider call took
+    created: datetime  # when the answer arrived (UTC)
+
+
+# What a successful job holds: the result type of the request it carried.
+JobResult = PromptResult | EmbeddingResult
+
+
 class JobError(BaseModel):
     """Why a job failed, as stored in Redis; the client raises it as JobFailed."""
 
@@ -168,7 +236,7 @@ class Outcome(BaseModel):
     """The terminal record of a job: exactly one of result or error."""
 
     status: Literal[JobStatus.SUCCEEDED, JobStatus.FAILED]
-    result: PromptResult | None = None
+    result: PromptResult | EmbeddingResult | None = None
     error: JobError | None = None
 
     @model_validator(mode="after")

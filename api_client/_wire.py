@@ -14,15 +14,34 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from pydantic import ValidationError
+from typing_extensions import TypeVar
 
-from ._constants import IDEMPOTENCY_NAMESPACE, QUEUE, TASK_NAME, result_key, state_key
+from ._constants import (
+    EMBED_TASK_NAME,
+    IDEMPOTENCY_NAMESPACE,
+    QUEUE,
+    TASK_NAME,
+    result_key,
+    state_key,
+)
 from ._errors import BrokerUnavailable, InvalidRequest, JobFailed, JobNotFound, JobTimeout
-from ._schemas import JobStatus, Outcome, PromptRequest, PromptResult
+from ._schemas import (
+    EmbeddingRequest,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    Outcome,
+    PromptRequest,
+    PromptResult,
+)
+
+# The result a job's handle returns: a PromptResult unless it was made by embed().
+ResultT = TypeVar("ResultT", default=PromptResult)
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _BUDGET_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
@@ -69,16 +88,37 @@ def build_request(
         raise InvalidRequest(_describe(exc)) from None
 
 
+def build_embedding_request(
+    texts: Any,
+    model: str | None,
+    params: Mapping[str, Any],
+    *,
+    budget: str | None = None,
+    llm: str | None = None,
+) -> EmbeddingRequest:
+    """Validate one embeddings submission (a text or a list of texts); raise InvalidRequest."""
+    if isinstance(texts, str):
+        texts = [texts]
+    elif not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest("texts must be a string or a list of strings")
+    try:
+        return EmbeddingRequest(
+            input=list(texts), model=model, params=dict(params), budget=budget, llm=llm
+        )
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc)) from None
+
+
 @dataclass(frozen=True)
 class Submission:
     """One validated request and the id of the job that will carry it."""
 
     job_id: str
-    request: PromptRequest
+    request: JobRequest
 
 
 def submission(
-    request: PromptRequest, idempotency_key: str | None, max_prompt_chars: int
+    request: JobRequest, idempotency_key: str | None, max_prompt_chars: int
 ) -> Submission:
     """Check the request's size and give it its job id: new, or the idempotency key's."""
     check_size(request, max_prompt_chars)
@@ -87,13 +127,14 @@ def submission(
 
 
 def submissions(
-    items: Iterable[PromptRequest | str | Mapping[str, Any]], max_prompt_chars: int
+    items: Iterable[JobRequest | str | Mapping[str, Any]], max_prompt_chars: int
 ) -> list[Submission]:
     """submit_many's input, every item checked before any is published.
 
-    An item is a PromptRequest, a prompt string, or a mapping with ``prompt`` or ``messages``,
-    optional ``model``, ``llm``, ``idempotency_key`` and ``budget``, and sampling parameters
-    beside them (as ``submit`` takes them). An error names the item's index.
+    An item is a PromptRequest or an EmbeddingRequest, a prompt string, or a mapping with
+    ``prompt`` or ``messages``, optional ``model``, ``llm``, ``idempotency_key`` and
+    ``budget``, and sampling parameters beside them (as ``submit`` takes them). An error
+    names the item's index.
     """
     checked = []
     for index, item in enumerate(items):
@@ -104,8 +145,8 @@ def submissions(
     return checked
 
 
-def _coerce(item: PromptRequest | str | Mapping[str, Any], max_prompt_chars: int) -> Submission:
-    if isinstance(item, PromptRequest):
+def _coerce(item: JobRequest | str | Mapping[str, Any], max_prompt_chars: int) -> Submission:
+    if isinstance(item, PromptRequest | EmbeddingRequest):
         return submission(item, None, max_prompt_chars)
     if isinstance(item, str):
         return submission(build_request(item, None, None, {}), None, max_prompt_chars)
@@ -120,7 +161,8 @@ def _coerce(item: PromptRequest | str | Mapping[str, Any], max_prompt_chars: int
         request = build_request(prompt, messages, model, fields, budget=budget, llm=llm)
         return submission(request, key, max_prompt_chars)
     raise InvalidRequest(
-        f"each request must be a string, a mapping or a PromptRequest, got {type(item).__name__}"
+        "each request must be a string, a mapping, a PromptRequest or an EmbeddingRequest, "
+        f"got {type(item).__name__}"
     )
 
 
@@ -136,11 +178,15 @@ def prompt_chars(value: Any) -> int:
     return 0
 
 
-def check_size(request: PromptRequest, max_prompt_chars: int) -> None:
-    chars = prompt_chars(request.messages)
+def check_size(request: JobRequest, max_prompt_chars: int) -> None:
+    """Refuse a prompt (or all of an embedding request's texts) above the size limit."""
+    if isinstance(request, EmbeddingRequest):
+        chars, what = prompt_chars(request.input), "the texts to embed are"
+    else:
+        chars, what = prompt_chars(request.messages), "the prompt is"
     if chars > max_prompt_chars:
         raise InvalidRequest(
-            f"the prompt is {chars:,} characters, above the limit of {max_prompt_chars:,} "
+            f"{what} {chars:,} characters, above the limit of {max_prompt_chars:,} "
             "(max_prompt_chars, PROMPTQ_MAX_PROMPT_CHARS)"
         )
 
@@ -224,8 +270,12 @@ def enqueue(pipe: Any, jobs: Sequence[Submission], ttl_s: float) -> None:
         )
 
 
-class JobHandle:
-    """What Job and AsyncJob share: the id, and what the latest poll found."""
+class JobHandle(Generic[ResultT]):
+    """What Job and AsyncJob share: the id, and what the latest poll found.
+
+    ``ResultT`` is the type of the job's result: PromptResult for a prompt, EmbeddingResult
+    for embed(); Any where the handle does not know (Client.job, submit_many).
+    """
 
     def __init__(self, job_id: str) -> None:
         self.id = job_id
@@ -234,6 +284,11 @@ class JobHandle:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id}>"
+
+    def _result(self) -> ResultT:
+        """The result of the finished job, or its error raised as JobFailed."""
+        assert self._outcome is not None
+        return cast(ResultT, unwrap(self.id, self._outcome))
 
     def _settle(self, found: Outcome | JobStatus) -> bool:
         """Record what a poll found; True when the job has finished."""
@@ -245,9 +300,14 @@ class JobHandle:
         return False
 
 
+def task_name_of(request: JobRequest) -> str:
+    """The Celery task that runs ``request``."""
+    return EMBED_TASK_NAME if isinstance(request, EmbeddingRequest) else TASK_NAME
+
+
 def task_message(
     job_id: str,
-    request: PromptRequest,
+    request: JobRequest,
     *,
     kwargs: Mapping[str, Any] | None = None,
     retries: int = 0,
@@ -266,7 +326,7 @@ def task_message(
         "content-type": "application/json",
         "headers": {
             "lang": "py",
-            "task": TASK_NAME,
+            "task": task_name_of(request),
             "id": job_id,
             "shadow": None,
             "eta": None,
@@ -346,7 +406,7 @@ def job_timeout(job_id: str, timeout_s: float, cause: BaseException | None) -> J
     return JobTimeout(message, job_id=job_id, timeout_s=timeout_s)
 
 
-def unwrap(job_id: str, outcome: Outcome) -> PromptResult:
+def unwrap(job_id: str, outcome: Outcome) -> JobResult:
     """The result of a finished job, or its error raised as JobFailed."""
     if outcome.result is not None:
         return outcome.result

@@ -14,8 +14,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-from api_client import InvalidRequest, JobError, PromptRequest, PromptResult
-from api_client._wire import build_request
+from api_client import EmbeddingResult, InvalidRequest, JobError, PromptRequest, PromptResult
+from api_client._schemas import JobRequest, JobResult
+from api_client._wire import build_embedding_request, build_request
 
 # --- input ------------------------------------------------------------------------------------
 #
@@ -26,6 +27,10 @@ from api_client._wire import build_request
 #    "body": {"model": "gpt-4o-mini", "messages": [...], "temperature": 0}}
 #   custom_id is required; body.model and body.messages become the request's model and
 #   messages, every other body key a parameter (the worker-owned ones are refused).
+#   With "url": "/v1/embeddings" the body is an embeddings request instead:
+#   {"model": "text-embedding-3-small", "input": "a text" or ["texts", ...], "dimensions": 256}
+#   (the run's --model, a chat model, does not apply to it; without body.model the workers'
+#   LLM_EMBEDDING_MODEL does).
 # * a simple line: {"custom_id": "a", "prompt": "..."} or {"messages": [...]}, with an
 #   optional "model" and any of KNOWN_PARAMS beside them. custom_id is optional: a line
 #   without one is named "line-<n>" after its 1-based line number.
@@ -34,11 +39,8 @@ from api_client._wire import build_request
 # skipped. Line numbers count every physical line, blank ones included, from 1.
 
 CHAT_COMPLETIONS_URL = "/v1/chat/completions"
-
-# OpenAI endpoints recognised in the "url" of an OpenAI line but not run yet, with the reason
-# reported. Embeddings: a later issue adds them; this is the one place that refuses them.
 EMBEDDINGS_URL = "/v1/embeddings"
-UNSUPPORTED_URLS = {EMBEDDINGS_URL: "embeddings are not supported yet"}
+URLS = (CHAT_COMPLETIONS_URL, EMBEDDINGS_URL)
 
 # The OpenAI chat-completion parameters a simple line may set at its top level. Anything else
 # there is an "unknown field" (a typo would otherwise be sent to the provider or, worse,
@@ -87,7 +89,7 @@ class BatchItem:
 
     line: int  # 1-based line number in the input
     custom_id: str
-    request: PromptRequest
+    request: JobRequest
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def _refuse_unknown(fields: dict[str, Any], allowed: frozenset[str], hint: str |
     raise _Problem(message)
 
 
-def _openai_request(fields: dict[str, Any], model: str | None) -> PromptRequest:
+def _openai_request(fields: dict[str, Any], model: str | None) -> JobRequest:
     for name in ("method", "url", "body"):
         if name not in fields:
             raise _Problem(
@@ -231,19 +233,29 @@ def _openai_request(fields: dict[str, Any], model: str | None) -> PromptRequest:
     if fields["method"] != "POST":
         raise _Problem(f"method must be 'POST', got {fields['method']!r}")
     url = fields["url"]
-    if isinstance(url, str) and url in UNSUPPORTED_URLS:
-        raise _Problem(UNSUPPORTED_URLS[url])
-    if url != CHAT_COMPLETIONS_URL:
-        raise _Problem(f"unsupported url {url!r}: promptq runs {CHAT_COMPLETIONS_URL!r}")
+    if url not in URLS:
+        raise _Problem(f"unsupported url {url!r}: promptq runs {' and '.join(map(repr, URLS))}")
     body = fields["body"]
     if not isinstance(body, dict):
         raise _Problem(f"body must be a JSON object, got {_json_type(body)}")
     params = dict(body)
+    if url == EMBEDDINGS_URL:
+        return _embedding_request(params)
     if "messages" not in params:
         raise _Problem("body has no 'messages'")
     messages = params.pop("messages")
     line_model = params.pop("model", None)
     return _build(None, messages, line_model if model is None else model, params)
+
+
+def _embedding_request(params: dict[str, Any]) -> JobRequest:
+    if "input" not in params:
+        raise _Problem("body has no 'input'")
+    texts = params.pop("input")
+    try:
+        return build_embedding_request(texts, params.pop("model", None), params)
+    except InvalidRequest as exc:
+        raise _Problem(exc.message) from None
 
 
 def _simple_request(fields: dict[str, Any], model: str | None) -> PromptRequest:
@@ -268,6 +280,7 @@ def _build(prompt: Any, messages: Any, model: Any, params: dict[str, Any]) -> Pr
 #
 #   {"id": "batch_req_<job id, no dashes>", "custom_id": "a",
 #    "response": {"status_code": 200, "request_id": "<job id>", "body": <ChatCompletion>},
+#    (for an embeddings line, "body" is a CreateEmbeddingResponse: {"object": "list", ...})
 #    "error": null,
 #    "promptq": {"cost_usd": 0.0001, "attempts": 1, "latency_s": 0.8}}
 #
@@ -303,7 +316,7 @@ class OutputWriter:
         self._unsynced = 0
         self._file: BinaryIO | None = open(path, "ab")  # noqa: SIM115 (closed by close())
 
-    def write_success(self, custom_id: str, result: PromptResult) -> None:
+    def write_success(self, custom_id: str, result: JobResult) -> None:
         """Record a request that succeeded."""
         self._write(
             {
@@ -312,7 +325,7 @@ class OutputWriter:
                 "response": {
                     "status_code": 200,
                     "request_id": result.id,
-                    "body": chat_completion(result),
+                    "body": response_body(result),
                 },
                 "error": None,
                 "promptq": {
@@ -378,6 +391,29 @@ class OutputWriter:
         if self._unsynced >= self._fsync_every:
             os.fsync(self._file.fileno())
             self._unsynced = 0
+
+
+def response_body(result: JobResult) -> dict[str, Any]:
+    """The body OpenAI's endpoint would have answered: a ChatCompletion or an embedding list."""
+    if isinstance(result, EmbeddingResult):
+        return embedding_list(result)
+    return chat_completion(result)
+
+
+def embedding_list(result: EmbeddingResult) -> dict[str, Any]:
+    """A complete OpenAI CreateEmbeddingResponse (as JSON-ready dict) for one result."""
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": index, "embedding": vector}
+            for index, vector in enumerate(result.vectors)
+        ],
+        "model": result.model,
+        "usage": {
+            "prompt_tokens": result.usage.prompt_tokens,
+            "total_tokens": result.usage.total_tokens or result.usage.prompt_tokens,
+        },
+    }
 
 
 def chat_completion(result: PromptResult) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The only module that imports litellm: one provider call per attempt, and its cost."""
+"""The only module that imports litellm: one provider call per attempt (a chat completion or
+an embeddings call), and its cost."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import litellm  # after the environment above is set
 from litellm.exceptions import ContentPolicyViolationError, ContextWindowExceededError
 from litellm.utils import supports_prompt_caching as _litellm_supports_prompt_caching
 
-from api_client._schemas import PromptRequest, Usage
+from api_client._schemas import EmbeddingRequest, JobRequest, PromptRequest, Usage
 
 from .classify import (
     ContentPolicyViolation,
@@ -29,6 +30,10 @@ from .settings import LLMSettings
 # No "Give Feedback / Get Help" banner on stdout for every failed call, and no per-call INFO
 # lines (LiteLLM's loggers inherit the worker's INFO level otherwise).
 litellm.suppress_debug_info = True
+# Celery owns the retry budget: every call passes max_retries=0, but LiteLLM's OpenAI
+# embedding path reads it as `max_retries or litellm.DEFAULT_MAX_RETRIES`, so 0 became two
+# hidden retries (three HTTP requests per attempt; tests/unit/test_embeddings.py pins this).
+setattr(litellm, "DEFAULT_MAX_RETRIES", 0)  # noqa: B010 (a Final in LiteLLM's stubs)
 for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -46,16 +51,56 @@ class Completion:
     headers: dict[str, str]  # the provider's response headers, as LiteLLM passes them on
 
 
-def model_of(settings: LLMSettings, request: PromptRequest) -> str:
-    """The model a request is sent to; NotConfigured when neither it nor the worker names one."""
-    model = request.model or settings.model
-    if not model:
+@dataclass(frozen=True)
+class Embedding:
+    """What one successful embeddings call produced, in promptq's terms."""
+
+    model: str
+    vectors: list[list[float]]  # one per input text, in input order
+    usage: Usage
+    cost_usd: float | None
+    headers: dict[str, str]
+
+
+Answer = Completion | Embedding
+
+
+def model_of(settings: LLMSettings, request: JobRequest) -> str:
+    """The model a request is sent to; NotConfigured when neither it nor the worker names one.
+
+    An embeddings request without a model goes to the Azure deployment
+    LLM_EMBEDDING_DEPLOYMENT_NAME when set, else to LLM_EMBEDDING_MODEL.
+    """
+    if request.model:
+        return request.model
+    if isinstance(request, EmbeddingRequest):
+        if settings.embedding_deployment_name:
+            return f"azure/{settings.embedding_deployment_name}"
+        if settings.embedding_model:
+            return settings.embedding_model
+        raise NotConfigured(
+            "no embedding model: set LLM_EMBEDDING_MODEL (or, on Azure, "
+            "LLM_EMBEDDING_DEPLOYMENT_NAME) on the worker or pass model= to embed()"
+        )
+    if not settings.model:
         raise NotConfigured("no model: set LLM_MODEL on the worker or pass model= to submit()")
+    return settings.model
+
+
+def priced_as(settings: LLMSettings, request: JobRequest, model: str) -> str:
+    """The model whose prices apply to a call to ``model``: an Azure embedding deployment
+    (whose name LiteLLM cannot price) is priced as LLM_EMBEDDING_MODEL on Azure."""
+    deployment = isinstance(request, EmbeddingRequest) and model.startswith("azure/")
+    if deployment and request.model is None and settings.embedding_model:
+        name = settings.embedding_model
+        return name if "/" in name else f"azure/{name}"
     return model
 
 
-def reply_token_budget(request: PromptRequest) -> int | None:
+def reply_token_budget(request: JobRequest) -> int | None:
     """The reply tokens the request caps itself at (max_tokens), which providers reserve."""
+    if isinstance(request, EmbeddingRequest):
+        return 0  # an embedding has no reply tokens
     for name in ("max_completion_tokens", "max_tokens"):
         value = request.params.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
@@ -63,38 +108,51 @@ def reply_token_budget(request: PromptRequest) -> int | None:
     return None
 
 
-def prompt_tokens(model: str, request: PromptRequest) -> int:
-    """The request's prompt in tokens, by LiteLLM's counter for the model."""
+def prompt_tokens(model: str, request: JobRequest) -> int:
+    """The request's prompt (or texts to embed) in tokens, by LiteLLM's counter for the model."""
+    if isinstance(request, EmbeddingRequest):
+        return sum(_tokens_of_text(model, text) for text in request.input)
     try:
         return int(litellm.token_counter(model=model, messages=request.messages))
     except Exception:  # an unusual message shape: fall back on ~4 characters a token
         return len(str(request.messages)) // 4
 
 
-def reply_tokens_of(request: PromptRequest, default: int) -> int:
+def _tokens_of_text(model: str, text: str) -> int:
+    try:
+        return int(litellm.token_counter(model=model, text=text))
+    except Exception:  # no tokenizer for the model: ~4 characters a token
+        return len(text) // 4 + 1
+
+
+def reply_tokens_of(request: JobRequest, default: int) -> int:
     """The reply tokens to expect: max_tokens when the request sets it, else ``default``."""
     budget = reply_token_budget(request)
     return default if budget is None else budget
 
 
-def estimate_tokens(model: str, request: PromptRequest, reply_tokens: int) -> int:
+def estimate_tokens(model: str, request: JobRequest, reply_tokens: int) -> int:
     """What a call will count against a tokens-per-minute limit, before it is made: the
     prompt plus max_tokens, else ``reply_tokens``."""
     return prompt_tokens(model, request) + reply_tokens_of(request, reply_tokens)
 
 
 def estimate_cost_usd(
-    settings: LLMSettings, model: str, request: PromptRequest, reply_tokens: int
+    settings: LLMSettings, model: str, request: JobRequest, reply_tokens: int
 ) -> float:
     """The most a call could cost before it is made, for spending caps: the prompt's tokens
     plus max_tokens (else ``reply_tokens``) of reply, at the custom prices when set, else
     LiteLLM's. Raises NotConfigured when neither prices the model."""
+    price_model = priced_as(settings, request, model)
     price = _priced(
-        settings, model, prompt_tokens(model, request), reply_tokens_of(request, reply_tokens)
+        settings,
+        price_model,
+        prompt_tokens(model, request),
+        reply_tokens_of(request, reply_tokens),
     )
     if price is None:
         raise NotConfigured(
-            f"a spending cap applies but the price of {model} is unknown: set "
+            f"a spending cap applies but the price of {price_model} is unknown: set "
             "LLM_INPUT_COST_PER_TOKEN and LLM_OUTPUT_COST_PER_TOKEN"
         )
     return price
@@ -117,7 +175,7 @@ def _priced(
     return float(prompt_usd) + float(reply_usd)
 
 
-def charged_tokens(usage: Usage, request: PromptRequest) -> int:
+def charged_tokens(usage: Usage, request: JobRequest) -> int:
     """What a finished call counted against the provider's token limit: the prompt plus the
     reply, or plus max_tokens when the request set it (providers reserve it up front)."""
     budget = reply_token_budget(request)
@@ -150,6 +208,75 @@ def call_arguments(settings: LLMSettings, request: PromptRequest, model: str) ->
         "num_retries": 0,
         **request.params,
     }
+
+
+def embedding_arguments(
+    settings: LLMSettings, request: EmbeddingRequest, model: str
+) -> dict[str, Any]:
+    """The keyword arguments of the one litellm.embedding call for ``request`` (pure, like
+    call_arguments). The request's parameters (dimensions, user) cannot override these."""
+    return {
+        "model": model,
+        "input": request.input,
+        "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
+        "api_base": settings.base_url,
+        "api_version": settings.api_version,
+        "drop_params": settings.drop_params,
+        "timeout": settings.timeout,
+        "max_retries": 0,
+        "num_retries": 0,
+        **request.params,
+    }
+
+
+def call(settings: LLMSettings, request: JobRequest) -> Answer:
+    """Make exactly one provider request for ``request``; raise on any failure."""
+    if isinstance(request, EmbeddingRequest):
+        return embed(settings, request)
+    return complete(settings, request)
+
+
+def embed(settings: LLMSettings, request: EmbeddingRequest) -> Embedding:
+    """Make exactly one embeddings request; raise on any failure (see worker.classify)."""
+    model = model_of(settings, request)
+    _check_credentials(model, settings.api_key is not None, settings.base_url)
+    response = litellm.embedding(**embedding_arguments(settings, request, model))
+    vectors = _vectors_of(response, len(request.input))
+    usage = _usage_of(getattr(response, "usage", None))
+    return Embedding(
+        model=str(getattr(response, "model", None) or model),
+        vectors=vectors,
+        usage=usage,
+        cost_usd=_priced(settings, priced_as(settings, request, model), usage.prompt_tokens, 0),
+        headers=_headers_of(response),
+    )
+
+
+def _vectors_of(response: Any, expected: int) -> list[list[float]]:
+    """The response's vectors in input order; MalformedResponse unless there is one list of
+    numbers per input text."""
+    data = getattr(response, "data", None)
+    if not isinstance(data, list) or len(data) != expected:
+        found = len(data) if isinstance(data, list) else "no"
+        raise MalformedResponse(f"the provider returned {found} embeddings for {expected} texts")
+    by_index: dict[int, list[float]] = {}
+    for position, item in enumerate(data):
+        index, vector = _field(item, "index"), _field(item, "embedding")
+        index = position if index is None else index
+        numbers = isinstance(vector, list) and all(
+            isinstance(x, int | float) and not isinstance(x, bool) for x in vector
+        )
+        if not numbers or not vector or not isinstance(index, int) or index in by_index:
+            raise MalformedResponse(f"the provider returned a malformed embedding at {position}")
+        by_index[index] = [float(x) for x in vector]
+    if sorted(by_index) != list(range(expected)):
+        raise MalformedResponse("the provider's embedding indexes do not match the texts")
+    return [by_index[index] for index in range(expected)]
+
+
+def _field(item: Any, name: str) -> Any:
+    """A field of a response item, which LiteLLM gives as a dict or an object."""
+    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
 
 
 def complete(settings: LLMSettings, request: PromptRequest) -> Completion:

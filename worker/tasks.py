@@ -1,4 +1,5 @@
-"""The promptq.complete task: one attempt at one prompt, then success, retry or failure."""
+"""The promptq.complete and promptq.embed tasks: one attempt at one job, then success, retry
+or failure."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ from celery.exceptions import Reject
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
-from api_client._constants import TASK_NAME
+from api_client._constants import EMBED_TASK_NAME, TASK_NAME
 from api_client._schemas import (
+    EmbeddingRequest,
+    EmbeddingResult,
     ErrorKind,
     JobError,
+    JobRequest,
+    JobResult,
     JobStatus,
     Outcome,
     PromptRequest,
@@ -52,14 +57,15 @@ def register(app: PromptqCelery) -> None:
     # shared=False: the task belongs to this app only, bound to its settings. max_retries=None:
     # complete() counts provider failures against LLM_NUM_RETRIES itself (Celery's count
     # also includes the deliveries of a job parked for rate-limit capacity).
-    app.task(
-        name=TASK_NAME,
-        bind=True,
-        acks_late=True,
-        ignore_result=True,
-        shared=False,
-        max_retries=None,
-    )(complete)
+    for name, run in ((TASK_NAME, complete), (EMBED_TASK_NAME, embed)):
+        app.task(
+            name=name,
+            bind=True,
+            acks_late=True,
+            ignore_result=True,
+            shared=False,
+            max_retries=None,
+        )(run)
 
 
 def complete(
@@ -69,17 +75,40 @@ def complete(
     reserved_tokens: int | None = None,
     slot_at: float | None = None,
 ) -> None:
+    """Run one attempt of a chat-completion job (see run)."""
+    run(task, PromptRequest, request, failures, (reserved_tokens, slot_at))
+
+
+def embed(
+    task: Task,
+    request: dict[str, Any],
+    failures: int = 0,
+    reserved_tokens: int | None = None,
+    slot_at: float | None = None,
+) -> None:
+    """Run one attempt of an embeddings job (see run)."""
+    run(task, EmbeddingRequest, request, failures, (reserved_tokens, slot_at))
+
+
+def run(
+    task: Task,
+    request_type: type[JobRequest],
+    request: dict[str, Any],
+    failures: int,
+    reserved: tuple[int | None, float | None],
+) -> None:
     """Run one attempt of a job; schedule a retry, or store its outcome.
 
-    ``failures`` counts the provider failures so far (the retry budget); ``reserved_tokens``
-    is set when this delivery already holds a rate-limit slot, charged that many tokens,
-    starting at ``slot_at`` (epoch seconds). When Redis cannot be reached the message is
+    ``request`` is the message's request, read as ``request_type``; ``failures`` counts the
+    provider failures so far (the retry budget); ``reserved`` holds (tokens, slot_at) when
+    this delivery already holds a rate-limit slot, charged that many tokens, starting at
+    slot_at (epoch seconds), else (None, None). When Redis cannot be reached the message is
     rejected back to the queue (or, if that fails too, left unacknowledged until the
     visibility timeout returns it): a job is never acknowledged without an outcome or a
     follow-up message.
     """
     try:
-        _attempt(task, request, failures, reserved_tokens, slot_at)
+        _attempt(task, request_type, request, failures, reserved)
     except REDIS_UNAVAILABLE as exc:
         logger.warning(
             "job %s goes back to the queue: Redis is unavailable (%s)", task.request.id, exc
@@ -89,29 +118,31 @@ def complete(
 
 def _attempt(
     task: Task,
+    request_type: type[JobRequest],
     request: dict[str, Any],
     failures: int,
-    reserved_tokens: int | None,
-    slot_at: float | None,
+    reserved: tuple[int | None, float | None],
 ) -> None:
-    started_job = _start(task, request, failures)
+    started_job = _start(task, request_type, request, failures)
     if started_job is None:
         return
     parsed, model = started_job
-    call = _prepare(task, parsed, model, failures, reserved=(reserved_tokens, slot_at))
+    call = _prepare(task, parsed, model, failures, reserved=reserved)
     if call is None:
         return
     started = time.monotonic()
     try:
         with task.app.metrics.timing(call.deployment.model):
-            completion = llm.complete(call.llm, call.request)
+            answer = llm.call(call.llm, call.request)
     except Exception as exc:  # every failure is classified; none escapes to Celery
         _after_failure(task, call, exc, failures)
         return
-    _after_success(task, call, completion, failures + 1, time.monotonic() - started)
+    _after_success(task, call, answer, failures + 1, time.monotonic() - started)
 
 
-def _start(task: Task, request: dict[str, Any], failures: int) -> tuple[PromptRequest, str] | None:
+def _start(
+    task: Task, request_type: type[JobRequest], request: dict[str, Any], failures: int
+) -> tuple[JobRequest, str] | None:
     """Mark the job running and read its request and model; None when it ends here."""
     app: PromptqCelery = task.app
     job_id: str = task.request.id
@@ -127,7 +158,7 @@ def _start(task: Task, request: dict[str, Any], failures: int) -> tuple[PromptRe
         _fail(app, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=failures)
         return None
     try:
-        parsed = PromptRequest.model_validate(request)
+        parsed = request_type.model_validate(request)
         return parsed, llm.model_of(app.llm_settings(parsed.llm), parsed)
     except ValidationError as exc:
         _fail(app, job_id, Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}"), attempts=0)
@@ -138,7 +169,7 @@ def _start(task: Task, request: dict[str, Any], failures: int) -> tuple[PromptRe
 
 def _prepare(
     task: Task,
-    request: PromptRequest,
+    request: JobRequest,
     model: str,
     failures: int,
     *,
@@ -170,31 +201,20 @@ def _prepare(
 
 
 def _after_success(
-    task: Task, call: _Call, completion: llm.Completion, attempts: int, latency_s: float
+    task: Task, call: _Call, answer: llm.Answer, attempts: int, latency_s: float
 ) -> None:
     """Store the answer, then book what it cost."""
     app: PromptqCelery = task.app
-    cost_usd = completion.cost_usd
+    cost_usd = answer.cost_usd
     if cost_usd is None and call.reservation is not None:
         cost_usd = call.reservation.amount_usd  # priced before the call; keep the cap honest
-    result = PromptResult(
-        id=task.request.id,
-        model=completion.model,
-        content=completion.content,
-        message=completion.message,
-        finish_reason=completion.finish_reason,
-        usage=completion.usage,
-        cost_usd=cost_usd,
-        attempts=attempts,
-        latency_s=latency_s,
-        created=datetime.now(UTC),
-    )
+    result = _result_of(task.request.id, answer, cost_usd, attempts, latency_s)
     # The paid answer is stored first (riding out a short Redis outage); the bookkeeping
     # after it is best effort.
     outcome = Outcome(status=JobStatus.SUCCEEDED, result=result)
     app.store.finish(task.request.id, outcome, patient=True)
-    app.metrics.call_succeeded(call.deployment.model, completion.usage, cost_usd)
-    usage = completion.usage
+    app.metrics.call_succeeded(call.deployment.model, answer.usage, cost_usd)
+    usage = answer.usage
     charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
     _book(
         app,
@@ -202,7 +222,36 @@ def _after_success(
         cost_usd=cost_usd or 0.0,
         charged_tokens=charged or call.reserved_tokens,
         outcome="ok",
-        headers=completion.headers,
+        headers=answer.headers,
+    )
+
+
+def _result_of(
+    job_id: str, answer: llm.Answer, cost_usd: float | None, attempts: int, latency_s: float
+) -> JobResult:
+    """The stored result of a successful call."""
+    if isinstance(answer, llm.Embedding):
+        return EmbeddingResult(
+            id=job_id,
+            model=answer.model,
+            vectors=answer.vectors,
+            usage=answer.usage,
+            cost_usd=cost_usd,
+            attempts=attempts,
+            latency_s=latency_s,
+            created=datetime.now(UTC),
+        )
+    return PromptResult(
+        id=job_id,
+        model=answer.model,
+        content=answer.content,
+        message=answer.message,
+        finish_reason=answer.finish_reason,
+        usage=answer.usage,
+        cost_usd=cost_usd,
+        attempts=attempts,
+        latency_s=latency_s,
+        created=datetime.now(UTC),
     )
 
 
@@ -210,7 +259,7 @@ def _after_success(
 class _Call:
     """One provider call about to be made, and what was set aside for it."""
 
-    request: PromptRequest
+    request: JobRequest
     llm: LLMSettings  # the job's LLM settings: the default [llm] or its [llm.NAME]
     deployment: Deployment
     reserved_tokens: int  # charged to the rate limiter
@@ -218,7 +267,7 @@ class _Call:
 
 
 def _reserve_spend(
-    app: PromptqCelery, request: PromptRequest, model: str, llm_settings: LLMSettings
+    app: PromptqCelery, request: JobRequest, model: str, llm_settings: LLMSettings
 ) -> Reservation | None:
     """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
     there is no room; NotConfigured when the model has no price)."""

@@ -7,7 +7,7 @@ import random
 import time
 from typing import TYPE_CHECKING, Any
 
-from api_client._schemas import PromptRequest
+from api_client._schemas import JobRequest
 from api_client._wire import task_message
 
 from . import llm
@@ -27,9 +27,7 @@ logger = logging.getLogger("promptq.worker")
 SLOT_LEAD_S = 0.25
 
 
-def take_slot(
-    task: Task, deployment: Deployment, request: PromptRequest, failures: int
-) -> int | None:
+def take_slot(task: Task, deployment: Deployment, request: JobRequest, failures: int) -> int | None:
     """Wait for the deployment's rate limit to allow this call: return the tokens charged,
     or None when the job was parked to come back later (the task then ends).
 

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from tests.support.openai_server import Reply, ScriptedOpenAIServer
+from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 
@@ -67,7 +68,7 @@ def check_output(path: Path, expected_ids: list[str]) -> list[dict[str, Any]]:
     lines = output_lines(path)
     assert Counter(line["custom_id"] for line in lines) == Counter(expected_ids)
     for line in lines:
-        if line["error"] is None:
+        if line["error"] is None and line["response"]["body"].get("object") != "list":
             ChatCompletion.model_validate(line["response"]["body"])
     return lines
 
@@ -97,6 +98,40 @@ def test_embedded_batch_answers_every_line_once(
     [refused] = [line for line in lines if line["custom_id"] == "refused"]
     assert refused["error"]["code"] == "bad_request"
     assert CANARY_KEY not in completed.stderr + (tmp_path / "out.jsonl").read_text()
+
+
+def test_embeddings_lines_run_beside_chat_lines(
+    tmp_path: Path, provider: ScriptedOpenAIServer
+) -> None:
+    texts = {f"e{i}": [f"text {i}", f"another text {i}"] for i in range(5)}
+    embeddings = [
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": "openai/text-embedding-3-small", "input": inputs},
+        }
+        for custom_id, inputs in texts.items()
+    ]
+    write_input(tmp_path / "in.jsonl", 5, extra=embeddings)
+
+    completed = run_batch(
+        tmp_path, batch_env(provider.base_url), "in.jsonl", "-o", "out.jsonl", "--json"
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    lines = check_output(tmp_path / "out.jsonl", [f"q{i}" for i in range(5)] + list(texts))
+    for line in lines:
+        if line["custom_id"] in texts:
+            response = CreateEmbeddingResponse.model_validate(line["response"]["body"])
+            vectors = [d.embedding for d in response.data]
+            assert same_vectors(vectors, echo_vectors(texts[line["custom_id"]]))
+            assert line["promptq"]["cost_usd"] > 0  # LiteLLM prices text-embedding-3-small
+    paths = Counter(request.path for request in provider.requests)
+    assert paths == {"/v1/chat/completions": 5, "/v1/embeddings": 5}
+    summary = json.loads(completed.stdout)
+    assert summary["succeeded"] == 10
+    assert summary["prompt_tokens"] >= 10  # both kinds' tokens are counted
 
 
 def test_malformed_lines_are_reported_and_nothing_is_submitted(

@@ -144,20 +144,24 @@ def test_a_client_works_again_once_redis_is_back(tmp_path: Path, fast_timeouts: 
 
 
 def _wait_sync(client: Client, job_id: str) -> PromptResult:
-    return client.job(job_id).wait(timeout=WAIT_S)
+    result = client.job(job_id).wait(timeout=WAIT_S)
+    assert isinstance(result, PromptResult)
+    return result
 
 
 def _as_completed(client: Client, job_id: str) -> PromptResult:
     [done] = client.as_completed([client.job(job_id)], timeout=WAIT_S)
     result = done.result()
-    assert result is not None
+    assert isinstance(result, PromptResult)
     return result
 
 
 def _wait_async(client: Client, job_id: str) -> PromptResult:
     async def wait() -> PromptResult:
         async with AsyncClient(client.settings.redis_url) as async_client:
-            return await async_client.job(job_id).wait(timeout=WAIT_S)
+            result = await async_client.job(job_id).wait(timeout=WAIT_S)
+            assert isinstance(result, PromptResult)
+            return result
 
     return asyncio.run(wait())
 

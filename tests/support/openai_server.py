@@ -14,11 +14,31 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl
 
-from worker.fake_provider.replies import text_of
+from worker.fake_provider.replies import BadRequest, embedding_of, plan_embeddings, text_of
 
 # Any path ending so: /v1/chat/completions, Azure's /openai/deployments/<name>/chat/completions,
 # Groq's /openai/v1/..., OpenRouter's /api/v1/...
 _CHAT_SUFFIX = "/chat/completions"
+# OpenAI's /v1/embeddings, Azure's /openai/deployments/<name>/embeddings
+_EMBEDDINGS_SUFFIX = "/embeddings"
+EMBEDDING_DIMENSIONS = 8  # the size of the vectors the server answers, unless asked otherwise
+
+
+def echo_vectors(texts: list[str], dimensions: int = EMBEDDING_DIMENSIONS) -> list[list[float]]:
+    """The vectors the server answers for ``texts``."""
+    return [embedding_of(text, dimensions) for text in texts]
+
+
+def same_vectors(found: list[list[float]], expected: list[list[float]]) -> bool:
+    """The same vectors in the same order, to float32 precision (LiteLLM asks some providers,
+    Azure among them, for base64-packed float32 vectors)."""
+    return [len(v) for v in found] == [len(v) for v in expected] and all(
+        abs(a - b) <= 1e-6
+        for f, e in zip(found, expected, strict=True)
+        for a, b in zip(f, e, strict=True)
+    )
+
+
 # Google AI Studio's (Gemini's) /v1beta/models/<model>:generateContent
 _GEMINI_SUFFIX = ":generateContent"
 _MODELS_PATHS = frozenset({"/v1/models", "/models"})
@@ -198,8 +218,9 @@ class _Handler(BaseHTTPRequestHandler):
 
         is_chat = self.command == "POST" and path.endswith(_CHAT_SUFFIX)
         is_gemini = self.command == "POST" and path.endswith(_GEMINI_SUFFIX)
+        is_embeddings = self.command == "POST" and path.endswith(_EMBEDDINGS_SUFFIX)
         is_models = self.command == "GET" and path in _MODELS_PATHS
-        if not (is_chat or is_gemini or is_models):
+        if not (is_chat or is_gemini or is_embeddings or is_models):
             self._send(404, _error_body(404), {})
             return
 
@@ -222,6 +243,13 @@ class _Handler(BaseHTTPRequestHandler):
         elif is_gemini:
             model = path.rsplit("/", 1)[-1].removesuffix(_GEMINI_SUFFIX)
             payload = _gemini_echo(body, model)
+        elif is_embeddings:
+            try:
+                payload = plan_embeddings(body, EMBEDDING_DIMENSIONS)[2]
+            except BadRequest as exc:
+                self._send(400, {"error": {"message": str(exc), "type": "invalid_request"}}, {})
+                owner._answered()
+                return
         else:
             payload = _model_list()
         self._send(reply.status, payload, reply.headers)
@@ -248,10 +276,10 @@ class ScriptedOpenAIServer:
     """OpenAI-compatible server on 127.0.0.1 replying from a script of :class:`Reply`.
 
     Every request is recorded (before any reply or delay). Each request to a known route
-    (``POST .../chat/completions`` under any prefix, Gemini's ``POST .../models/<model>:
-    generateContent``, ``GET /v1/models``) consumes the next scripted reply, or ``default``
-    when the script is empty; other paths get a 404. The default 200 reply is an echo in the
-    route's own format.
+    (``POST .../chat/completions`` or ``POST .../embeddings`` under any prefix, Gemini's
+    ``POST .../models/<model>:generateContent``, ``GET /v1/models``) consumes the next
+    scripted reply, or ``default`` when the script is empty; other paths get a 404. The
+    default 200 reply is an echo in the route's own format.
     """
 
     def __init__(self, default: Reply | None = None) -> None:

@@ -11,10 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from openai.types import ErrorObject
+from openai.types import CreateEmbeddingResponse, ErrorObject
 from openai.types.chat import ChatCompletion
 
-from api_client import ErrorKind, JobError, PromptRequest, PromptResult, Usage
+from api_client import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    ErrorKind,
+    JobError,
+    PromptRequest,
+    PromptResult,
+    Usage,
+)
 from worker.batchfile import (
     KNOWN_PARAMS,
     BatchItem,
@@ -281,10 +289,14 @@ def test_unknown_field_in_an_openai_line(tmp_path: Path) -> None:
         ({"method": "post"}, "method must be 'POST', got 'post'"),
         (
             {"url": "/v1/completions"},
-            "unsupported url '/v1/completions': promptq runs '/v1/chat/completions'",
+            "unsupported url '/v1/completions': promptq runs '/v1/chat/completions' and "
+            "'/v1/embeddings'",
         ),
-        ({"url": 5}, "unsupported url 5: promptq runs '/v1/chat/completions'"),
-        ({"url": "/v1/embeddings"}, "embeddings are not supported yet"),
+        (
+            {"url": 5},
+            "unsupported url 5: promptq runs '/v1/chat/completions' and '/v1/embeddings'",
+        ),
+        ({"url": "/v1/embeddings"}, "body has no 'input'"),
         ({"body": []}, "body must be a JSON object, got an array"),
         ({"body": {"model": "m"}}, "body has no 'messages'"),
     ],
@@ -293,14 +305,43 @@ def test_bad_openai_lines(tmp_path: Path, change: dict[str, Any], message: str) 
     assert only_problem(tmp_path, {**openai_line(), **change}) == LineProblem(1, message)
 
 
-def test_embeddings_line_is_refused_whatever_its_body(tmp_path: Path) -> None:
-    line = {
-        "custom_id": "e",
-        "method": "POST",
-        "url": "/v1/embeddings",
-        "body": {"model": "text-embedding-3-small", "input": "hello"},
-    }
-    assert only_problem(tmp_path, line) == LineProblem(1, "embeddings are not supported yet")
+def embeddings_line(custom_id: str = "e", /, **body: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/embeddings", "body": body}
+
+
+def test_embeddings_line_becomes_an_embedding_request(tmp_path: Path) -> None:
+    line = embeddings_line(model="text-embedding-3-small", input="hello", dimensions=4)
+
+    path = write_lines(tmp_path / "in.jsonl", line)
+    [item] = read_items(path, model="openai/chat-model")  # the run's --model is for chat lines
+
+    assert isinstance(item, BatchItem)
+    assert item.request == EmbeddingRequest(
+        input=["hello"], model="text-embedding-3-small", params={"dimensions": 4}
+    )
+
+
+def test_embeddings_line_without_a_model_leaves_it_to_the_workers(tmp_path: Path) -> None:
+    [item] = entries(tmp_path, embeddings_line(input=["a", "b"]))
+
+    assert isinstance(item, BatchItem)
+    assert item.request == EmbeddingRequest(input=["a", "b"])
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"input": []}, "invalid request: input: List should have at least 1 item"),
+        ({"input": [1]}, "texts must be a string or a list of strings"),
+        ({"input": "x", "encoding_format": "base64"}, "encoding_format must be 'float'"),
+        ({"input": "x", "api_key": "k"}, "cannot be set per request"),
+    ],
+)
+def test_bad_embeddings_lines(tmp_path: Path, body: dict[str, Any], message: str) -> None:
+    problem = only_problem(tmp_path, embeddings_line(**body))
+
+    assert isinstance(problem, LineProblem)
+    assert message in problem.message
 
 
 @pytest.mark.parametrize("missing", ["custom_id", "method", "url", "body"])
@@ -379,7 +420,7 @@ def test_every_problem_keeps_its_line_number(tmp_path: Path) -> None:
         "[]",  # 4
         {"custom_id": "a", "prompt": "dup"},  # 5
         {"prompt": "x", "bogus": 1},  # 6
-        {**openai_line("b"), "url": "/v1/embeddings"},  # 7
+        {**openai_line("b"), "url": "/v1/embeddings"},  # 7 (no input)
         openai_line("c", stream=True),  # 8
         {"prompt": ""},  # 9
         openai_line("d"),  # 10
@@ -485,6 +526,35 @@ def test_cached_prompt_tokens_are_in_openais_usage_details(tmp_path: Path) -> No
     assert completion.usage.prompt_tokens_details is not None
     assert completion.usage.prompt_tokens_details.cached_tokens == 1024
     assert "prompt_tokens_details" not in without["response"]["body"]["usage"]
+
+
+def test_embedding_success_line_holds_a_valid_embedding_response(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    embedded = EmbeddingResult(
+        id=JOB_ID,
+        model="text-embedding-3-small",
+        vectors=[[0.25, -0.5], [1.0, 0.0]],
+        usage=Usage(prompt_tokens=6, total_tokens=6),
+        cost_usd=1.2e-7,
+        attempts=1,
+        latency_s=0.2,
+        created=datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC),
+    )
+    with OutputWriter(path) as writer:
+        writer.write_success("e1", embedded)
+
+    (line,) = read_lines(path)
+    assert (line["custom_id"], line["error"], line["response"]["status_code"]) == ("e1", None, 200)
+    assert line["promptq"] == {"cost_usd": 1.2e-7, "attempts": 1, "latency_s": 0.2}
+    response = CreateEmbeddingResponse.model_validate(line["response"]["body"])
+    assert [d.embedding for d in response.data] == embedded.vectors
+    assert [d.index for d in response.data] == [0, 1]
+    assert (response.model, response.usage.prompt_tokens, response.usage.total_tokens) == (
+        "text-embedding-3-small",
+        6,
+        6,
+    )
+    assert read_done(path) == ({"e1"}, set())
 
 
 def test_success_line_is_openai_batch_output_with_a_valid_chat_completion(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("litellm", "worker", "celery", "kombu", "openai")
 
 PUBLIC_API = [
+    "EMBED_TASK_NAME",
     "QUEUE",
     "TASK_NAME",
     "AsyncClient",
@@ -20,6 +21,8 @@ PUBLIC_API = [
     "BrokerUnavailable",
     "Client",
     "ClientSettings",
+    "EmbeddingRequest",
+    "EmbeddingResult",
     "ErrorKind",
     "InvalidRequest",
     "Job",
