@@ -6,9 +6,16 @@ import json
 import math
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 # Parameters the worker owns: a request may not set them (the key and endpoint live in the
 # worker's settings, retries belong to Celery, results are never streamed).
@@ -83,46 +90,6 @@ def _check_json(name: str, value: Any) -> None:
         raise ValueError(f"{name} is not valid Unicode text: {exc.reason} ({bad!r})") from None
 
 
-class PromptRequest(BaseModel):
-    """One chat completion to run: OpenAI-style messages, an optional model, sampling params."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    model: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    # A spending budget (Client.create_budget) this job's calls are charged to, besides the
-    # fleet's PROMPTQ_MAX_SPEND_USD.
-    budget: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")
-    # A named LLM configuration of the workers ([llm.NAME] in their config.toml); None: [llm].
-    llm: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")
-
-    @field_validator("messages")
-    @classmethod
-    def _check_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        for index, message in enumerate(messages):
-            role = message.get("role")
-            if role not in MESSAGE_ROLES:
-                raise ValueError(
-                    f"messages[{index}].role must be one of {sorted(MESSAGE_ROLES)}, got {role!r}"
-                )
-            content = message.get("content")
-            if role != "assistant" and content in (None, "", []):
-                raise ValueError(f"messages[{index}] ({role}) has empty content")
-            _check_json(f"messages[{index}]", message)
-        return messages
-
-    @field_validator("model")
-    @classmethod
-    def _check_model(cls, model: str | None) -> str | None:
-        return _checked_model(model)
-
-    @field_validator("params")
-    @classmethod
-    def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
-        return _checked_params(params, RESERVED_PARAMS)
-
-
 def _checked_model(model: str | None) -> str | None:
     if model is not None and not model.strip():
         raise ValueError("model must not be empty")
@@ -140,6 +107,47 @@ def _checked_params(params: dict[str, Any], reserved_names: frozenset[str]) -> d
     return params
 
 
+# The fields both kinds of request share.
+ModelName = Annotated[str | None, AfterValidator(_checked_model)]
+# A spending budget (Client.create_budget) the job's calls are charged to, besides the
+# fleet's PROMPTQ_MAX_SPEND_USD.
+BudgetId = Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
+# A named LLM configuration of the workers ([llm.NAME] in their config.toml); None: [llm].
+LLMName = Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+
+
+class PromptRequest(BaseModel):
+    """One chat completion to run: OpenAI-style messages, an optional model, sampling params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    model: ModelName = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    budget: BudgetId = None
+    llm: LLMName = None
+
+    @field_validator("messages")
+    @classmethod
+    def _check_messages(cls, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for index, message in enumerate(messages):
+            role = message.get("role")
+            if role not in MESSAGE_ROLES:
+                raise ValueError(
+                    f"messages[{index}].role must be one of {sorted(MESSAGE_ROLES)}, got {role!r}"
+                )
+            content = message.get("content")
+            if role != "assistant" and content in (None, "", []):
+                raise ValueError(f"messages[{index}] ({role}) has empty content")
+            _check_json(f"messages[{index}]", message)
+        return messages
+
+    @field_validator("params")
+    @classmethod
+    def _check_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return _checked_params(params, RESERVED_PARAMS)
+
+
 class EmbeddingRequest(BaseModel):
     """Texts to embed in one provider call: the vectors come back in the same order."""
 
@@ -147,10 +155,10 @@ class EmbeddingRequest(BaseModel):
 
     input: list[str] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
     # None: the worker's LLM_EMBEDDING_MODEL (or its Azure LLM_EMBEDDING_DEPLOYMENT_NAME).
-    model: str | None = None
+    model: ModelName = None
     params: dict[str, Any] = Field(default_factory=dict)  # e.g. dimensions, user
-    budget: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")
-    llm: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    budget: BudgetId = None
+    llm: LLMName = None
 
     @field_validator("input")
     @classmethod
@@ -160,11 +168,6 @@ class EmbeddingRequest(BaseModel):
                 raise ValueError(f"input[{index}] is empty")  # providers refuse empty texts
             _check_json(f"input[{index}]", text)
         return texts
-
-    @field_validator("model")
-    @classmethod
-    def _check_model(cls, model: str | None) -> str | None:
-        return _checked_model(model)
 
     @field_validator("params")
     @classmethod
