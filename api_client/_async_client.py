@@ -162,7 +162,7 @@ class AsyncClient:
         """Queue the jobs in one round trip; their ids."""
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
-            enqueue(pipe, jobs, self.settings.result_ttl_s)
+            enqueue(pipe, jobs, self.settings.result_ttl_s, self.settings.pack_size)
             await pipe.execute()
         return [job.job_id for job in jobs]
 

@@ -192,7 +192,7 @@ class Client:
         """Queue the jobs in one round trip; their ids."""
         with self._guard():
             pipe = self._redis.pipeline(transaction=False)
-            enqueue(pipe, jobs, self.settings.result_ttl_s)
+            enqueue(pipe, jobs, self.settings.result_ttl_s, self.settings.pack_size)
             pipe.execute()
         return [job.job_id for job in jobs]
 

@@ -24,3 +24,6 @@ class ClientSettings(BaseSettings):
     # wait()/as_completed() with no timeout ride out a Redis outage this long, then raise
     # BrokerUnavailable; with a timeout they keep retrying until it expires.
     max_outage_s: float = Field(default=300.0, gt=0)
+    # submit_many() carries up to this many jobs in one message (1: one message per job): a
+    # worker runs a pack's jobs concurrently and pays the queue's cost once.
+    pack_size: int = Field(default=16, ge=1, le=256)

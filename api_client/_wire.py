@@ -24,6 +24,7 @@ from typing_extensions import TypeVar
 from ._constants import (
     EMBED_TASK_NAME,
     IDEMPOTENCY_NAMESPACE,
+    PACK_TASK_NAME,
     QUEUE,
     TASK_NAME,
     result_key,
@@ -115,6 +116,9 @@ class Submission:
 
     job_id: str
     request: JobRequest
+    # A job with a new id may share a message with others; one named by an idempotency key
+    # is published on its own (its publish must be a no-op when the job exists).
+    packable: bool = False
 
 
 def submission(
@@ -122,8 +126,9 @@ def submission(
 ) -> Submission:
     """Check the request's size and give it its job id: new, or the idempotency key's."""
     check_size(request, max_prompt_chars)
-    job_id = new_job_id() if idempotency_key is None else idempotent_job_id(idempotency_key)
-    return Submission(job_id, request)
+    if idempotency_key is None:
+        return Submission(new_job_id(), request, packable=True)
+    return Submission(idempotent_job_id(idempotency_key), request)
 
 
 def submissions(
@@ -254,10 +259,38 @@ return 1
 """
 
 
-def enqueue(pipe: Any, jobs: Sequence[Submission], ttl_s: float) -> None:
-    """Add each job's publish (its queued state and task message) to a Redis pipeline."""
+# KEYS[1] the queue, then each job's state; ARGV[1] the pack's message, ARGV[2] the queued
+# state's value, ARGV[3] its ttl in ms. The jobs of a pack have new ids: the first one's state
+# guards the whole pack, so a pipeline re-sent after a lost reply pushes it once.
+_PUBLISH_PACK = """
+if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[3]) end
+redis.call('LPUSH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+def enqueue(pipe: Any, jobs: Sequence[Submission], ttl_s: float, pack_size: int = 1) -> None:
+    """Add each job's publish (its queued state and task message) to a Redis pipeline; the
+    packable jobs go in packs of up to ``pack_size`` per message."""
     ttl_ms = int(ttl_s * 1000)
-    for job in jobs:
+    packable = [job for job in jobs if job.packable]
+    singles = [job for job in jobs if not job.packable]
+    for start in range(0, len(packable), pack_size):
+        chunk = packable[start : start + pack_size]
+        if len(chunk) == 1:
+            singles.append(chunk[0])
+            continue
+        pipe.eval(
+            _PUBLISH_PACK,
+            1 + len(chunk),
+            QUEUE,
+            *(state_key(job.job_id) for job in chunk),
+            pack_message(new_job_id(), chunk),
+            JobStatus.QUEUED.value,
+            ttl_ms,
+        )
+    for job in singles:
         pipe.eval(
             _PUBLISH,
             3,
@@ -319,15 +352,46 @@ def task_message(
     builds one too when it parks a job (``kwargs`` carry its state, ``retries`` counts the
     deliveries before it).
     """
-    body = [[request.model_dump(mode="json")], dict(kwargs or {}), _NO_CANVAS]
+    args = [request.model_dump(mode="json")]
+    return _envelope(
+        task_name_of(request), job_id, args, kwargs or {}, retries=retries, argsrepr="(<request>,)"
+    )
+
+
+def pack_message(pack_id: str, jobs: Sequence[Submission]) -> bytes:
+    """One message carrying several jobs, for the promptq.pack task: its one argument is a
+    list of {"task": the job's own task, "id": job id, "request": its request}."""
+    entries = [
+        {
+            "task": task_name_of(job.request),
+            "id": job.job_id,
+            "request": job.request.model_dump(mode="json"),
+        }
+        for job in jobs
+    ]
+    return _envelope(
+        PACK_TASK_NAME, pack_id, [entries], {}, retries=0, argsrepr=f"(<{len(jobs)} jobs>,)"
+    )
+
+
+def _envelope(
+    task: str,
+    message_id: str,
+    args: list[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    retries: int,
+    argsrepr: str,
+) -> bytes:
+    body = [args, dict(kwargs), _NO_CANVAS]
     envelope = {
         "body": base64.b64encode(json.dumps(body).encode()).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
             "lang": "py",
-            "task": task_name_of(request),
-            "id": job_id,
+            "task": task,
+            "id": message_id,
             "shadow": None,
             "eta": None,
             "expires": None,
@@ -335,9 +399,9 @@ def task_message(
             "group_index": None,
             "retries": retries,
             "timelimit": [None, None],
-            "root_id": job_id,
+            "root_id": message_id,
             "parent_id": None,
-            "argsrepr": "(<request>,)",
+            "argsrepr": argsrepr,
             "kwargsrepr": "{}",
             "origin": _ORIGIN,
             "ignore_result": True,
@@ -346,7 +410,7 @@ def task_message(
             "stamps": {},
         },
         "properties": {
-            "correlation_id": job_id,
+            "correlation_id": message_id,
             "reply_to": "",
             "delivery_mode": 2,
             "delivery_info": {"exchange": "", "routing_key": QUEUE},

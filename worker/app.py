@@ -12,6 +12,7 @@ from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
 
+from .call_loop import CallLoop
 from .classify import NotConfigured
 from .cli import EXIT_USAGE
 from .limiter import Deployment, RateLimiter
@@ -68,6 +69,11 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
     def spend(self) -> SpendLedger:
         queue = self.settings.queue
         return SpendLedger(self.redis, max_usd=queue.max_spend_usd, period=queue.spend_period)
+
+    @cached_property
+    def call_loop(self) -> CallLoop:
+        """The event loop every attempt runs on, PROMPTQ_CONCURRENCY at once."""
+        return CallLoop(self.settings.queue.concurrency)
 
     @cached_property
     def metrics(self) -> Metrics:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -229,23 +231,59 @@ def embedding_arguments(
     }
 
 
-def call(settings: LLMSettings, request: JobRequest) -> Answer:
-    """Make exactly one provider request for ``request``; raise on any failure."""
+async def acall(settings: LLMSettings, request: JobRequest) -> Answer:
+    """Make exactly one provider request for ``request`` (the worker's form, on its event
+    loop); raise on any failure (see worker.classify)."""
+    model = callable_model(settings, request)
     if isinstance(request, EmbeddingRequest):
-        return embed(settings, request)
-    return complete(settings, request)
+        response = await litellm.aembedding(**embedding_arguments(settings, request, model))
+        return _embedding_of(response, settings, request, model)
+    with _mapped_errors():
+        response = await litellm.acompletion(**call_arguments(settings, request, model))
+    return _completion_of(response, settings)
+
+
+def complete(settings: LLMSettings, request: PromptRequest) -> Completion:
+    """The blocking form of acall for a chat completion (for scripts and tests)."""
+    model = callable_model(settings, request)
+    with _mapped_errors():
+        response = litellm.completion(**call_arguments(settings, request, model))
+    return _completion_of(response, settings)
 
 
 def embed(settings: LLMSettings, request: EmbeddingRequest) -> Embedding:
-    """Make exactly one embeddings request; raise on any failure (see worker.classify)."""
+    """The blocking form of acall for an embeddings request (for scripts and tests)."""
+    model = callable_model(settings, request)
+    response = litellm.embedding(**embedding_arguments(settings, request, model))
+    return _embedding_of(response, settings, request, model)
+
+
+def callable_model(settings: LLMSettings, request: JobRequest) -> str:
+    """The model a request goes to, once it is known the worker can call it (NotConfigured
+    otherwise: no model, or no key where the provider needs one)."""
     model = model_of(settings, request)
     _check_credentials(model, settings.api_key is not None, settings.base_url)
-    response = litellm.embedding(**embedding_arguments(settings, request, model))
-    vectors = _vectors_of(response, len(request.input))
+    return model
+
+
+@contextmanager
+def _mapped_errors() -> Iterator[None]:
+    """LiteLLM's errors that promptq names differently (see worker.classify)."""
+    try:
+        yield
+    except ContextWindowExceededError as exc:
+        raise ContextWindowExceeded(str(exc), status_code=exc.status_code) from exc
+    except ContentPolicyViolationError as exc:
+        raise ContentPolicyViolation(str(exc), status_code=exc.status_code) from exc
+
+
+def _embedding_of(
+    response: Any, settings: LLMSettings, request: EmbeddingRequest, model: str
+) -> Embedding:
     usage = _usage_of(getattr(response, "usage", None))
     return Embedding(
         model=str(getattr(response, "model", None) or model),
-        vectors=vectors,
+        vectors=_vectors_of(response, len(request.input)),
         usage=usage,
         cost_usd=_priced(settings, priced_as(settings, request, model), usage.prompt_tokens, 0),
         headers=_headers_of(response),
@@ -277,19 +315,6 @@ def _vectors_of(response: Any, expected: int) -> list[list[float]]:
 def _field(item: Any, name: str) -> Any:
     """A field of a response item, which LiteLLM gives as a dict or an object."""
     return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
-
-
-def complete(settings: LLMSettings, request: PromptRequest) -> Completion:
-    """Make exactly one chat-completion request; raise on any failure (see worker.classify)."""
-    model = model_of(settings, request)
-    _check_credentials(model, settings.api_key is not None, settings.base_url)
-    try:
-        response = litellm.completion(**call_arguments(settings, request, model))
-    except ContextWindowExceededError as exc:
-        raise ContextWindowExceeded(str(exc), status_code=exc.status_code) from exc
-    except ContentPolicyViolationError as exc:
-        raise ContentPolicyViolation(str(exc), status_code=exc.status_code) from exc
-    return _completion_of(response, settings)
 
 
 @lru_cache(maxsize=256)

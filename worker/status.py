@@ -38,7 +38,7 @@ class FleetStatus:
     """A snapshot of the queue, the workers and the jobs, as read from Redis."""
 
     broker: str  # the Redis URL, any password redacted
-    queue_depth: int  # messages waiting in the queue (all priority lists)
+    queue_depth: int  # messages waiting in the queue (all priority lists; a pack counts once)
     in_flight: int  # delivered to a worker, not yet acknowledged (running or held for a retry)
     retries_scheduled: int  # of those, retries held by a worker until their ETA
     parked: int  # jobs waiting in Redis for rate-limit capacity (worker.parking)

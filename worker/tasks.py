@@ -1,52 +1,43 @@
-"""The promptq.complete and promptq.embed tasks: one attempt at one job, then success, retry
-or failure."""
+"""The Celery tasks: a message carries one job (promptq.complete, promptq.embed) or a pack of
+them (promptq.pack, from submit_many); each job gets one attempt, then a retry or its outcome."""
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import redis
 from celery.exceptions import Reject
-from kombu.exceptions import OperationalError
-from pydantic import ValidationError
 
-from api_client._constants import EMBED_TASK_NAME, TASK_NAME
-from api_client._schemas import (
-    EmbeddingRequest,
-    EmbeddingResult,
-    ErrorKind,
-    JobError,
-    JobRequest,
-    JobResult,
-    JobStatus,
-    Outcome,
-    PromptRequest,
-    PromptResult,
+from api_client._constants import EMBED_TASK_NAME, PACK_TASK_NAME, TASK_NAME
+from api_client._schemas import EmbeddingRequest, ErrorKind, JobRequest, PromptRequest
+from api_client._wire import task_message
+
+from .attempt import (
+    REDIS_UNAVAILABLE,
+    Delivery,
+    Reschedule,
+    attempt,
+    fail,
+    fail_unexpectedly,
 )
-
-from . import llm
-from .classify import Failure, NotConfigured, classify, response_headers
-from .spend import BudgetExceeded, Reservation
-from .throttle import sleep_until_slot, take_slot
+from .classify import Failure
 
 if TYPE_CHECKING:
     from celery import Task
 
     from .app import PromptqCelery
-    from .limiter import Deployment
-    from .settings import LLMSettings
 
 logger = logging.getLogger("promptq.worker")
 
-# Redis (or the broker connection through it) cannot be reached right now.
-REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError)
-
 # What Celery logs instead of the arguments when it re-publishes a retry: never the prompt.
 REDACTED_ARGS = {"argsrepr": "(<request>,)", "kwargsrepr": "{}"}
+
+# The request each single-job task carries.
+REQUEST_TYPES: dict[str, type[JobRequest]] = {
+    TASK_NAME: PromptRequest,
+    EMBED_TASK_NAME: EmbeddingRequest,
+}
 
 
 class RetryableFailure(Exception):
@@ -54,10 +45,10 @@ class RetryableFailure(Exception):
 
 
 def register(app: PromptqCelery) -> None:
-    # shared=False: the task belongs to this app only, bound to its settings. max_retries=None:
-    # complete() counts provider failures against LLM_NUM_RETRIES itself (Celery's count
+    # shared=False: the tasks belong to this app only, bound to its settings. max_retries=None:
+    # an attempt counts provider failures against LLM_NUM_RETRIES itself (Celery's count
     # also includes the deliveries of a job parked for rate-limit capacity).
-    for name, run in ((TASK_NAME, complete), (EMBED_TASK_NAME, embed)):
+    for name, run in ((TASK_NAME, complete), (EMBED_TASK_NAME, embed), (PACK_TASK_NAME, pack)):
         app.task(
             name=name,
             bind=True,
@@ -75,8 +66,8 @@ def complete(
     reserved_tokens: int | None = None,
     slot_at: float | None = None,
 ) -> None:
-    """Run one attempt of a chat-completion job (see run)."""
-    run(task, PromptRequest, request, failures, (reserved_tokens, slot_at))
+    """Run one attempt of a chat-completion job (see run_single)."""
+    run_single(task, PromptRequest, request, failures, (reserved_tokens, slot_at))
 
 
 def embed(
@@ -86,250 +77,103 @@ def embed(
     reserved_tokens: int | None = None,
     slot_at: float | None = None,
 ) -> None:
-    """Run one attempt of an embeddings job (see run)."""
-    run(task, EmbeddingRequest, request, failures, (reserved_tokens, slot_at))
+    """Run one attempt of an embeddings job (see run_single)."""
+    run_single(task, EmbeddingRequest, request, failures, (reserved_tokens, slot_at))
 
 
-def run(
+def run_single(
     task: Task,
     request_type: type[JobRequest],
-    request: dict[str, Any],
+    request: Any,
     failures: int,
     reserved: tuple[int | None, float | None],
 ) -> None:
-    """Run one attempt of a job; schedule a retry, or store its outcome.
+    """Run one attempt of the message's job; schedule its retry, or leave it stored.
 
-    ``request`` is the message's request, read as ``request_type``; ``failures`` counts the
-    provider failures so far (the retry budget); ``reserved`` holds (tokens, slot_at) when
-    this delivery already holds a rate-limit slot, charged that many tokens, starting at
-    slot_at (epoch seconds), else (None, None). When Redis cannot be reached the message is
-    rejected back to the queue (or, if that fails too, left unacknowledged until the
-    visibility timeout returns it): a job is never acknowledged without an outcome or a
-    follow-up message.
+    ``failures`` counts the provider failures so far (the retry budget); ``reserved`` holds
+    (tokens, slot_at) when this delivery already holds a rate-limit slot, else (None, None).
+    When Redis cannot be reached the message is rejected back to the queue (or, if that
+    fails too, left unacknowledged until the visibility timeout returns it): a job is never
+    acknowledged without an outcome or a follow-up message.
     """
-    try:
-        _attempt(task, request_type, request, failures, reserved)
-    except REDIS_UNAVAILABLE as exc:
-        logger.warning(
-            "job %s goes back to the queue: Redis is unavailable (%s)", task.request.id, exc
-        )
-        raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
-
-
-def _attempt(
-    task: Task,
-    request_type: type[JobRequest],
-    request: dict[str, Any],
-    failures: int,
-    reserved: tuple[int | None, float | None],
-) -> None:
-    started_job = _start(task, request_type, request, failures)
-    if started_job is None:
-        return
-    parsed, model = started_job
-    call = _prepare(task, parsed, model, failures, reserved=reserved)
-    if call is None:
-        return
-    started = time.monotonic()
-    try:
-        with task.app.metrics.timing(call.deployment.model):
-            answer = llm.call(call.llm, call.request)
-    except Exception as exc:  # every failure is classified; none escapes to Celery
-        _after_failure(task, call, exc, failures)
-        return
-    _after_success(task, call, answer, failures + 1, time.monotonic() - started)
-
-
-def _start(
-    task: Task, request_type: type[JobRequest], request: dict[str, Any], failures: int
-) -> tuple[JobRequest, str] | None:
-    """Mark the job running and read its request and model; None when it ends here."""
-    app: PromptqCelery = task.app
-    job_id: str = task.request.id
-    # Every re-publish (a retry or a wait for capacity) is a new delivery of the same job.
-    deliveries = task.request.retries + 1
-    starts = app.store.begin(job_id)
-    if starts is None:
-        logger.info("job %s already has an outcome; dropped a duplicate delivery", job_id)
-        return None
-    redeliveries = starts - deliveries
-    if redeliveries > app.settings.queue.max_redeliveries:
-        message = f"the worker running this job died {redeliveries} times"
-        _fail(app, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=failures)
-        return None
-    try:
-        parsed = request_type.model_validate(request)
-        return parsed, llm.model_of(app.llm_settings(parsed.llm), parsed)
-    except ValidationError as exc:
-        _fail(app, job_id, Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}"), attempts=0)
-    except NotConfigured as exc:
-        _fail(app, job_id, classify(exc), attempts=0)
-    return None
-
-
-def _prepare(
-    task: Task,
-    request: JobRequest,
-    model: str,
-    failures: int,
-    *,
-    reserved: tuple[int | None, float | None],
-) -> _Call | None:
-    """Take a rate-limit slot (unless ``reserved`` holds one: its tokens and time) and set
-    money aside under a spending cap; None when the job was parked or refused."""
-    app: PromptqCelery = task.app
-    reserved_tokens, slot_at = reserved
-    llm_settings = app.llm_settings(request.llm)
-    deployment = app.deployment(model, request.llm)
-    if reserved_tokens is None:
-        reserved_tokens = take_slot(task, deployment, request, failures)
-        if reserved_tokens is None:
-            return None  # parked: it comes back for its slot
-    else:
-        sleep_until_slot(app, slot_at)
-    try:
-        reservation = _reserve_spend(app, request, model, llm_settings)
-    except BudgetExceeded as exc:
-        failure = Failure(ErrorKind.BUDGET_EXCEEDED, str(exc))
-        app.metrics.budget_refused(model)
-        _fail(app, task.request.id, failure, attempts=failures)
-        return None
-    except NotConfigured as exc:
-        _fail(app, task.request.id, classify(exc), attempts=failures)
-        return None
-    return _Call(request, llm_settings, deployment, reserved_tokens, reservation)
-
-
-def _after_success(
-    task: Task, call: _Call, answer: llm.Answer, attempts: int, latency_s: float
-) -> None:
-    """Store the answer, then book what it cost."""
-    app: PromptqCelery = task.app
-    cost_usd = answer.cost_usd
-    if cost_usd is None and call.reservation is not None:
-        cost_usd = call.reservation.amount_usd  # priced before the call; keep the cap honest
-    result = _result_of(task.request.id, answer, cost_usd, attempts, latency_s)
-    # The paid answer is stored first (riding out a short Redis outage); the bookkeeping
-    # after it is best effort.
-    outcome = Outcome(status=JobStatus.SUCCEEDED, result=result)
-    app.store.finish(task.request.id, outcome, patient=True)
-    app.metrics.call_succeeded(call.deployment.model, answer.usage, cost_usd)
-    usage = answer.usage
-    charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
-    _book(
-        app,
-        call,
-        cost_usd=cost_usd or 0.0,
-        charged_tokens=charged or call.reserved_tokens,
-        outcome="ok",
-        headers=answer.headers,
+    delivery = Delivery(
+        job_id=task.request.id,
+        request_type=request_type,
+        request=request,
+        failures=failures,
+        deliveries=task.request.retries + 1,  # a retry or a parked job is a new delivery
+        reserved_tokens=reserved[0],
+        slot_at=reserved[1],
     )
-
-
-def _result_of(
-    job_id: str, answer: llm.Answer, cost_usd: float | None, attempts: int, latency_s: float
-) -> JobResult:
-    """The stored result of a successful call."""
-    if isinstance(answer, llm.Embedding):
-        return EmbeddingResult(
-            id=job_id,
-            model=answer.model,
-            vectors=answer.vectors,
-            usage=answer.usage,
-            cost_usd=cost_usd,
-            attempts=attempts,
-            latency_s=latency_s,
-            created=datetime.now(UTC),
-        )
-    return PromptResult(
-        id=job_id,
-        model=answer.model,
-        content=answer.content,
-        message=answer.message,
-        finish_reason=answer.finish_reason,
-        usage=answer.usage,
-        cost_usd=cost_usd,
-        attempts=attempts,
-        latency_s=latency_s,
-        created=datetime.now(UTC),
-    )
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One provider call about to be made, and what was set aside for it."""
-
-    request: JobRequest
-    llm: LLMSettings  # the job's LLM settings: the default [llm] or its [llm.NAME]
-    deployment: Deployment
-    reserved_tokens: int  # charged to the rate limiter
-    reservation: Reservation | None  # money set aside under a spending cap
-
-
-def _reserve_spend(
-    app: PromptqCelery, request: JobRequest, model: str, llm_settings: LLMSettings
-) -> Reservation | None:
-    """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
-    there is no room; NotConfigured when the model has no price)."""
-    if not app.spend.applies(request.budget):
-        return None
-    reply_tokens = app.settings.queue.limiter_reply_tokens
-    estimate_usd = llm.estimate_cost_usd(llm_settings, model, request, reply_tokens)
-    return app.spend.reserve(request.budget, estimate_usd)
-
-
-def _after_failure(task: Task, call: _Call, exc: Exception, failures: int) -> None:
-    """Classify a failed call; schedule its retry while the budget lasts, else store it."""
-    app: PromptqCelery = task.app
-    job_id: str = task.request.id
-    failure = classify(exc, secrets=app.secrets)
-    app.metrics.call_failed(call.deployment.model, failure.kind)
-    rate_limited = failure.kind is ErrorKind.RATE_LIMITED
-    headers: dict[str, Any] = {}
-    for found in response_headers(exc):
-        headers.update(found)
-    _book(
-        app,
-        call,
-        cost_usd=0.0,  # providers do not bill failed calls
-        # A refused request costs nothing; anything else may have been counted.
-        charged_tokens=0 if rate_limited else call.reserved_tokens,
-        outcome="rate_limited" if rate_limited else "error",
-        retry_after_s=failure.retry_after_s,
-        headers=headers,
-    )
-    # A call refused before it was sent (missing key, say) is not an attempt.
-    attempts = failures if isinstance(exc, NotConfigured) else failures + 1
-    if failure.retryable and failures < call.llm.num_retries:
-        wait_s = app.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
-        app.store.mark_retrying(job_id)
-        app.metrics.retry_scheduled(call.deployment.model, failure.kind)
+    [ended] = _attempt_all(task, [delivery])
+    if ended is not None:
         raise task.retry(
-            countdown=wait_s,
-            kwargs={"failures": attempts},
-            exc=RetryableFailure(failure.summary()),
+            countdown=ended.wait_s,
+            kwargs={"failures": ended.failures},
+            exc=RetryableFailure(ended.summary),
             **REDACTED_ARGS,
         ) from None
-    _fail(app, job_id, failure, attempts=attempts)
 
 
-def _book(app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any) -> None:
-    """Tell the rate limiter how the call went and book its cost; a Redis outage only costs
-    this bookkeeping."""
+def pack(task: Task, jobs: list[Any]) -> None:
+    """Run one attempt of each job of a pack, concurrently; a job to retry is parked as a
+    message of its own. See api_client._wire.pack_message for the format."""
+    app: PromptqCelery = task.app
+    deliveries = [d for d in (_unpacked(app, entry) for entry in jobs) if d is not None]
+    ended = _attempt_all(task, deliveries)
     try:
-        app.limiter.settle(call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news)
-        app.spend.settle(call.reservation, cost_usd, call.request.budget)
+        for delivery, retry in zip(deliveries, ended, strict=True):
+            if retry is not None:
+                message = task_message(
+                    delivery.job_id,
+                    retry.request,
+                    kwargs={"failures": retry.failures},
+                    retries=delivery.deliveries,
+                )
+                app.parking.park(message, retry.wait_s)
+                logger.info(
+                    "job %s: retry in %.2f s: %s", delivery.job_id, retry.wait_s, retry.summary
+                )
     except REDIS_UNAVAILABLE as exc:
-        logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
+        _requeue(task, exc)
 
 
-def _fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -> None:
-    error = JobError(
-        kind=failure.kind,
-        message=failure.message,
-        status_code=failure.status_code,
-        attempts=attempts,
+def _attempt_all(task: Task, deliveries: Sequence[Delivery]) -> list[Reschedule | None]:
+    """Attempt the message's jobs on the worker's event loop; each one's retry, if any.
+    Rejects the message back to the queue if Redis could not be reached for one of them."""
+    app: PromptqCelery = task.app
+    if not deliveries:
+        return []
+    ended = app.call_loop.run([attempt(app, delivery) for delivery in deliveries])
+    redis_error = next((e for e in ended if isinstance(e, REDIS_UNAVAILABLE)), None)
+    retries: list[Reschedule | None] = []
+    for delivery, outcome in zip(deliveries, ended, strict=True):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, REDIS_UNAVAILABLE):
+            fail_unexpectedly(app, delivery.job_id, outcome)
+        retries.append(outcome if isinstance(outcome, Reschedule) else None)
+    if redis_error is not None:
+        _requeue(task, redis_error)
+    return retries
+
+
+def _requeue(task: Task, exc: BaseException) -> None:
+    """Give the message back to the queue: Redis cannot be reached."""
+    what = "pack" if task.name == PACK_TASK_NAME else "job"
+    logger.warning(
+        "%s %s goes back to the queue: Redis is unavailable (%s)", what, task.request.id, exc
     )
-    if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error), patient=True):
-        app.metrics.job_failed(failure.kind)
-        logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())
+    raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
+
+
+def _unpacked(app: PromptqCelery, entry: Any) -> Delivery | None:
+    """A pack's entry as a delivery of its job; None (logged) for an entry that names no
+    job a worker could run."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+        logger.warning("dropped a pack entry that names no job")
+        return None
+    request_type = REQUEST_TYPES.get(str(entry.get("task")))
+    if request_type is None:
+        failure = Failure(ErrorKind.BAD_REQUEST, f"unknown task {str(entry.get('task'))[:60]!r}")
+        fail(app, entry["id"], failure, attempts=0)
+        return None
+    return Delivery(job_id=entry["id"], request_type=request_type, request=entry.get("request"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from api_client._schemas import JobRequest
@@ -14,8 +15,6 @@ from . import llm
 from .limiter import TOKEN_MAX_AHEAD_S
 
 if TYPE_CHECKING:
-    from celery import Task
-
     from .app import PromptqCelery
     from .limiter import Deployment
 
@@ -27,16 +26,32 @@ logger = logging.getLogger("promptq.worker")
 SLOT_LEAD_S = 0.25
 
 
-def take_slot(task: Task, deployment: Deployment, request: JobRequest, failures: int) -> int | None:
-    """Wait for the deployment's rate limit to allow this call: return the tokens charged,
-    or None when the job was parked to come back later (the task then ends).
+@dataclass(frozen=True)
+class Slot:
+    """A call's place under its deployment's rate limit."""
 
-    A wait of up to PROMPTQ_LIMITER_MAX_SLEEP_S is slept in this worker thread. A longer
-    one gives the thread back: the slot stays reserved and the job is parked in Redis until
-    just before it; when no slot is free within PROMPTQ_LIMITER_MAX_AHEAD_S, the job is
-    parked to ask again later. Neither spends a retry.
+    tokens: int  # charged to the limiter
+    wait_s: float  # to wait before calling (at most PROMPTQ_LIMITER_MAX_SLEEP_S)
+
+
+def take_slot(
+    app: PromptqCelery,
+    deployment: Deployment,
+    request: JobRequest,
+    *,
+    job_id: str,
+    deliveries: int,
+    failures: int,
+) -> Slot | None:
+    """Reserve this call's place under the deployment's rate limit; None when the job was
+    parked to come back later (its attempt then ends).
+
+    ``deliveries`` counts the job's deliveries, this one included. A wait of up to
+    PROMPTQ_LIMITER_MAX_SLEEP_S is left to the caller. A longer one gives the worker back:
+    the slot stays reserved and the job is parked in Redis until just before it; when no
+    slot is free within PROMPTQ_LIMITER_MAX_AHEAD_S, the job is parked to ask again later.
+    Neither spends a retry.
     """
-    app: PromptqCelery = task.app
     max_sleep_s = app.settings.queue.limiter_max_sleep_s
     limiter = app.limiter
     tokens = 0
@@ -47,8 +62,7 @@ def take_slot(task: Task, deployment: Deployment, request: JobRequest, failures:
     if grant.granted and grant.wait_s <= max_sleep_s:
         if grant.wait_s > 0:
             app.metrics.limiter_waited(deployment.model, "slept", grant.wait_s)
-            time.sleep(grant.wait_s)
-        return tokens
+        return Slot(tokens, max(grant.wait_s, 0.0))
     state: dict[str, Any] = {"failures": failures}
     if grant.granted:  # back shortly before the slot, then sleep the rest of the way
         delay_s = grant.wait_s - min(max_sleep_s, SLOT_LEAD_S)
@@ -59,16 +73,16 @@ def take_slot(task: Task, deployment: Deployment, request: JobRequest, failures:
         if grant.tpm:  # token slots are reserved only a little ahead (see TOKEN_MAX_AHEAD_S)
             horizon_s = min(horizon_s, TOKEN_MAX_AHEAD_S)
         delay_s = grant.wait_s + spread * horizon_s
-    job_id: str = task.request.id
     app.store.mark_waiting(job_id)
-    retries = task.request.retries + 1  # one more delivery of this job
-    app.parking.park(task_message(job_id, request, kwargs=state, retries=retries), delay_s)
+    # The message counts this delivery among the job's earlier ones.
+    app.parking.park(task_message(job_id, request, kwargs=state, retries=deliveries), delay_s)
     app.metrics.limiter_waited(deployment.model, "parked", delay_s)
     logger.info("job %s parked %.1f s for the rate limit of %s", job_id, delay_s, deployment.model)
     return None
 
 
-def sleep_until_slot(app: PromptqCelery, slot_at: float | None) -> None:
-    """A parked job back for its reserved slot (``slot_at``, epoch seconds) waits for it."""
-    if slot_at is not None and slot_at > time.time():
-        time.sleep(min(slot_at - time.time(), app.settings.queue.limiter_max_sleep_s))
+def until_slot_s(app: PromptqCelery, slot_at: float | None) -> float:
+    """How long a parked job back for its reserved slot (``slot_at``, epoch seconds) waits."""
+    if slot_at is None:
+        return 0.0
+    return max(0.0, min(slot_at - time.time(), app.settings.queue.limiter_max_sleep_s))

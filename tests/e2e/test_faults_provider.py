@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from api_client import Client, Job, JobFailed
+from api_client import Client, ClientSettings, Job, JobFailed
 from tests.support.invariants import Outcome, assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
@@ -173,6 +173,12 @@ STORM_REQUESTS = 150  # 429s to this many requests, then the storm is over
 RSS_GROWTH_BYTES = 150 * 2**20
 
 
+def _one_job_per_message(redis_server: RedisServer) -> Client:
+    """A client without packs: each retry is then one of Celery's countdown messages, held in
+    the worker (a pack's jobs are retried through the parked set instead)."""
+    return Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1))
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis for one worker alone: the module's worker must not take these jobs."""
@@ -200,7 +206,7 @@ def storm_worker(
 def test_a_429_storm_keeps_worker_memory_and_held_retries_bounded(
     provider: ScriptedOpenAIServer, own_redis: RedisServer, storm_worker: WorkerProcess
 ) -> None:
-    with Client(own_redis.url) as client:
+    with _one_job_per_message(own_redis) as client:
         run(client, provider, own_redis, [storm_worker])  # warm: LiteLLM fully loaded
         rss_before = storm_worker.rss_bytes()
         held: list[int] = []  # retries waiting for their countdown in the worker
@@ -267,7 +273,7 @@ def test_retries_held_in_memory_do_not_take_the_workers_threads(
     provider.default = Reply(gate=gate)
     with (
         WorkerProcess(env, tmp_path / "worker.log", args=args) as process,
-        Client(own_redis.url) as client,
+        _one_job_per_message(own_redis) as client,
     ):
         try:
             prompts = [f"held {i} {uuid.uuid4().hex[:8]}" for i in range(eta_task_limit)]

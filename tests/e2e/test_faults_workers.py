@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from api_client import Client, Job, JobFailed, JobStatus
+from api_client import Client, ClientSettings, Job, JobFailed, JobStatus
 from api_client._constants import QUEUE
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
@@ -43,7 +43,9 @@ def _empty_redis(redis_server: RedisServer) -> None:
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[Client]:
-    with Client(redis_server.url) as client:
+    """One message per job (no packs): these scenarios follow each job's own message in the
+    worker logs. A pack's are in test_a_killed_workers_pack_finishes_on_another_worker."""
+    with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         yield client
 
 
@@ -169,6 +171,44 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
             assert again - killed_at < KILL_VISIBILITY_S + COMEBACK_SLACK_S
         else:
             assert calls[prompt] == 1
+
+
+def test_a_killed_workers_pack_finishes_on_another_worker(
+    redis_server: RedisServer, provider: ScriptedOpenAIServer, make_fleet: MakeFleet
+) -> None:
+    fleet = make_fleet(kill_env(redis_server, provider))
+    [doomed] = fleet.start(1)
+    gate = threading.Event()
+    provider.script(Reply(), Reply(), *[Reply(gate=gate)] * 4)  # two answer, four hang
+    prompts = [f"packed {i} {uuid.uuid4().hex[:8]}" for i in range(6)]
+    with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=6)) as packing:
+        jobs = dict(zip(prompts, packing.submit_many(prompts), strict=True))
+        try:
+            provider.wait_for_requests(6, timeout_s=WAIT_S)  # one pack, all on the doomed
+            answered = {r.body["messages"][-1]["content"] for r in provider.requests[:2]}
+            wait_until(lambda: all(jobs[p].status() is JobStatus.SUCCEEDED for p in answered))
+            fleet.kill(doomed)  # before its hanging calls time out
+        finally:
+            gate.set()
+        fleet.start(1)
+
+        outcomes = assert_invariants(
+            packing,
+            jobs,
+            redis_server=redis_server,
+            provider=provider,
+            workers=fleet.started,
+            secret=CANARY_KEY,
+            max_calls=2,
+            timeout_s=KILL_VISIBILITY_S + COMEBACK_SLACK_S,
+        )
+    calls = provider.calls_by_prompt()
+    for prompt in prompts:
+        outcome = outcomes[prompt]
+        assert not isinstance(outcome, JobFailed), outcome
+        assert outcome.attempts == 1
+        # The redelivered pack runs again only the jobs that had no answer stored.
+        assert calls[prompt] == (1 if prompt in answered else 2), prompt
 
 
 def test_a_job_that_kills_every_worker_fails_as_worker_lost(

@@ -1,4 +1,5 @@
-"""What submit checks before publishing (prompt size, idempotency keys) and the publish itself.
+"""What submit checks before publishing (prompt size, idempotency keys) and the publish itself
+(one job per message, or submit_many's packs).
 
 The publish script runs against fakeredis (Lua under lupa); the clients point at a closed
 port, so an InvalidRequest proves the problem was found before any Redis call.
@@ -6,6 +7,7 @@ port, so an InvalidRequest proves the problem was found before any Redis call.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -13,10 +15,11 @@ from typing import Any
 import fakeredis
 import pytest
 
-from api_client import BrokerUnavailable, Client, ClientSettings, InvalidRequest
+from api_client import BrokerUnavailable, Client, ClientSettings, InvalidRequest, PromptRequest
 from api_client._constants import QUEUE, result_key, state_key
 from api_client._wire import (
     Submission,
+    build_embedding_request,
     build_request,
     enqueue,
     idempotent_job_id,
@@ -177,3 +180,88 @@ def test_a_job_with_a_result_is_not_published_again(redis_client: fakeredis.Fake
     assert _publish(redis_client, _job("a")) == [0]
     assert redis_client.llen(QUEUE) == 0
     assert redis_client.get(state_key("a")) is None
+
+
+# --- packs ------------------------------------------------------------------------------------
+
+
+def _packable(job_id: str, prompt: str = "hello") -> Submission:
+    return Submission(job_id, build_request(prompt, None, None, {}), packable=True)
+
+
+def _publish_packed(redis_client: fakeredis.FakeRedis, pack_size: int, *jobs: Submission) -> None:
+    pipe = redis_client.pipeline(transaction=False)
+    enqueue(pipe, jobs, TTL_S, pack_size)
+    pipe.execute()
+
+
+def _messages(redis_client: fakeredis.FakeRedis) -> list[dict[str, Any]]:
+    """The queue's messages in the order workers take them, each with its decoded body."""
+    found = []
+    for raw in reversed(redis_client.lrange(QUEUE, 0, -1)):
+        envelope = json.loads(raw)
+        envelope["args"] = json.loads(base64.b64decode(envelope["body"]))[0]
+        found.append(envelope)
+    return found
+
+
+def test_new_jobs_go_in_packs_of_pack_size(redis_client: fakeredis.FakeRedis) -> None:
+    jobs = [_packable(f"j{i}", f"prompt {i}") for i in range(37)]
+
+    _publish_packed(redis_client, 16, *jobs)
+
+    messages = _messages(redis_client)
+    assert [m["headers"]["task"] for m in messages] == [
+        "promptq.pack",
+        "promptq.pack",
+        "promptq.pack",
+    ]
+    packs = [m["args"][0] for m in messages]
+    assert [len(p) for p in packs] == [16, 16, 5]
+    entries = [entry for p in packs for entry in p]
+    assert [e["id"] for e in entries] == [f"j{i}" for i in range(37)]
+    assert {e["task"] for e in entries} == {"promptq.complete"}
+    assert PromptRequest.model_validate(entries[3]["request"]) == jobs[3].request
+    assert all(redis_client.get(state_key(f"j{i}")) == b"queued" for i in range(37))
+    assert messages[0]["headers"]["argsrepr"] == "(<16 jobs>,)"  # never the prompts
+    assert "prompt 1" not in json.dumps(messages[0]["headers"])
+
+
+def test_a_pack_carries_each_jobs_own_task(redis_client: fakeredis.FakeRedis) -> None:
+    embedding = Submission("e", build_embedding_request(["text"], None, {}), packable=True)
+
+    _publish_packed(redis_client, 16, _packable("p"), embedding)
+
+    [message] = _messages(redis_client)
+    assert [(e["task"], e["id"]) for e in message["args"][0]] == [
+        ("promptq.complete", "p"),
+        ("promptq.embed", "e"),
+    ]
+
+
+def test_a_pack_of_one_and_idempotent_jobs_are_single_messages(
+    redis_client: fakeredis.FakeRedis,
+) -> None:
+    _publish_packed(redis_client, 16, _packable("alone"), _job("idem-1"), _job("idem-2"))
+
+    messages = _messages(redis_client)
+    assert sorted((m["headers"]["task"], m["headers"]["id"]) for m in messages) == [
+        ("promptq.complete", "alone"),
+        ("promptq.complete", "idem-1"),
+        ("promptq.complete", "idem-2"),
+    ]
+
+
+def test_a_pack_published_again_is_pushed_once(redis_client: fakeredis.FakeRedis) -> None:
+    jobs = [_packable("a"), _packable("b")]
+
+    _publish_packed(redis_client, 16, *jobs)
+    _publish_packed(redis_client, 16, *jobs)  # as a pipeline re-sent after a lost reply
+
+    assert redis_client.llen(QUEUE) == 1
+
+
+def test_pack_size_one_publishes_a_message_per_job(redis_client: fakeredis.FakeRedis) -> None:
+    _publish_packed(redis_client, 1, _packable("a"), _packable("b"))
+
+    assert [m["headers"]["task"] for m in _messages(redis_client)] == ["promptq.complete"] * 2

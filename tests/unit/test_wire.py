@@ -18,10 +18,12 @@ from celery import Celery
 from kombu.transport.virtual import base as kombu_virtual
 
 from api_client import JobNotFound, JobStatus, JobTimeout
-from api_client._constants import QUEUE, TASK_NAME
+from api_client._constants import PACK_TASK_NAME, QUEUE, TASK_NAME
 from api_client._schemas import ErrorKind, JobError, Outcome, PromptRequest, PromptResult, Usage
 from api_client._wire import (
     Poller,
+    Submission,
+    pack_message,
     poll_keys,
     read_poll,
     redact_url,
@@ -293,3 +295,23 @@ def test_poller_never_sleeps_past_its_deadline() -> None:
 )
 def test_redact_url(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+
+
+def test_a_pack_message_is_a_celery_task_message_with_one_argument() -> None:
+    jobs = [Submission(f"job-{i}", REQUEST, packable=True) for i in range(3)]
+    ours = json.loads(pack_message("pack-1", jobs))
+    entries = [
+        {"task": TASK_NAME, "id": j.job_id, "request": REQUEST.model_dump(mode="json")}
+        for j in jobs
+    ]
+    app = Celery(broker="redis://127.0.0.1:1/0", set_as_current=False)
+    reference = app.amqp.as_task_v2(
+        "pack-1", PACK_TASK_NAME, args=(entries,), kwargs={}, ignore_result=True
+    )
+
+    headers = ours["headers"]
+    expected = {k: v for k, v in reference.headers.items() if k not in UNCOMPARED_HEADERS}
+    assert {k: v for k, v in headers.items() if k not in UNCOMPARED_HEADERS} == expected
+    assert headers["argsrepr"] == "(<3 jobs>,)"
+    body = json.loads(base64.b64decode(ours["body"], validate=True))
+    assert body == json.loads(json.dumps(reference.body))

@@ -1,0 +1,310 @@
+"""One attempt at one job, on the worker's event loop: its slot, its call and its outcome."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import redis
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+
+from api_client._schemas import (
+    EmbeddingResult,
+    ErrorKind,
+    JobError,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    Outcome,
+    PromptResult,
+)
+from api_client._wire import task_message
+
+from . import llm
+from .classify import Failure, NotConfigured, classify, response_headers
+from .spend import BudgetExceeded, Reservation
+from .throttle import Slot, take_slot, until_slot_s
+
+if TYPE_CHECKING:
+    from .app import PromptqCelery
+    from .limiter import Deployment
+    from .settings import LLMSettings
+
+logger = logging.getLogger("promptq.worker")
+
+# Redis (or the broker connection through it) cannot be reached right now.
+REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One job as a message delivered it."""
+
+    job_id: str
+    request_type: type[JobRequest]
+    request: Any  # the message's request, not validated yet
+    failures: int = 0  # provider failures so far: the retry budget spent
+    deliveries: int = 1  # the job's deliveries, this one included
+    # Set when this delivery holds a rate-limit slot: the tokens charged, and its start
+    # (epoch seconds).
+    reserved_tokens: int | None = None
+    slot_at: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        """The task keyword arguments that carry this delivery's state to another message."""
+        state: dict[str, Any] = {"failures": self.failures}
+        if self.reserved_tokens is not None:
+            state |= {"reserved_tokens": self.reserved_tokens, "slot_at": self.slot_at}
+        return state
+
+
+@dataclass(frozen=True)
+class Reschedule:
+    """An attempt failed and the job is to be retried: after ``wait_s``, with its retry
+    budget spent up to ``failures``."""
+
+    request: JobRequest
+    wait_s: float
+    failures: int
+    summary: str = field(repr=False)
+
+
+async def attempt(app: PromptqCelery, delivery: Delivery) -> Reschedule | None:
+    """Run one attempt of a job: store its outcome, park it for rate-limit capacity, or say
+    when to retry it. Redis errors propagate (the message then goes back to the queue)."""
+    request = _parsed(app, delivery)
+    if request is None:
+        return None
+    patience_s = app.settings.queue.visibility_timeout_s / 4
+    async with app.call_loop.permit(patience_s) as permitted:
+        if not permitted:  # the process is full for too long: give the job to another
+            message = task_message(
+                delivery.job_id,
+                request,
+                kwargs=delivery.state(),
+                retries=delivery.deliveries - 1,  # this delivery never started
+            )
+            app.parking.park(message, 0.0)
+            return None
+        model = _begin(app, delivery, request)
+        if model is None:
+            return None
+        call = _prepare(app, delivery, request, model)
+        if call is None:
+            return None
+        if call.wait_s > 0:
+            await asyncio.sleep(call.wait_s)
+        started = time.monotonic()
+        try:
+            with app.metrics.timing(call.deployment.model):
+                answer = await llm.acall(call.llm, call.request)
+        except Exception as exc:  # every failure is classified
+            return _after_failure(app, delivery, call, exc)
+        _after_success(app, delivery, call, answer, time.monotonic() - started)
+        return None
+
+
+def fail_unexpectedly(app: PromptqCelery, job_id: str, exc: BaseException) -> None:
+    """A bug in promptq ended the job's attempt: log it and fail the job as ``internal``."""
+    logger.error("job %s: unexpected %s in the worker", job_id, type(exc).__name__, exc_info=exc)
+    message = f"unexpected {type(exc).__name__} in the worker (see its log)"
+    fail(app, job_id, Failure(ErrorKind.INTERNAL, message), attempts=0)
+
+
+def _parsed(app: PromptqCelery, delivery: Delivery) -> JobRequest | None:
+    try:
+        return delivery.request_type.model_validate(delivery.request)
+    except ValidationError as exc:
+        failure = Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}")
+        fail(app, delivery.job_id, failure, attempts=0)
+        return None
+
+
+def _begin(app: PromptqCelery, delivery: Delivery, request: JobRequest) -> str | None:
+    """Mark the job running and find its model; None when the job ends here."""
+    job_id = delivery.job_id
+    starts = app.store.begin(job_id)
+    if starts is None:
+        logger.info("job %s already has an outcome; dropped a duplicate delivery", job_id)
+        return None
+    redeliveries = starts - delivery.deliveries
+    if redeliveries > app.settings.queue.max_redeliveries:
+        message = f"the worker running this job died {redeliveries} times"
+        fail(app, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=delivery.failures)
+        return None
+    try:
+        return llm.model_of(app.llm_settings(request.llm), request)
+    except NotConfigured as exc:
+        fail(app, job_id, classify(exc), attempts=0)
+        return None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One provider call about to be made, and what was set aside for it."""
+
+    request: JobRequest
+    llm: LLMSettings  # the job's LLM settings: the default [llm] or its [llm.NAME]
+    deployment: Deployment
+    reserved_tokens: int  # charged to the rate limiter
+    reservation: Reservation | None  # money set aside under a spending cap
+    wait_s: float  # until the rate-limit slot
+
+
+def _prepare(
+    app: PromptqCelery, delivery: Delivery, request: JobRequest, model: str
+) -> _Call | None:
+    """Take a rate-limit slot (unless the delivery holds one) and set money aside under a
+    spending cap; None when the job was parked or refused."""
+    job_id = delivery.job_id
+    llm_settings = app.llm_settings(request.llm)
+    deployment = app.deployment(model, request.llm)
+    if delivery.reserved_tokens is None:
+        slot = take_slot(
+            app,
+            deployment,
+            request,
+            job_id=job_id,
+            deliveries=delivery.deliveries,
+            failures=delivery.failures,
+        )
+        if slot is None:
+            return None  # parked: it comes back for its slot
+    else:
+        slot = Slot(delivery.reserved_tokens, until_slot_s(app, delivery.slot_at))
+    try:
+        reservation = _reserve_spend(app, request, model, llm_settings)
+    except BudgetExceeded as exc:
+        app.metrics.budget_refused(model)
+        fail(app, job_id, Failure(ErrorKind.BUDGET_EXCEEDED, str(exc)), attempts=delivery.failures)
+        return None
+    except NotConfigured as exc:
+        fail(app, job_id, classify(exc), attempts=delivery.failures)
+        return None
+    return _Call(request, llm_settings, deployment, slot.tokens, reservation, slot.wait_s)
+
+
+def _reserve_spend(
+    app: PromptqCelery, request: JobRequest, model: str, llm_settings: LLMSettings
+) -> Reservation | None:
+    """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
+    there is no room; NotConfigured when the model has no price)."""
+    if not app.spend.applies(request.budget):
+        return None
+    reply_tokens = app.settings.queue.limiter_reply_tokens
+    estimate_usd = llm.estimate_cost_usd(llm_settings, model, request, reply_tokens)
+    return app.spend.reserve(request.budget, estimate_usd)
+
+
+def _after_success(
+    app: PromptqCelery, delivery: Delivery, call: _Call, answer: llm.Answer, latency_s: float
+) -> None:
+    """Store the answer, then book what it cost."""
+    job_id, attempts = delivery.job_id, delivery.failures + 1
+    cost_usd = answer.cost_usd
+    if cost_usd is None and call.reservation is not None:
+        cost_usd = call.reservation.amount_usd  # priced before the call; keep the cap honest
+    result = _result_of(job_id, answer, cost_usd, attempts, latency_s)
+    # The paid answer is stored first (riding out a short Redis outage); the bookkeeping
+    # after it is best effort.
+    app.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result), patient=True)
+    app.metrics.call_succeeded(call.deployment.model, answer.usage, cost_usd)
+    usage = answer.usage
+    charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
+    _book(
+        app,
+        call,
+        cost_usd=cost_usd or 0.0,
+        charged_tokens=charged or call.reserved_tokens,
+        outcome="ok",
+        headers=answer.headers,
+    )
+
+
+def _result_of(
+    job_id: str, answer: llm.Answer, cost_usd: float | None, attempts: int, latency_s: float
+) -> JobResult:
+    """The stored result of a successful call."""
+    if isinstance(answer, llm.Embedding):
+        return EmbeddingResult(
+            id=job_id,
+            model=answer.model,
+            vectors=answer.vectors,
+            usage=answer.usage,
+            cost_usd=cost_usd,
+            attempts=attempts,
+            latency_s=latency_s,
+            created=datetime.now(UTC),
+        )
+    return PromptResult(
+        id=job_id,
+        model=answer.model,
+        content=answer.content,
+        message=answer.message,
+        finish_reason=answer.finish_reason,
+        usage=answer.usage,
+        cost_usd=cost_usd,
+        attempts=attempts,
+        latency_s=latency_s,
+        created=datetime.now(UTC),
+    )
+
+
+def _after_failure(
+    app: PromptqCelery, delivery: Delivery, call: _Call, exc: Exception
+) -> Reschedule | None:
+    """Classify a failed call; say when to retry it while the budget lasts, else store it."""
+    failure = classify(exc, secrets=app.secrets)
+    app.metrics.call_failed(call.deployment.model, failure.kind)
+    rate_limited = failure.kind is ErrorKind.RATE_LIMITED
+    headers: dict[str, Any] = {}
+    for found in response_headers(exc):
+        headers.update(found)
+    _book(
+        app,
+        call,
+        cost_usd=0.0,  # providers do not bill failed calls
+        # A refused request costs nothing; anything else may have been counted.
+        charged_tokens=0 if rate_limited else call.reserved_tokens,
+        outcome="rate_limited" if rate_limited else "error",
+        retry_after_s=failure.retry_after_s,
+        headers=headers,
+    )
+    failures = delivery.failures
+    # A call refused before it was sent (missing key, say) is not an attempt.
+    attempts = failures if isinstance(exc, NotConfigured) else failures + 1
+    if failure.retryable and failures < call.llm.num_retries:
+        wait_s = app.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
+        app.store.mark_retrying(delivery.job_id)
+        app.metrics.retry_scheduled(call.deployment.model, failure.kind)
+        return Reschedule(call.request, wait_s, attempts, failure.summary())
+    fail(app, delivery.job_id, failure, attempts=attempts)
+    return None
+
+
+def _book(app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any) -> None:
+    """Tell the rate limiter how the call went and book its cost; a Redis outage only costs
+    this bookkeeping."""
+    try:
+        app.limiter.settle(call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news)
+        app.spend.settle(call.reservation, cost_usd, call.request.budget)
+    except REDIS_UNAVAILABLE as exc:
+        logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
+
+
+def fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -> None:
+    """Store the job's failure (unless it already has an outcome)."""
+    error = JobError(
+        kind=failure.kind,
+        message=failure.message,
+        status_code=failure.status_code,
+        attempts=attempts,
+    )
+    if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error), patient=True):
+        app.metrics.job_failed(failure.kind)
+        logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())
