@@ -11,11 +11,16 @@ fake-provider`, its own process) at LATENCY seconds a reply and no rate limit:
 - promptq x1: `promptq worker --processes 1 -c C`, N prompts submitted at once.
 - promptq xP: `promptq worker --processes P -c C` (default: one process per core).
 
+The model is openai/gpt-4o-mini (the fake provider answers for any name), so LiteLLM prices
+every answer as in most deployments.
+
 For each: prompts/s from the first submit to the last outcome, CPU ms per prompt (the
 measured processes' user + system time over the run, divided by N: the direct process; the
 worker processes, supervisor included), each worker's peak RSS and its growth after a
-warm-up of 2 x C prompts per process. Then the ratios against the issue's targets, PASS or
-MISS. Absolute figures vary by about 20 % between runs on a shared machine: compare ratios.
+warm-up of 2 x C prompts per process; and the CPU redis-server and the fake provider used
+meanwhile, per prompt (they share the machine's cores with the workers). Then the ratios
+against the issue's targets, PASS or MISS. Absolute figures vary by about 20 % between runs
+on a shared machine: compare ratios.
 
     .venv/bin/python benchmarks/throughput.py [--prompts 3000] [--concurrency 64]
         [--processes P] [--latency 0.2] [--skip direct,x1,xP,submit]
@@ -36,6 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +52,8 @@ from api_client._constants import KEY_PREFIX, TASK_NAME
 from api_client._wire import build_request
 from worker.embedded import RedisServerProcess
 
-MODEL = "openai/bench-model"
+# A model LiteLLM prices, as most deployments call: cost_usd is computed for every answer.
+MODEL = "openai/gpt-4o-mini"
 API_KEY = "sk-bench"
 CALLS_KEY = f"{KEY_PREFIX}spend:total"  # every settled call adds 1 to its "calls" field
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -66,6 +73,7 @@ class Run:
     cpu_s: float = 0.0
     ok: int = 0
     failed: int = 0
+    others_cpu_s: float = 0.0  # redis-server and the fake provider, over the same run
     peak_rss_mb: list[float] = field(default_factory=list)
     rss_growth_mb: list[float] = field(default_factory=list)
 
@@ -76,6 +84,10 @@ class Run:
     @property
     def cpu_ms_per_prompt(self) -> float:
         return self.cpu_s * 1000 / max(1, self.prompts)
+
+    @property
+    def others_ms_per_prompt(self) -> float:
+        return self.others_cpu_s * 1000 / max(1, self.prompts)
 
 
 # --- processes, from /proc ---------------------------------------------------------------
@@ -121,6 +133,11 @@ class ProviderProcess:
         self.latency_s = latency_s
         self.base_url = ""
         self._process: subprocess.Popen[str] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
 
     def __enter__(self) -> ProviderProcess:
         command = [sys.executable, "-m", "worker", "fake-provider", "--port", "0"]
@@ -189,12 +206,14 @@ def direct_child(base_url: str, prompts: int, concurrency: int) -> None:
     print(json.dumps(asyncio.run(main())), flush=True)
 
 
-def run_direct(args: argparse.Namespace, base_url: str) -> Run:
+def run_direct(args: argparse.Namespace, base_url: str, others: Callable[[], float]) -> Run:
+    before = others()
     command = [sys.executable, __file__, "--direct-child", base_url]
     command += ["--prompts", str(args.prompts), "--concurrency", str(args.concurrency)]
     completed = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900)
     figures = json.loads(completed.stdout.strip().splitlines()[-1])
     return Run(
+        others_cpu_s=others() - before,  # the warm-up's calls included
         name="direct acompletion",
         prompts=args.prompts,
         elapsed_s=figures["elapsed_s"],
@@ -283,7 +302,13 @@ def stop_workers(started: list[subprocess.Popen[bytes]]) -> None:
 
 
 def run_promptq(
-    args: argparse.Namespace, processes: int, redis_url: str, base_url: str, logs: Path
+    args: argparse.Namespace,
+    processes: int,
+    redis_url: str,
+    base_url: str,
+    logs: Path,
+    *,
+    others: Callable[[], float],
 ) -> Run:
     name = f"promptq x{processes}" + (" (separate)" if args.separate else "")
     store = redis.Redis.from_url(redis_url)
@@ -300,11 +325,13 @@ def run_promptq(
                 raise SystemExit(f"{name}: the warm-up did not finish")
             baseline_rss = [rss_mb(pid) for pid in workers]
             cpu_before = sum(cpu_s(pid) for pid in measured)
+            others_before = others()
             prompts = [f"prompt number {n:05d}" for n in range(args.prompts)]
             started_at = time.monotonic()
             jobs = client.submit_many(prompts)
             ended_at = wait_calls(store, warm_up + args.prompts, args.prompts / 5 + 120, workers)
             cpu_used = sum(cpu_s(pid) for pid in measured) - cpu_before
+            others_used = others() - others_before
             peaks = [rss_mb(pid, "VmHWM") for pid in workers]
             growth = [rss_mb(pid) - b for pid, b in zip(workers, baseline_rss, strict=True)]
             finished = [job for job in client.poll(jobs) if job.last_status is not None]
@@ -318,6 +345,7 @@ def run_promptq(
         prompts=args.prompts,
         elapsed_s=ended_at - started_at,
         cpu_s=cpu_used,
+        others_cpu_s=others_used,
         ok=ok,
         failed=failed,
         peak_rss_mb=peaks,
@@ -385,15 +413,16 @@ def verdict(ok: bool) -> str:
 
 def report(runs: dict[str, Run], submit: tuple[float, float] | None) -> None:
     print(
-        f"\n{'layout':<24}{'prompts/s':>10}{'CPU ms/prompt':>15}{'ok':>7}{'failed':>7}"
-        "  peak RSS MB per process (growth after warm-up)"
+        f"\n{'layout':<24}{'prompts/s':>10}{'CPU ms/prompt':>15}{'redis+provider':>16}"
+        f"{'ok':>7}{'failed':>7}  peak RSS MB per process (growth after warm-up)"
     )
     for run in runs.values():
         rss = ", ".join(
             f"{p:.0f} ({g:+.0f})" for p, g in zip(run.peak_rss_mb, run.rss_growth_mb, strict=True)
         )
         print(
-            f"{run.name:<24}{run.rate:>10.1f}{run.cpu_ms_per_prompt:>15.2f}{run.ok:>7}"
+            f"{run.name:<24}{run.rate:>10.1f}{run.cpu_ms_per_prompt:>15.2f}"
+            f"{run.others_ms_per_prompt:>16.2f}{run.ok:>7}"
             f"{run.failed:>7}  {rss}"
         )
     if submit is not None:
@@ -464,6 +493,13 @@ def main() -> None:
         logs = Path(tmp)
         redis_server = RedisServerProcess(shutil.which("redis-server") or "redis-server", logs)
         redis_server.start()
+        info = redis.Redis.from_url(redis_server.url)
+
+        def others() -> float:
+            """CPU seconds redis-server and the fake provider have used so far."""
+            cpu = info.info("cpu")
+            return cpu_s(provider.pid) + cpu["used_cpu_user"] + cpu["used_cpu_sys"]
+
         try:
             if "submit" not in skip:
                 submit = run_submit(args, redis_server.url)
@@ -471,15 +507,16 @@ def main() -> None:
                     f"submit measured: {submit[0]:,.0f} vs {submit[1]:,.0f} prompts/s", flush=True
                 )
             if "direct" not in skip:
-                runs["direct"] = run_direct(args, provider.base_url)
+                runs["direct"] = run_direct(args, provider.base_url, others)
                 print(f"direct measured: {runs['direct'].rate:.1f} prompts/s", flush=True)
             for key, processes in (("x1", 1), ("xP", args.processes)):
                 if key not in skip:
                     runs[key] = run_promptq(
-                        args, processes, redis_server.url, provider.base_url, logs
+                        args, processes, redis_server.url, provider.base_url, logs, others=others
                     )
                     print(f"{runs[key].name} measured: {runs[key].rate:.1f} prompts/s", flush=True)
         finally:
+            info.close()
             redis_server.stop()
     report(runs, submit)
 
