@@ -72,7 +72,7 @@ def start_workers(
     for n in range(count):
         log = (logs / f"worker-{n}.log").open("wb")
         command = [sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"]
-        command += ["--concurrency", str(concurrency)]
+        command += ["--processes", "1", "--concurrency", str(concurrency)]
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
     return processes
 

@@ -116,6 +116,9 @@ class QueueSettings(_LayeredSettings):
     # Retries waiting for their countdown are held in worker memory: at most this many.
     eta_task_limit: int = Field(default=1000, ge=1)
     concurrency: int = Field(default=64, ge=1)
+    # Worker processes `promptq worker` runs, each with `concurrency` calls in flight; unset:
+    # one per core. A process handles a few hundred prompts a second at most (CPU-bound).
+    processes: int | None = Field(default=None, ge=1)
     # The fleet-wide rate limiter (worker.limiter): learn limits from the provider's headers
     # and 429s; wait in the worker thread up to max_sleep for a slot, beyond that re-queue the
     # job until its slot; reserve slots at most max_ahead into the future; charge a call whose

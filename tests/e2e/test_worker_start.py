@@ -136,3 +136,38 @@ def test_metrics_with_a_prefork_pool_are_refused(tmp_path: Path) -> None:
 
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.startswith("promptq worker: PROMPTQ_METRICS_PORT needs -P threads")
+
+
+def test_a_bad_setting_stops_a_supervised_worker_before_any_process_starts(
+    tmp_path: Path,
+) -> None:
+    completed = run_worker(tmp_path, {"LLM_NUM_RETRIES": "many"}, "--processes", "3")
+
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.startswith("promptq worker: ")
+    assert "LLM_NUM_RETRIES" in completed.stderr
+    assert "starting 3 worker processes" not in completed.stderr
+    assert CANARY_KEY not in completed.stderr + completed.stdout
+
+
+def test_a_metrics_port_in_use_stops_every_supervised_process(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        # Process 1 cannot serve on the port: it exits 2, and the supervisor stops process 2.
+        completed = run_worker(tmp_path, {"PROMPTQ_METRICS_PORT": str(port)}, "--processes", "2")
+
+    assert completed.returncode == 2, completed.stderr
+    assert f"promptq worker: cannot serve metrics on 127.0.0.1:{port}" in completed.stderr
+    assert "worker process 1" in completed.stderr
+    assert "Traceback" not in completed.stderr + completed.stdout
+    assert CANARY_KEY not in completed.stderr + completed.stdout
+
+
+def test_processes_must_be_at_least_one(tmp_path: Path) -> None:
+    completed = run_worker(tmp_path, {}, "--processes", "0")
+
+    assert completed.returncode == 2
+    assert completed.stderr.startswith("promptq worker: --processes must be at least 1")

@@ -23,13 +23,19 @@ class WorkerProcess:
         *,
         args: tuple[str, ...] = (),
         loglevel: str | None = "INFO",
+        processes: int | None = 1,
     ) -> None:
-        """``loglevel`` None runs the worker at its default log level (no ``--loglevel``)."""
+        """``loglevel`` None runs the worker at its default log level (no ``--loglevel``).
+        ``processes``: how many worker processes (``--processes``; 1, the default, runs the
+        worker in this one process); None leaves it to PROMPTQ_PROCESSES or the cores."""
         clean = {
             k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_", "OPENAI"))
         }
         self.env = {**clean, **env}
         self.log_path = log_path
+        self.processes = processes or 1
+        if processes is not None:
+            args = ("--processes", str(processes), *args)
         self.args = args if loglevel is None else ("--loglevel", loglevel, *args)
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -43,10 +49,11 @@ class WorkerProcess:
             )
         return self
 
-    def wait_ready(self, timeout_s: float = 60.0) -> WorkerProcess:
-        """Block until Celery logs that this worker is consuming."""
+    def wait_ready(self, timeout_s: float = 60.0, *, count: int | None = None) -> WorkerProcess:
+        """Block until Celery has logged ``count`` times (default: once per worker process)
+        that a worker process is consuming."""
         deadline = time.monotonic() + timeout_s
-        while " ready." not in self.log():
+        while self.log().count(" ready.") < (count or self.processes):
             assert self._process is not None
             if self._process.poll() is not None:
                 raise AssertionError(
@@ -64,6 +71,20 @@ class WorkerProcess:
     def pid(self) -> int:
         assert self._process is not None
         return self._process.pid
+
+    def children(self) -> list[int]:
+        """The pids of the worker processes a supervisor (``processes`` > 1) runs, from /proc."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == self.pid:
+                found.append(int(entry.name))
+        return sorted(found)
 
     def rss_bytes(self) -> int:
         """The worker process's resident memory (VmRSS), from /proc."""

@@ -77,5 +77,7 @@ def test_workers_export_metrics_on_the_compose_network(services: dict[str, Any])
 
     assert worker["environment"]["PROMPTQ_METRICS_PORT"] == "9100"
     assert worker["environment"]["PROMPTQ_METRICS_HOST"] == "0.0.0.0"
+    # One process per replica: more would serve on 9101, ... which Prometheus is not told of.
+    assert worker["environment"]["PROMPTQ_PROCESSES"] == "1"
     assert worker["expose"] == ["9100"]
     assert "ports" not in worker  # `--scale worker=N` needs no host port per replica
