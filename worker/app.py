@@ -16,6 +16,7 @@ from .call_loop import CallLoop
 from .classify import NotConfigured
 from .cli import EXIT_USAGE
 from .limiter import Deployment, RateLimiter
+from .llm import warm_up
 from .metrics import Metrics, MetricsPortTaken, MetricsServer
 from .parking import Parking, ParkingMover
 from .queue_guard import transport_for
@@ -195,6 +196,15 @@ def restore_interval_s(visibility_timeout_s: float) -> float:
     return max(0.1, min(10.0, visibility_timeout_s / 10))
 
 
+class WarmUpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """Warms LiteLLM up on the worker's event loop before the first job arrives."""
+
+    label = "promptq warm-up"
+
+    def start(self, worker: Any) -> None:
+        worker.app.call_loop.run([warm_up()])
+
+
 class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
     """Runs the app's ParkingMover for as long as the worker runs."""
 
@@ -243,6 +253,7 @@ def create_app(settings: Settings) -> PromptqCelery:
     """A Celery app for these settings with the promptq task registered."""
     app = PromptqCelery(settings)
     register(app)
+    app.steps["worker"].add(WarmUpStep)
     app.steps["worker"].add(ParkingStep)
     app.steps["worker"].add(MetricsStep)
     return app

@@ -74,27 +74,40 @@ class Reschedule:
     summary: str = field(repr=False)
 
 
-async def attempt(app: PromptqCelery, delivery: Delivery) -> Reschedule | None:
-    """Run one attempt of a job: store its outcome, park it for rate-limit capacity, or say
-    when to retry it. Redis errors propagate (the message then goes back to the queue)."""
-    request = _parsed(app, delivery)
-    if request is None:
-        return None
+@dataclass(frozen=True)
+class Started:
+    """A job marked running, with its request and the model it goes to."""
+
+    delivery: Delivery
+    request: JobRequest
+    model: str
+
+
+def begin(app: PromptqCelery, deliveries: list[Delivery]) -> list[Started]:
+    """Mark a message's jobs running in one round trip; the ones to attempt. The others end
+    here: an invalid request, a duplicate delivery of a finished job, a job that killed its
+    workers too often, a model this worker cannot call."""
+    parsed = [(d, r) for d, r in ((d, _parsed(app, d)) for d in deliveries) if r is not None]
+    starts = app.store.begin([delivery.job_id for delivery, _ in parsed])
+    started = []
+    for (delivery, request), count in zip(parsed, starts, strict=True):
+        model = _model_to_call(app, delivery, request, count)
+        if model is not None:
+            started.append(Started(delivery, request, model))
+    return started
+
+
+async def attempt(app: PromptqCelery, job: Started) -> Reschedule | None:
+    """Run one attempt of a started job: store its outcome, park it for rate-limit capacity,
+    or say when to retry it. Redis errors propagate (the message then goes back to the
+    queue)."""
+    delivery, offload = job.delivery, app.call_loop.offload
     patience_s = app.settings.queue.visibility_timeout_s / 4
     async with app.call_loop.permit(patience_s) as permitted:
         if not permitted:  # the process is full for too long: give the job to another
-            message = task_message(
-                delivery.job_id,
-                request,
-                kwargs=delivery.state(),
-                retries=delivery.deliveries - 1,  # this delivery never started
-            )
-            app.parking.park(message, 0.0)
+            await offload(_hand_back, app, job)
             return None
-        model = _begin(app, delivery, request)
-        if model is None:
-            return None
-        call = _prepare(app, delivery, request, model)
+        call = await offload(_prepare, app, delivery, job.request, job.model)
         if call is None:
             return None
         if call.wait_s > 0:
@@ -104,9 +117,19 @@ async def attempt(app: PromptqCelery, delivery: Delivery) -> Reschedule | None:
             with app.metrics.timing(call.deployment.model):
                 answer = await llm.acall(call.llm, call.request)
         except Exception as exc:  # every failure is classified
-            return _after_failure(app, delivery, call, exc)
-        _after_success(app, delivery, call, answer, time.monotonic() - started)
+            return await offload(_after_failure, app, delivery, call, exc)
+        await offload(_after_success, app, delivery, call, answer, time.monotonic() - started)
         return None
+
+
+def _hand_back(app: PromptqCelery, job: Started) -> None:
+    """Queue the job again as a message of its own, its state kept."""
+    delivery = job.delivery
+    app.store.mark_waiting(delivery.job_id)
+    message = task_message(
+        delivery.job_id, job.request, kwargs=delivery.state(), retries=delivery.deliveries
+    )
+    app.parking.park(message, 0.0)
 
 
 def fail_unexpectedly(app: PromptqCelery, job_id: str, exc: BaseException) -> None:
@@ -125,10 +148,12 @@ def _parsed(app: PromptqCelery, delivery: Delivery) -> JobRequest | None:
         return None
 
 
-def _begin(app: PromptqCelery, delivery: Delivery, request: JobRequest) -> str | None:
-    """Mark the job running and find its model; None when the job ends here."""
+def _model_to_call(
+    app: PromptqCelery, delivery: Delivery, request: JobRequest, starts: int | None
+) -> str | None:
+    """The model a job marked running (``starts`` times so far) goes to; None when the job
+    ends here."""
     job_id = delivery.job_id
-    starts = app.store.begin(job_id)
     if starts is None:
         logger.info("job %s already has an outcome; dropped a duplicate delivery", job_id)
         return None

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+# Threads for the blocking Redis work of attempts (see offload).
+OFFLOAD_THREADS = 16
 
 
 class CallLoop:
@@ -17,7 +23,9 @@ class CallLoop:
     A task thread hands it the attempts of the jobs its message carries (``run``) and blocks
     until they are done; ``permit`` caps the attempts in flight at ``concurrency`` however
     many messages are being worked on. LiteLLM's async calls cost less CPU than its blocking
-    ones in many threads, and a message carrying many jobs costs Celery once.
+    ones in many threads, and a message carrying many jobs costs Celery once. The loop's
+    one thread is the process's busiest: an attempt's blocking Redis calls go to ``offload``
+    threads, so the loop never waits on a round trip.
     """
 
     def __init__(self, concurrency: int) -> None:
@@ -26,6 +34,7 @@ class CallLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._permits: asyncio.Semaphore | None = None
+        self._offload = ThreadPoolExecutor(OFFLOAD_THREADS, thread_name_prefix="promptq-redis")
 
     def run(self, attempts: Sequence[Coroutine[Any, Any, T]]) -> list[T | BaseException]:
         """Run the coroutines concurrently on the loop and wait for all of them; each one's
@@ -50,6 +59,11 @@ class CallLoop:
         finally:
             self._permits.release()
 
+    async def offload(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking function (Redis calls) in an offload thread and wait for it."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._offload, functools.partial(fn, *args, **kwargs))
+
     def stop(self) -> None:
         """Stop the loop and its thread (attempts still running are abandoned)."""
         with self._lock:
@@ -60,6 +74,7 @@ class CallLoop:
             thread.join(timeout=5)
             if not thread.is_alive():
                 loop.close()
+        self._offload.shutdown(wait=False)
 
     def _started(self) -> asyncio.AbstractEventLoop:
         with self._lock:

@@ -48,18 +48,24 @@ class JobStore:
     """The worker's view of the job keys the client reads (see api_client._constants)."""
 
     def __init__(self, client: redis.Redis, ttl_s: float) -> None:
+        self._client = client
         self._ttl_ms = int(ttl_s * 1000)
         self._begin = client.register_script(_BEGIN)
         self._mark = client.register_script(_MARK)
         self._finish = client.register_script(_FINISH)
 
-    def begin(self, job_id: str) -> int | None:
-        """Mark the job running; None if it already has an outcome, else its start count."""
-        starts: Any = self._begin(
-            keys=[result_key(job_id), state_key(job_id), starts_key(job_id)],
-            args=[JobStatus.RUNNING.value, self._ttl_ms],
-        )
-        return None if int(starts) < 0 else int(starts)
+    def begin(self, job_ids: list[str]) -> list[int | None]:
+        """Mark the jobs running, in one round trip; for each, None if it already has an
+        outcome, else its start count."""
+        pipe = self._client.pipeline(transaction=False)
+        for job_id in job_ids:
+            self._begin(
+                keys=[result_key(job_id), state_key(job_id), starts_key(job_id)],
+                args=[JobStatus.RUNNING.value, self._ttl_ms],
+                client=pipe,
+            )
+        found: list[Any] = pipe.execute()
+        return [None if int(starts) < 0 else int(starts) for starts in found]
 
     def mark_retrying(self, job_id: str) -> None:
         """The job failed an attempt and waits for its retry."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Reject
 
@@ -18,6 +18,7 @@ from .attempt import (
     Delivery,
     Reschedule,
     attempt,
+    begin,
     fail,
     fail_unexpectedly,
 )
@@ -142,21 +143,24 @@ def _attempt_all(task: Task, deliveries: Sequence[Delivery]) -> list[Reschedule 
     """Attempt the message's jobs on the worker's event loop; each one's retry, if any.
     Rejects the message back to the queue if Redis could not be reached for one of them."""
     app: PromptqCelery = task.app
-    if not deliveries:
-        return []
-    ended = app.call_loop.run([attempt(app, delivery) for delivery in deliveries])
+    try:
+        started = begin(app, list(deliveries))
+    except REDIS_UNAVAILABLE as exc:
+        _requeue(task, exc)
+    ended = app.call_loop.run([attempt(app, job) for job in started]) if started else []
     redis_error = next((e for e in ended if isinstance(e, REDIS_UNAVAILABLE)), None)
-    retries: list[Reschedule | None] = []
-    for delivery, outcome in zip(deliveries, ended, strict=True):
-        if isinstance(outcome, BaseException) and not isinstance(outcome, REDIS_UNAVAILABLE):
-            fail_unexpectedly(app, delivery.job_id, outcome)
-        retries.append(outcome if isinstance(outcome, Reschedule) else None)
+    retry_of: dict[str, Reschedule] = {}
+    for job, outcome in zip(started, ended, strict=True):
+        if isinstance(outcome, Reschedule):
+            retry_of[job.delivery.job_id] = outcome
+        elif isinstance(outcome, BaseException) and not isinstance(outcome, REDIS_UNAVAILABLE):
+            fail_unexpectedly(app, job.delivery.job_id, outcome)
     if redis_error is not None:
         _requeue(task, redis_error)
-    return retries
+    return [retry_of.get(delivery.job_id) for delivery in deliveries]
 
 
-def _requeue(task: Task, exc: BaseException) -> None:
+def _requeue(task: Task, exc: BaseException) -> NoReturn:
     """Give the message back to the queue: Redis cannot be reached."""
     what = "pack" if task.name == PACK_TASK_NAME else "job"
     logger.warning(

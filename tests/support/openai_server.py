@@ -170,6 +170,9 @@ def _error_body(status: int) -> dict[str, Any]:
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 drops the SYNs of a burst of new connections (a
+    # worker starting a pack's calls at once), which the client then resends a second later.
+    request_queue_size = 128
 
     def __init__(self, owner: ScriptedOpenAIServer, port: int) -> None:
         self.owner = owner

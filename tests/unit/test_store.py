@@ -65,17 +65,17 @@ def _status(redis_client: fakeredis.FakeRedis, job_id: str = JOB_ID) -> JobStatu
 
 
 def test_begin_counts_the_starts(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
-    assert [store.begin(JOB_ID) for _ in range(3)] == [1, 2, 3]
+    assert [store.begin([JOB_ID])[0] for _ in range(3)] == [1, 2, 3]
     assert _status(redis_client) is JobStatus.RUNNING
     # Jobs are counted apart.
-    assert store.begin("job-2") == 1
+    assert store.begin(["job-2"])[0] == 1
 
 
 def test_begin_after_finish_is_none(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
-    assert store.begin(JOB_ID) == 1
+    assert store.begin([JOB_ID])[0] == 1
     assert store.finish(JOB_ID, _success())
 
-    assert store.begin(JOB_ID) is None
+    assert store.begin([JOB_ID])[0] is None
     assert _status(redis_client) is JobStatus.SUCCEEDED
     assert redis_client.exists(state_key(JOB_ID), starts_key(JOB_ID)) == 0
 
@@ -83,7 +83,7 @@ def test_begin_after_finish_is_none(store: JobStore, redis_client: fakeredis.Fak
 def test_finish_stores_the_outcome_and_clears_the_progress_keys(
     store: JobStore, redis_client: fakeredis.FakeRedis
 ) -> None:
-    store.begin(JOB_ID)
+    store.begin([JOB_ID])
 
     assert store.finish(JOB_ID, _success()) is True
 
@@ -94,7 +94,7 @@ def test_finish_stores_the_outcome_and_clears_the_progress_keys(
 
 
 def test_the_first_outcome_wins(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
-    store.begin(JOB_ID)
+    store.begin([JOB_ID])
     assert store.finish(JOB_ID, _success("first")) is True
 
     assert store.finish(JOB_ID, _failure()) is False
@@ -112,7 +112,7 @@ def test_finish_without_begin_still_stores(
 
 
 def test_mark_retrying_sets_the_state(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
-    store.begin(JOB_ID)
+    store.begin([JOB_ID])
 
     store.mark_retrying(JOB_ID)
 
@@ -124,7 +124,7 @@ def test_mark_retrying_never_overwrites_an_outcome(
     store: JobStore, redis_client: fakeredis.FakeRedis
 ) -> None:
     # The race Celery's own backend loses: a late RETRY after SUCCESS.
-    store.begin(JOB_ID)
+    store.begin([JOB_ID])
     store.finish(JOB_ID, _success())
 
     store.mark_retrying(JOB_ID)
@@ -138,13 +138,13 @@ def test_begin_never_overwrites_an_outcome(
 ) -> None:
     store.finish(JOB_ID, _failure())
 
-    assert store.begin(JOB_ID) is None
+    assert store.begin([JOB_ID])[0] is None
     assert _status(redis_client) is JobStatus.FAILED
     assert redis_client.get(state_key(JOB_ID)) is None
 
 
 def test_every_key_expires(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
-    store.begin(JOB_ID)
+    store.begin([JOB_ID])
     ttl_ms = TTL_S * 1000
     for key in (state_key(JOB_ID), starts_key(JOB_ID)):
         assert 0 < redis_client.pttl(key) <= ttl_ms, key
@@ -159,9 +159,9 @@ def test_every_key_expires(store: JobStore, redis_client: fakeredis.FakeRedis) -
 def test_a_restart_refreshes_the_ttls(redis_client: fakeredis.FakeRedis) -> None:
     short = JobStore(redis_client, ttl_s=10)
     long = JobStore(redis_client, ttl_s=1000)
-    short.begin(JOB_ID)
+    short.begin([JOB_ID])
 
-    long.begin(JOB_ID)
+    long.begin([JOB_ID])
 
     assert redis_client.pttl(starts_key(JOB_ID)) > 10_000
     assert redis_client.pttl(state_key(JOB_ID)) > 10_000
@@ -169,15 +169,15 @@ def test_a_restart_refreshes_the_ttls(redis_client: fakeredis.FakeRedis) -> None
 
 def test_fractional_ttl_is_kept_in_milliseconds(redis_client: fakeredis.FakeRedis) -> None:
     store = JobStore(redis_client, ttl_s=2.5)
-    store.begin(JOB_ID)
+    store.begin([JOB_ID])
 
     assert 2000 < redis_client.pttl(state_key(JOB_ID)) <= 2500
 
 
 def test_every_key_has_the_prefix(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
     for job_id in ("job-a", "job-b"):
-        store.begin(job_id)
-        store.begin(job_id)
+        store.begin([job_id])[0]
+        store.begin([job_id])[0]
         store.mark_retrying(job_id)
     store.finish("job-a", _success())
 
@@ -213,3 +213,12 @@ def test_an_impatient_finish_raises_at_once_when_redis_is_down(tmp_path: Path) -
         server.stop()
         with pytest.raises(redis.ConnectionError):
             store.finish(JOB_ID, _success())
+
+
+def test_begin_marks_many_jobs_in_one_call(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
+    store.finish("done", _success())
+
+    assert store.begin(["a", "done", "b", "a"]) == [1, None, 1, 2]
+    assert redis_client.get(state_key("a")) == b"running"
