@@ -7,7 +7,9 @@ fake-provider`, its own process) at LATENCY seconds a reply and no rate limit:
   `send_task` (an app configured as the worker's), each from N prompt strings (both build
   and validate the same request); no worker is running meanwhile.
 - direct: `litellm.acompletion` with C calls in flight, in one fresh process (as the worker
-  calls it: max_retries=0, num_retries=0, a timeout, the key and base URL).
+  calls it: max_retries=0, num_retries=0, a timeout, the key and base URL); and direct xP,
+  P such processes at once with N/P prompts each: how far P processes can scale on this
+  machine at all (its cores are shared with redis-server, the provider and anything else).
 - promptq x1: `promptq worker --processes 1 -c C`, N prompts submitted at once.
 - promptq xP: `promptq worker --processes P -c C` (default: one process per core).
 
@@ -23,7 +25,7 @@ against the issue's targets, PASS or MISS. Absolute figures vary by about 20 % b
 on a shared machine: compare ratios.
 
     .venv/bin/python benchmarks/throughput.py [--prompts 3000] [--concurrency 64]
-        [--processes P] [--latency 0.2] [--skip direct,x1,xP,submit]
+        [--processes P] [--latency 0.2] [--skip direct,directP,x1,xP,submit]
         [--separate] [--env KEY=VALUE ...]
 """
 
@@ -188,6 +190,8 @@ def direct_child(base_url: str, prompts: int, concurrency: int) -> None:
 
     async def main() -> dict[str, float]:
         await run(concurrency * 2)  # warm-up: connections, LiteLLM's lazy imports
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
         baseline_rss = rss_mb(os.getpid())
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.monotonic()
@@ -206,22 +210,41 @@ def direct_child(base_url: str, prompts: int, concurrency: int) -> None:
     print(json.dumps(asyncio.run(main())), flush=True)
 
 
-def run_direct(args: argparse.Namespace, base_url: str, others: Callable[[], float]) -> Run:
-    before = others()
+def run_direct(
+    args: argparse.Namespace, base_url: str, others: Callable[[], float], processes: int = 1
+) -> Run:
+    """N prompts through direct acompletion in ``processes`` processes at once (N/P each)."""
+    share = args.prompts // processes
     command = [sys.executable, __file__, "--direct-child", base_url]
-    command += ["--prompts", str(args.prompts), "--concurrency", str(args.concurrency)]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900)
-    figures = json.loads(completed.stdout.strip().splitlines()[-1])
+    command += ["--prompts", str(share), "--concurrency", str(args.concurrency)]
+    children = [
+        subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for _ in range(processes)
+    ]
+    for child in children:  # each has warmed up
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise SystemExit("a direct acompletion process failed; run it alone to see why")
+    before = others()
+    for child in children:  # and all start together
+        assert child.stdin is not None
+        child.stdin.write("go\n")
+        child.stdin.flush()
+    figures = []
+    for child in children:
+        out, _ = child.communicate(timeout=900)
+        figures.append(json.loads(out.strip().splitlines()[-1]))
+    ok = sum(f["ok"] for f in figures)
     return Run(
-        others_cpu_s=others() - before,  # the warm-up's calls included
-        name="direct acompletion",
-        prompts=args.prompts,
-        elapsed_s=figures["elapsed_s"],
-        cpu_s=figures["cpu_s"],
-        ok=figures["ok"],
-        failed=args.prompts - figures["ok"],
-        peak_rss_mb=[figures["peak_rss_mb"]],
-        rss_growth_mb=[figures["rss_growth_mb"]],
+        name="direct acompletion" + (f" x{processes}" if processes > 1 else ""),
+        prompts=share * processes,
+        elapsed_s=max(f["elapsed_s"] for f in figures),
+        cpu_s=sum(f["cpu_s"] for f in figures),
+        others_cpu_s=others() - before,
+        ok=ok,
+        failed=share * processes - ok,
+        peak_rss_mb=[f["peak_rss_mb"] for f in figures],
+        rss_growth_mb=[f["rss_growth_mb"] for f in figures],
     )
 
 
@@ -432,6 +455,12 @@ def report(runs: dict[str, Run], submit: tuple[float, float] | None) -> None:
         )
     print("\ntargets (ratios within this run):")
     direct, x1, xp = runs.get("direct"), runs.get("x1"), runs.get("xP")
+    direct_p = runs.get("directP")
+    if direct and direct_p:
+        print(
+            f"  {'(this machine: direct xP / x1':<34}{direct_p.rate / direct.rate:5.2f}  "
+            "what P processes of plain LiteLLM gain here: the ceiling for promptq xP / x1)"
+        )
     if direct and x1:
         target("promptq x1 / direct acompletion", x1.rate / direct.rate, "x1_vs_direct")
     if x1 and xp:
@@ -466,7 +495,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--processes", type=int, default=default_processes())
     parser.add_argument("--latency", type=float, default=0.2)
-    parser.add_argument("--skip", default="", help="comma-separated: direct,x1,xP,submit")
+    parser.add_argument("--skip", default="", help="comma-separated: direct,directP,x1,xP,submit")
     parser.add_argument(
         "--separate",
         action="store_true",
@@ -509,6 +538,9 @@ def main() -> None:
             if "direct" not in skip:
                 runs["direct"] = run_direct(args, provider.base_url, others)
                 print(f"direct measured: {runs['direct'].rate:.1f} prompts/s", flush=True)
+            if "directP" not in skip and args.processes > 1:
+                runs["directP"] = run_direct(args, provider.base_url, others, args.processes)
+                print(f"direct xP measured: {runs['directP'].rate:.1f} prompts/s", flush=True)
             for key, processes in (("x1", 1), ("xP", args.processes)):
                 if key not in skip:
                     runs[key] = run_promptq(

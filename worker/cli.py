@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -132,6 +133,10 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
 
     settings = with_concurrency(settings, args.concurrency)
     app = create_app(settings)
+    # LiteLLM's import leaves ~190 MB of objects that live as long as the process: moved out
+    # of the garbage collector's sight, each full collection takes ~30 ms instead of ~250 ms
+    # (a pause of every thread), measured at 0.2-0.35 ms of CPU saved per prompt.
+    gc.freeze()
     concurrency = settings.queue.concurrency
     app.worker_main(
         [

@@ -152,9 +152,7 @@ def test_a_bad_setting_stops_a_supervised_worker_before_any_process_starts(
 
 def test_a_metrics_port_in_use_stops_every_supervised_process(tmp_path: Path) -> None:
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+        port = _port_before_a_free_one(taken)
 
         # Process 1 cannot serve on the port: it exits 2, and the supervisor stops process 2.
         completed = run_worker(tmp_path, {"PROMPTQ_METRICS_PORT": str(port)}, "--processes", "2")
@@ -171,3 +169,21 @@ def test_processes_must_be_at_least_one(tmp_path: Path) -> None:
 
     assert completed.returncode == 2
     assert completed.stderr.startswith("promptq worker: --processes must be at least 1")
+
+
+def _port_before_a_free_one(taken: socket.socket) -> int:
+    """Listen on a port whose successor is free (process 2's port must not be taken too)."""
+    for _ in range(50):
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+        probe.close()
+        with socket.socket() as successor:
+            try:
+                successor.bind(("127.0.0.1", port + 1))
+                taken.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        taken.listen()
+        return port
+    raise AssertionError("no port with a free successor")
