@@ -255,28 +255,22 @@ def _result_of(
     job_id: str, answer: llm.Answer, cost_usd: float | None, attempts: int, latency_s: float
 ) -> JobResult:
     """The stored result of a successful call."""
+    common: dict[str, Any] = {
+        "id": job_id,
+        "model": answer.model,
+        "usage": answer.usage,
+        "cost_usd": cost_usd,
+        "attempts": attempts,
+        "latency_s": latency_s,
+        "created": datetime.now(UTC),
+    }
     if isinstance(answer, llm.Embedding):
-        return EmbeddingResult(
-            id=job_id,
-            model=answer.model,
-            vectors=answer.vectors,
-            usage=answer.usage,
-            cost_usd=cost_usd,
-            attempts=attempts,
-            latency_s=latency_s,
-            created=datetime.now(UTC),
-        )
+        return EmbeddingResult(vectors=answer.vectors, **common)
     return PromptResult(
-        id=job_id,
-        model=answer.model,
         content=answer.content,
         message=answer.message,
         finish_reason=answer.finish_reason,
-        usage=answer.usage,
-        cost_usd=cost_usd,
-        attempts=attempts,
-        latency_s=latency_s,
-        created=datetime.now(UTC),
+        **common,
     )
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import NamedTuple
 
 import redis
 
 from api_client._constants import KEY_PREFIX, QUEUE
 
 PARKED_KEY = f"{KEY_PREFIX}parked"
-# How often each worker moves due jobs back to the queue, and how many at a time at most.
+# How often at most each worker moves due jobs back to the queue, how many at a time at most,
+# and how long it waits at most to look again when nothing parked is due sooner (it is woken
+# at once when it parks a job itself).
 MOVE_INTERVAL_S = 0.05
 MOVE_BATCH = 500
+IDLE_CHECK_S = 0.25
 
 logger = logging.getLogger("promptq.worker")
 
@@ -27,7 +30,8 @@ return 1
 
 # KEYS[1] the parked set, KEYS[2] the queue; ARGV[1] how many at most. Due messages go to the
 # end of the queue list that workers take from next (kombu pops with BRPOP: the right end),
-# so a job coming back for its reserved slot is not stuck behind a backlog.
+# so a job coming back for its reserved slot is not stuck behind a backlog. Returns how many
+# moved and the ms until the next parked job is due (-1: none is parked).
 _MOVE_DUE = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -36,8 +40,18 @@ for _, message in ipairs(due) do
   redis.call('RPUSH', KEYS[2], message)
   redis.call('ZREM', KEYS[1], message)
 end
-return #due
+local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #next == 0 then return {#due, -1} end
+return {#due, math.max(0, tonumber(next[2]) - now_ms)}
 """
+
+
+class Moved(NamedTuple):
+    """What one move did: how many jobs it queued, and when the next is due (None: none is
+    parked)."""
+
+    moved: int
+    next_due_s: float | None
 
 
 class Parking:
@@ -50,18 +64,22 @@ class Parking:
     def __init__(self, client: redis.Redis) -> None:
         self._park = client.register_script(_PARK)
         self._move_due = client.register_script(_MOVE_DUE)
+        self.parked = threading.Event()  # set by park(): wakes this process's mover
 
     def park(self, message: bytes, delay_s: float) -> None:
         self._park(keys=[PARKED_KEY], args=[message, max(0, int(delay_s * 1000))])
+        self.parked.set()
 
-    def move_due(self, limit: int = MOVE_BATCH) -> int:
-        """Queue the parked messages that are due (at most ``limit``); return how many."""
-        moved: Any = self._move_due(keys=[PARKED_KEY, QUEUE], args=[limit])
-        return int(moved)
+    def move_due(self, limit: int = MOVE_BATCH) -> Moved:
+        """Queue the parked messages that are due (at most ``limit``)."""
+        count, next_in_ms = self._move_due(keys=[PARKED_KEY, QUEUE], args=[limit])
+        return Moved(int(count), None if int(next_in_ms) < 0 else int(next_in_ms) / 1000)
 
 
 class ParkingMover:
-    """A daemon thread moving due parked jobs back to the queue every MOVE_INTERVAL_S.
+    """A daemon thread moving due parked jobs back to the queue as they come due (at most
+    every MOVE_INTERVAL_S; when none is due sooner, it looks again after IDLE_CHECK_S, or at
+    once when this process parks a job).
 
     Every worker runs one; the move is one Lua script, so several never move a job twice.
     """
@@ -79,15 +97,21 @@ class ParkingMover:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._parking.parked.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
         failing = False
         while not self._stopping.is_set():
+            self._parking.parked.clear()
+            wait_s = self._interval_s
             try:
-                while self._parking.move_due() >= MOVE_BATCH:
-                    pass  # a backlog came due: keep moving before sleeping
+                moved = self._parking.move_due()
+                while moved.moved >= MOVE_BATCH:  # a backlog came due: keep moving
+                    moved = self._parking.move_due()
+                if moved.next_due_s is None or moved.next_due_s > self._interval_s:
+                    wait_s = min(IDLE_CHECK_S, moved.next_due_s or IDLE_CHECK_S)
                 if failing:
                     logger.info("parked jobs are being moved to the queue again")
                 failing = False
@@ -95,4 +119,4 @@ class ParkingMover:
                 if not failing:  # once per outage, not every interval
                     logger.warning("cannot move parked jobs to the queue (will retry): %s", exc)
                 failing = True
-            self._stopping.wait(self._interval_s)
+            self._parking.parked.wait(wait_s)

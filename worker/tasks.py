@@ -120,7 +120,10 @@ def pack(task: Task, jobs: list[Any]) -> None:
     """Run one attempt of each job of a pack, concurrently; a job to retry is parked as a
     message of its own. See api_client._wire.pack_message for the format."""
     app: PromptqCelery = task.app
-    deliveries = [d for d in (_unpacked(app, entry) for entry in jobs) if d is not None]
+    try:
+        deliveries = [d for d in (_unpacked(app, entry) for entry in jobs) if d is not None]
+    except REDIS_UNAVAILABLE as exc:
+        _requeue(task, exc)
     ended = _attempt_all(task, deliveries)
     try:
         for delivery, retry in zip(deliveries, ended, strict=True):
@@ -150,11 +153,14 @@ def _attempt_all(task: Task, deliveries: Sequence[Delivery]) -> list[Reschedule 
     ended = app.call_loop.run([attempt(app, job) for job in started]) if started else []
     redis_error = next((e for e in ended if isinstance(e, REDIS_UNAVAILABLE)), None)
     retry_of: dict[str, Reschedule] = {}
-    for job, outcome in zip(started, ended, strict=True):
-        if isinstance(outcome, Reschedule):
-            retry_of[job.delivery.job_id] = outcome
-        elif isinstance(outcome, BaseException) and not isinstance(outcome, REDIS_UNAVAILABLE):
-            fail_unexpectedly(app, job.delivery.job_id, outcome)
+    try:
+        for job, outcome in zip(started, ended, strict=True):
+            if isinstance(outcome, Reschedule):
+                retry_of[job.delivery.job_id] = outcome
+            elif isinstance(outcome, BaseException) and redis_error is None:
+                fail_unexpectedly(app, job.delivery.job_id, outcome)
+    except REDIS_UNAVAILABLE as exc:
+        redis_error = exc
     if redis_error is not None:
         _requeue(task, redis_error)
     return [retry_of.get(delivery.job_id) for delivery in deliveries]
