@@ -428,6 +428,11 @@ _NO_CANVAS = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 Raw = bytes | str | None  # a value as redis-py returns it
 
 
+def text_of(value: bytes | str | int) -> str:
+    """A value redis-py returned (bytes unless decoding is on; a number from Lua) as text."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def poll_keys(job_id: str) -> list[str]:
     """The keys read to learn a job's status: its outcome, then its non-terminal state."""
     return [result_key(job_id), state_key(job_id)]
@@ -446,7 +451,7 @@ def _outcome_or_state(job_id: str, outcome_raw: Raw, state_raw: Raw) -> Outcome 
         return Outcome.model_validate_json(outcome_raw)
     if state_raw is None:
         raise _not_found(job_id)
-    return JobStatus(state_raw.decode() if isinstance(state_raw, bytes) else state_raw)
+    return JobStatus(text_of(state_raw))
 
 
 def status_of(job_id: str, outcome_raw: Raw, state_raw: Raw) -> JobStatus:

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import redis
 
 from api_client._constants import KEY_PREFIX
+from api_client._wire import text_of
 
 LIMITER_PREFIX = f"{KEY_PREFIX}limiter:"
 
@@ -320,7 +321,7 @@ def read_limiters(client: redis.Redis, *, max_keys: int = 1000) -> list[LimiterS
     keys = list(client.scan_iter(match=f"{LIMITER_PREFIX}*", count=1000))
     states = []
     for key in keys[:max_keys]:
-        fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
+        fields = {text_of(k): text_of(v) for k, v in client.hgetall(key).items()}
         if fields:
             states.append(_state_of(fields, now_us))
     return sorted(states, key=lambda s: (-s.requests_per_minute, s.model, s.endpoint))
@@ -362,7 +363,3 @@ def _state_of(h: Mapping[str, str], now_us: int) -> LimiterState:
         rate_limited_per_minute=last_minute("r429"),
         paused_for_s=max(0.0, (num("pause_until") - now_us) / 1_000_000),
     )
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -9,6 +9,7 @@ from typing import Any, Literal
 import redis
 
 from api_client._constants import KEY_PREFIX, budget_key
+from api_client._wire import text_of
 
 Period = Literal["total", "day", "month"]
 SPEND_PREFIX = f"{KEY_PREFIX}spend:"
@@ -126,7 +127,7 @@ class SpendLedger:
 
 
 def _refusal(answer: Any, budget: str | None, period: Period, estimate_usd: float) -> str:
-    which, spent, cap = (_text(part) for part in answer[1:4])
+    which, spent, cap = (text_of(part) for part in answer[1:4])
     if which == "no_budget":
         return f"budget {budget!r} does not exist (never created, or expired)"
     where = f"budget {budget!r}" if which == "budget" else "PROMPTQ_MAX_SPEND_USD"
@@ -136,10 +137,6 @@ def _refusal(answer: Any, budget: str | None, period: Period, estimate_usd: floa
         f"spending cap reached: {where} is ${float(cap):.4f}, ${float(spent):.4f} is spent "
         f"and this call could cost ${estimate_usd:.4f} more"
     )
-
-
-def _text(value: bytes | str | int) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
@@ -156,10 +153,10 @@ def read_spend(client: redis.Redis) -> list[SpendCounter]:
     """Every spend counter in Redis: the total first, then days and months in order."""
     counters = []
     for key in client.scan_iter(match=f"{SPEND_PREFIX}*", count=1000):
-        fields = {_text(k): _text(v) for k, v in client.hgetall(key).items()}
+        fields = {text_of(k): text_of(v) for k, v in client.hgetall(key).items()}
         counters.append(
             SpendCounter(
-                period=_text(key).removeprefix(SPEND_PREFIX),
+                period=text_of(key).removeprefix(SPEND_PREFIX),
                 spent_usd=float(fields.get("spent", 0)),
                 reserved_usd=float(fields.get("reserved", 0)),
                 calls=int(fields.get("calls", 0)),

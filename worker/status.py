@@ -12,7 +12,7 @@ import redis
 from api_client._constants import KEY_PREFIX, QUEUE
 from api_client._errors import BrokerUnavailable
 from api_client._schemas import JobStatus
-from api_client._wire import broker_errors, redact_url
+from api_client._wire import broker_errors, redact_url, text_of
 
 from .limiter import LimiterState, read_limiters
 from .parking import PARKED_KEY
@@ -145,7 +145,7 @@ def _job_counts(client: redis.Redis, max_keys: int) -> tuple[dict[str, int], boo
         seen.update(fresh)
         if fresh:
             for value in client.mget(fresh):
-                state = value.decode() if isinstance(value, bytes) else value
+                state = None if value is None else text_of(value)
                 if state in counts:
                     counts[state] += 1
         if cursor == 0:
