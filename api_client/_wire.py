@@ -333,9 +333,16 @@ class JobHandle(Generic[ResultT]):
         return False
 
 
+# The request each single-job task carries, by task name.
+REQUEST_TYPES: dict[str, type[JobRequest]] = {
+    TASK_NAME: PromptRequest,
+    EMBED_TASK_NAME: EmbeddingRequest,
+}
+
+
 def task_name_of(request: JobRequest) -> str:
     """The Celery task that runs ``request``."""
-    return EMBED_TASK_NAME if isinstance(request, EmbeddingRequest) else TASK_NAME
+    return next(name for name, kind in REQUEST_TYPES.items() if isinstance(request, kind))
 
 
 def task_message(

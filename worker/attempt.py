@@ -23,7 +23,6 @@ from api_client._schemas import (
     Outcome,
     PromptResult,
 )
-from api_client._wire import task_message
 
 from . import llm
 from .classify import Failure, NotConfigured, classify, response_headers
@@ -126,10 +125,13 @@ def _hand_back(app: PromptqCelery, job: Started) -> None:
     """Queue the job again as a message of its own, its state kept."""
     delivery = job.delivery
     app.store.mark_waiting(delivery.job_id)
-    message = task_message(
-        delivery.job_id, job.request, kwargs=delivery.state(), retries=delivery.deliveries
+    app.parking.park_job(
+        delivery.job_id,
+        job.request,
+        state=delivery.state(),
+        deliveries=delivery.deliveries,
+        delay_s=0.0,
     )
-    app.parking.park(message, 0.0)
 
 
 def fail_unexpectedly(app: PromptqCelery, job_id: str, exc: BaseException) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import redis
 
 from api_client._constants import KEY_PREFIX, QUEUE
+from api_client._schemas import JobRequest
+from api_client._wire import task_message
 
 PARKED_KEY = f"{KEY_PREFIX}parked"
 # How often at most each worker moves due jobs back to the queue, how many at a time at most,
@@ -69,6 +72,19 @@ class Parking:
     def park(self, message: bytes, delay_s: float) -> None:
         self._park(keys=[PARKED_KEY], args=[message, max(0, int(delay_s * 1000))])
         self.parked.set()
+
+    def park_job(
+        self,
+        job_id: str,
+        request: JobRequest,
+        *,
+        state: Mapping[str, Any],
+        deliveries: int,
+        delay_s: float,
+    ) -> None:
+        """Park a job as a message of its own: its task keyword arguments ``state``, after
+        ``deliveries`` deliveries of the job."""
+        self.park(task_message(job_id, request, kwargs=state, retries=deliveries), delay_s)
 
     def move_due(self, limit: int = MOVE_BATCH) -> Moved:
         """Queue the parked messages that are due (at most ``limit``)."""

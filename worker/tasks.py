@@ -11,7 +11,7 @@ from celery.exceptions import Reject
 
 from api_client._constants import EMBED_TASK_NAME, PACK_TASK_NAME, TASK_NAME
 from api_client._schemas import EmbeddingRequest, ErrorKind, JobRequest, PromptRequest
-from api_client._wire import task_message
+from api_client._wire import REQUEST_TYPES
 
 from .attempt import (
     REDIS_UNAVAILABLE,
@@ -33,12 +33,6 @@ logger = logging.getLogger("promptq.worker")
 
 # What Celery logs instead of the arguments when it re-publishes a retry: never the prompt.
 REDACTED_ARGS = {"argsrepr": "(<request>,)", "kwargsrepr": "{}"}
-
-# The request each single-job task carries.
-REQUEST_TYPES: dict[str, type[JobRequest]] = {
-    TASK_NAME: PromptRequest,
-    EMBED_TASK_NAME: EmbeddingRequest,
-}
 
 
 class RetryableFailure(Exception):
@@ -128,13 +122,13 @@ def pack(task: Task, jobs: list[Any]) -> None:
     try:
         for delivery, retry in zip(deliveries, ended, strict=True):
             if retry is not None:
-                message = task_message(
+                app.parking.park_job(
                     delivery.job_id,
                     retry.request,
-                    kwargs={"failures": retry.failures},
-                    retries=delivery.deliveries,
+                    state={"failures": retry.failures},
+                    deliveries=delivery.deliveries,
+                    delay_s=retry.wait_s,
                 )
-                app.parking.park(message, retry.wait_s)
                 logger.info(
                     "job %s: retry in %.2f s: %s", delivery.job_id, retry.wait_s, retry.summary
                 )

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from api_client._schemas import JobRequest
-from api_client._wire import task_message
 
 from . import llm
 from .limiter import TOKEN_MAX_AHEAD_S
@@ -75,7 +74,7 @@ def take_slot(
         delay_s = grant.wait_s + spread * horizon_s
     app.store.mark_waiting(job_id)
     # The message counts this delivery among the job's earlier ones.
-    app.parking.park(task_message(job_id, request, kwargs=state, retries=deliveries), delay_s)
+    app.parking.park_job(job_id, request, state=state, deliveries=deliveries, delay_s=delay_s)
     app.metrics.limiter_waited(deployment.model, "parked", delay_s)
     logger.info("job %s parked %.1f s for the rate limit of %s", job_id, delay_s, deployment.model)
     return None
