@@ -7,6 +7,7 @@ from functools import cached_property
 from typing import Any
 
 import redis
+import redis.asyncio
 from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
@@ -21,10 +22,18 @@ from .metrics import Metrics, MetricsPortTaken, MetricsServer
 from .parking import Parking, ParkingMover
 from .queue_guard import transport_for
 from .retry import RetryPolicy
+from .script_calls import LoopRedis
 from .settings import LLMSettings, Settings
 from .spend import SpendLedger
 from .store import JobStore
 from .tasks import register
+
+# Both of a worker's Redis clients: a dead server is noticed within seconds, not minutes.
+_REDIS_OPTIONS: dict[str, Any] = {
+    "socket_connect_timeout": 5,
+    "socket_timeout": 30,
+    "health_check_interval": 30,
+}
 
 
 class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
@@ -46,12 +55,14 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
     @cached_property
     def redis(self) -> redis.Redis:
         """This process's connection pool to the broker's Redis (job keys, limiter state)."""
-        return redis.Redis.from_url(
-            self.settings.queue.broker_url,
-            socket_connect_timeout=5,
-            socket_timeout=30,
-            health_check_interval=30,
-        )
+        return redis.Redis.from_url(self.settings.queue.broker_url, **_REDIS_OPTIONS)
+
+    @cached_property
+    def loop_redis(self) -> LoopRedis:
+        """The same Redis for the attempts on the call loop: runs the store's, the limiter's
+        and the spend ledger's script calls without blocking the loop."""
+        url = self.settings.queue.broker_url
+        return LoopRedis(redis.asyncio.Redis.from_url(url, **_REDIS_OPTIONS))
 
     @cached_property
     def store(self) -> JobStore:

@@ -26,8 +26,10 @@ from api_client._schemas import (
 
 from . import llm
 from .classify import Failure, NotConfigured, classify, response_headers
+from .script_calls import REDIS_DOWN, ScriptCall, patiently_on_loop
 from .spend import BudgetExceeded, Reservation
-from .throttle import Slot, take_slot, until_slot_s
+from .store import FINISH_PATIENCE_S
+from .throttle import Slot, park_for_slot, slot_now, tokens_to_charge, until_slot_s
 
 if TYPE_CHECKING:
     from .app import PromptqCelery
@@ -106,7 +108,7 @@ async def attempt(app: PromptqCelery, job: Started) -> Reschedule | None:
         if not permitted:  # the process is full for too long: give the job to another
             await offload(_hand_back, app, job)
             return None
-        call = await offload(_prepare, app, delivery, job.request, job.model)
+        call = await _prepare(app, delivery, job.request, job.model)
         if call is None:
             return None
         if call.wait_s > 0:
@@ -117,7 +119,7 @@ async def attempt(app: PromptqCelery, job: Started) -> Reschedule | None:
                 answer = await llm.acall(call.llm, call.request)
         except Exception as exc:  # every failure is classified
             return await offload(_after_failure, app, delivery, call, exc)
-        await offload(_after_success, app, delivery, call, answer, time.monotonic() - started)
+        await _after_success(app, delivery, call, answer, time.monotonic() - started)
         return None
 
 
@@ -183,40 +185,47 @@ class _Call:
     wait_s: float  # until the rate-limit slot
 
 
-def _prepare(
+async def _prepare(
     app: PromptqCelery, delivery: Delivery, request: JobRequest, model: str
 ) -> _Call | None:
     """Take a rate-limit slot (unless the delivery holds one) and set money aside under a
     spending cap; None when the job was parked or refused."""
-    job_id = delivery.job_id
+    job_id, offload = delivery.job_id, app.call_loop.offload
     llm_settings = app.llm_settings(request.llm)
     deployment = app.deployment(model, request.llm)
     if delivery.reserved_tokens is None:
-        slot = take_slot(
-            app,
-            deployment,
-            request,
-            job_id=job_id,
-            deliveries=delivery.deliveries,
-            failures=delivery.failures,
-        )
-        if slot is None:
-            return None  # parked: it comes back for its slot
+        tokens = tokens_to_charge(app, deployment, request)
+        grant = await app.loop_redis.run_one(app.limiter.acquire_call(deployment, tokens))
+        slot = slot_now(app, deployment, grant, tokens)
+        if slot is None:  # parked: it comes back for its slot
+            await offload(
+                park_for_slot,
+                app,
+                deployment,
+                request,
+                grant,
+                tokens,
+                job_id=job_id,
+                deliveries=delivery.deliveries,
+                failures=delivery.failures,
+            )
+            return None
     else:
         slot = Slot(delivery.reserved_tokens, until_slot_s(app, delivery.slot_at))
     try:
-        reservation = _reserve_spend(app, request, model, llm_settings)
+        reservation = await _reserve_spend(app, request, model, llm_settings)
     except BudgetExceeded as exc:
         app.metrics.budget_refused(model)
-        fail(app, job_id, Failure(ErrorKind.BUDGET_EXCEEDED, str(exc)), attempts=delivery.failures)
+        failure = Failure(ErrorKind.BUDGET_EXCEEDED, str(exc))
+        await offload(fail, app, job_id, failure, attempts=delivery.failures)
         return None
     except NotConfigured as exc:
-        fail(app, job_id, classify(exc), attempts=delivery.failures)
+        await offload(fail, app, job_id, classify(exc), attempts=delivery.failures)
         return None
     return _Call(request, llm_settings, deployment, slot.tokens, reservation, slot.wait_s)
 
 
-def _reserve_spend(
+async def _reserve_spend(
     app: PromptqCelery, request: JobRequest, model: str, llm_settings: LLMSettings
 ) -> Reservation | None:
     """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
@@ -225,25 +234,22 @@ def _reserve_spend(
         return None
     reply_tokens = app.settings.queue.limiter_reply_tokens
     estimate_usd = llm.estimate_cost_usd(llm_settings, model, request, reply_tokens)
-    return app.spend.reserve(request.budget, estimate_usd)
+    return await app.loop_redis.run_one(app.spend.reserve_call(request.budget, estimate_usd))
 
 
-def _after_success(
+async def _after_success(
     app: PromptqCelery, delivery: Delivery, call: _Call, answer: llm.Answer, latency_s: float
 ) -> None:
-    """Store the answer, then book what it cost."""
+    """Store the answer and book what it cost, in one round trip."""
     job_id, attempts = delivery.job_id, delivery.failures + 1
     cost_usd = answer.cost_usd
     if cost_usd is None and call.reservation is not None:
         cost_usd = call.reservation.amount_usd  # priced before the call; keep the cap honest
     result = _result_of(job_id, answer, cost_usd, attempts, latency_s)
-    # The paid answer is stored first (riding out a short Redis outage); the bookkeeping
-    # after it is best effort.
-    app.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result), patient=True)
-    app.metrics.call_succeeded(call.deployment.model, answer.usage, cost_usd)
+    store = app.store.finish_call(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result))
     usage = answer.usage
     charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
-    _book(
+    book = _book_calls(
         app,
         call,
         cost_usd=cost_usd or 0.0,
@@ -251,6 +257,18 @@ def _after_success(
         outcome="ok",
         headers=answer.headers,
     )
+    loop_redis = app.loop_redis
+    try:
+        await loop_redis.run(store, *book)
+    except REDIS_DOWN:
+        # The paid answer is worth waiting for (riding out a short Redis outage); the
+        # bookkeeping after it is best effort.
+        await patiently_on_loop(lambda: loop_redis.run(store), FINISH_PATIENCE_S)
+        try:
+            await loop_redis.run(*book)
+        except REDIS_DOWN as exc:
+            _not_booked(call, exc)
+    app.metrics.call_succeeded(call.deployment.model, usage, cost_usd)
 
 
 def _result_of(
@@ -309,13 +327,29 @@ def _after_failure(
 
 
 def _book(app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any) -> None:
-    """Tell the rate limiter how the call went and book its cost; a Redis outage only costs
-    this bookkeeping."""
+    """Tell the rate limiter how the call went and book its cost (blocking); a Redis outage
+    only costs this bookkeeping."""
     try:
-        app.limiter.settle(call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news)
-        app.spend.settle(call.reservation, cost_usd, call.request.budget)
+        for script_call in _book_calls(app, call, cost_usd=cost_usd, **limiter_news):
+            script_call.run()
     except REDIS_UNAVAILABLE as exc:
-        logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
+        _not_booked(call, exc)
+
+
+def _book_calls(
+    app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any
+) -> tuple[ScriptCall[None], ScriptCall[None]]:
+    """The script calls that settle a call with the rate limiter and the spend ledger."""
+    return (
+        app.limiter.settle_call(
+            call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news
+        ),
+        app.spend.settle_call(call.reservation, cost_usd, call.request.budget),
+    )
+
+
+def _not_booked(call: _Call, exc: BaseException) -> None:
+    logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
 
 
 def fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -> None:

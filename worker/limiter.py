@@ -14,6 +14,8 @@ import redis
 from api_client._constants import KEY_PREFIX
 from api_client._wire import text_of
 
+from .script_calls import ScriptCall
+
 LIMITER_PREFIX = f"{KEY_PREFIX}limiter:"
 
 # A deployment idle this long forgets its state (learned limits included).
@@ -225,7 +227,18 @@ class RateLimiter:
 
     def acquire(self, deployment: Deployment, tokens: int) -> Grant:
         """Reserve a slot for one call of about ``tokens`` tokens, or say when to ask again."""
-        granted, wait_us, rpm, tpm = self._acquire(
+        return self.acquire_call(deployment, tokens).run()
+
+    def acquire_call(self, deployment: Deployment, tokens: int) -> ScriptCall[Grant]:
+        """The call behind ``acquire``."""
+
+        def grant_of(reply: Any) -> Grant:
+            granted, wait_us, rpm, tpm = reply
+            self._tpm_seen[deployment.identity] = float(tpm)
+            return Grant(bool(int(granted)), int(wait_us) / 1_000_000, float(rpm), float(tpm))
+
+        return ScriptCall(
+            self._acquire,
             keys=[deployment.redis_key],
             args=[
                 max(0, tokens),
@@ -238,11 +251,15 @@ class RateLimiter:
                 deployment.endpoint,
                 int(TOKEN_MAX_AHEAD_S * 1_000_000),
             ],
+            parse=grant_of,
         )
-        self._tpm_seen[deployment.identity] = float(tpm)
-        return Grant(bool(int(granted)), int(wait_us) / 1_000_000, float(rpm), float(tpm))
 
-    def settle(
+    def settle(self, deployment: Deployment, **news: Any) -> None:
+        """Record how a call went: its real token charge, the provider's limits, any 429
+        (the arguments of ``settle_call``)."""
+        self.settle_call(deployment, **news).run()
+
+    def settle_call(
         self,
         deployment: Deployment,
         *,
@@ -251,10 +268,15 @@ class RateLimiter:
         outcome: Outcome,
         retry_after_s: float | None = None,
         headers: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Record how a call went: its real token charge, the provider's limits, any 429."""
+    ) -> ScriptCall[None]:
+        """The call that records how a call went."""
         learned_rpm, learned_tpm = limits_from_headers(headers or {})
-        _rpm, tpm = self._settle(
+
+        def remember_tpm(reply: Any) -> None:
+            self._tpm_seen[deployment.identity] = float(reply[1])
+
+        return ScriptCall(
+            self._settle,
             keys=[deployment.redis_key],
             args=[
                 charged_tokens - reserved_tokens,
@@ -270,8 +292,8 @@ class RateLimiter:
                 int(BACKOFF_SETTLE_S * 1_000_000),
                 BACKOFF_MIN_CALLS,
             ],
+            parse=remember_tpm,
         )
-        self._tpm_seen[deployment.identity] = float(tpm)
 
 
 # Where providers state their limits. OpenAI, Azure OpenAI, OpenRouter and most

@@ -11,6 +11,8 @@ import redis
 from api_client._constants import KEY_PREFIX, budget_key
 from api_client._wire import text_of
 
+from .script_calls import ScriptCall
+
 Period = Literal["total", "day", "month"]
 SPEND_PREFIX = f"{KEY_PREFIX}spend:"
 # A day's or a month's counter outlives its period long enough to be read in `promptq status`.
@@ -102,28 +104,50 @@ class SpendLedger:
 
     def reserve(self, budget: str | None, estimate_usd: float) -> Reservation:
         """Set ``estimate_usd`` aside, or raise BudgetExceeded naming the cap."""
+        return self.reserve_call(budget, estimate_usd).run()
+
+    def reserve_call(self, budget: str | None, estimate_usd: float) -> ScriptCall[Reservation]:
+        """The call behind ``reserve`` (its reply raises BudgetExceeded)."""
         key = global_key(self._period)
         budget_redis_key = budget_key(budget) if budget else ""
         cap = -1.0 if self._max_usd is None else self._max_usd
-        answer: Any = self._reserve(
-            keys=[key, budget_redis_key], args=[estimate_usd, cap, self._ttl_ms()]
+
+        def reservation_of(answer: Any) -> Reservation:
+            if int(answer[0]) != 1:
+                raise BudgetExceeded(_refusal(answer, budget, self._period, estimate_usd))
+            return Reservation(key, budget_redis_key, estimate_usd)
+
+        return ScriptCall(
+            self._reserve,
+            keys=[key, budget_redis_key],
+            args=[estimate_usd, cap, self._ttl_ms()],
+            parse=reservation_of,
         )
-        if int(answer[0]) != 1:
-            raise BudgetExceeded(_refusal(answer, budget, self._period, estimate_usd))
-        return Reservation(key, budget_redis_key, estimate_usd)
 
     def settle(self, reservation: Reservation | None, cost_usd: float, budget: str | None) -> None:
         """Book a call's real cost (and release its reservation, if it had one)."""
+        self.settle_call(reservation, cost_usd, budget).run()
+
+    def settle_call(
+        self, reservation: Reservation | None, cost_usd: float, budget: str | None
+    ) -> ScriptCall[None]:
+        """The call behind ``settle``."""
         if reservation is None:
             keys = [global_key(self._period), budget_key(budget) if budget else ""]
             reserved = 0.0
         else:
             keys = [reservation.global_key, reservation.budget_key]
             reserved = reservation.amount_usd
-        self._settle(keys=keys, args=[reserved, cost_usd, self._ttl_ms()])
+        return ScriptCall(
+            self._settle, keys=keys, args=[reserved, cost_usd, self._ttl_ms()], parse=_nothing
+        )
 
     def _ttl_ms(self) -> int:
         return int(PERIOD_TTL_S.get(self._period, 0) * 1000)
+
+
+def _nothing(_reply: Any) -> None:
+    return None
 
 
 def _refusal(answer: Any, budget: str | None, period: Period, estimate_usd: float) -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import redis
 
 from api_client._constants import result_key, starts_key, state_key
 from api_client._schemas import JobStatus, Outcome
+
+from .script_calls import ScriptCall, patiently
 
 # How long a worker keeps trying to store an outcome that cost a provider call while Redis
 # is unreachable, before the job goes back to the queue (and the call is made again).
@@ -84,16 +85,14 @@ class JobStore:
         ``patient``: an outcome that cost a provider call is worth waiting for Redis to come
         back (up to FINISH_PATIENCE_S) rather than running the job again later.
         """
-        keys = [result_key(job_id), state_key(job_id), starts_key(job_id)]
-        args: list[str | int] = [outcome.model_dump_json(), self._ttl_ms]
-        deadline = time.monotonic() + (FINISH_PATIENCE_S if patient else 0.0)
-        pause_s = 0.1
-        while True:
-            try:
-                stored: Any = self._finish(keys=keys, args=args)
-                return bool(stored)
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() + pause_s > deadline:
-                    raise
-                time.sleep(pause_s)
-                pause_s = min(pause_s * 2, 2.0)
+        call = self.finish_call(job_id, outcome)
+        return patiently(call.run, FINISH_PATIENCE_S if patient else 0.0)
+
+    def finish_call(self, job_id: str, outcome: Outcome) -> ScriptCall[bool]:
+        """The call that stores the outcome unless one is stored; its reply: whether it was."""
+        return ScriptCall(
+            self._finish,
+            keys=[result_key(job_id), state_key(job_id), starts_key(job_id)],
+            args=[outcome.model_dump_json(), self._ttl_ms],
+            parse=bool,
+        )

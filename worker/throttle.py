@@ -15,7 +15,7 @@ from .limiter import TOKEN_MAX_AHEAD_S
 
 if TYPE_CHECKING:
     from .app import PromptqCelery
-    from .limiter import Deployment
+    from .limiter import Deployment, Grant
 
 logger = logging.getLogger("promptq.worker")
 
@@ -33,38 +33,46 @@ class Slot:
     wait_s: float  # to wait before calling (at most PROMPTQ_LIMITER_MAX_SLEEP_S)
 
 
-def take_slot(
+def tokens_to_charge(app: PromptqCelery, deployment: Deployment, request: JobRequest) -> int:
+    """The tokens a call is charged before it starts: estimated only where a token limit
+    applies (LiteLLM's counter costs CPU)."""
+    if not app.limiter.counts_tokens(deployment):
+        return 0
+    return llm.estimate_tokens(deployment.model, request, app.settings.queue.limiter_reply_tokens)
+
+
+def slot_now(app: PromptqCelery, deployment: Deployment, grant: Grant, tokens: int) -> Slot | None:
+    """The slot the limiter granted, if the call is to wait for it in the worker: at most
+    PROMPTQ_LIMITER_MAX_SLEEP_S away; None when the job is to be parked (park_for_slot)."""
+    if not grant.granted or grant.wait_s > app.settings.queue.limiter_max_sleep_s:
+        return None
+    if grant.wait_s > 0:
+        app.metrics.limiter_waited(deployment.model, "slept", grant.wait_s)
+    return Slot(tokens, max(grant.wait_s, 0.0))
+
+
+def park_for_slot(
     app: PromptqCelery,
     deployment: Deployment,
     request: JobRequest,
+    grant: Grant,
+    tokens: int,
     *,
     job_id: str,
     deliveries: int,
     failures: int,
-) -> Slot | None:
-    """Reserve this call's place under the deployment's rate limit; None when the job was
-    parked to come back later (its attempt then ends).
+) -> None:
+    """Give the worker back while the job waits for its rate-limit slot (blocking Redis
+    calls).
 
-    ``deliveries`` counts the job's deliveries, this one included. A wait of up to
-    PROMPTQ_LIMITER_MAX_SLEEP_S is left to the caller. A longer one gives the worker back:
-    the slot stays reserved and the job is parked in Redis until just before it; when no
-    slot is free within PROMPTQ_LIMITER_MAX_AHEAD_S, the job is parked to ask again later.
-    Neither spends a retry.
+    ``deliveries`` counts the job's deliveries, this one included. A granted slot stays
+    reserved and the job is parked in Redis until just before it; when no slot was free
+    within PROMPTQ_LIMITER_MAX_AHEAD_S, the job is parked to ask again later. Neither spends
+    a retry.
     """
-    max_sleep_s = app.settings.queue.limiter_max_sleep_s
-    limiter = app.limiter
-    tokens = 0
-    if limiter.counts_tokens(deployment):
-        reply_tokens = app.settings.queue.limiter_reply_tokens
-        tokens = llm.estimate_tokens(deployment.model, request, reply_tokens)
-    grant = limiter.acquire(deployment, tokens)
-    if grant.granted and grant.wait_s <= max_sleep_s:
-        if grant.wait_s > 0:
-            app.metrics.limiter_waited(deployment.model, "slept", grant.wait_s)
-        return Slot(tokens, max(grant.wait_s, 0.0))
     state: dict[str, Any] = {"failures": failures}
     if grant.granted:  # back shortly before the slot, then sleep the rest of the way
-        delay_s = grant.wait_s - min(max_sleep_s, SLOT_LEAD_S)
+        delay_s = grant.wait_s - min(app.settings.queue.limiter_max_sleep_s, SLOT_LEAD_S)
         state |= {"reserved_tokens": tokens, "slot_at": time.time() + grant.wait_s}
     else:  # spread the jobs that found no slot, so they do not all ask again at once
         spread = random.uniform(0.25, 0.5)  # noqa: S311
@@ -77,7 +85,6 @@ def take_slot(
     app.parking.park_job(job_id, request, state=state, deliveries=deliveries, delay_s=delay_s)
     app.metrics.limiter_waited(deployment.model, "parked", delay_s)
     logger.info("job %s parked %.1f s for the rate limit of %s", job_id, delay_s, deployment.model)
-    return None
 
 
 def until_slot_s(app: PromptqCelery, slot_at: float | None) -> float:

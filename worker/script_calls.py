@@ -1,0 +1,106 @@
+"""Calls of promptq's Lua scripts as values: built once by the store, the limiter and the spend
+ledger, then run blocking (any thread) or on the event loop, several in one round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import redis
+import redis.asyncio
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
+
+T = TypeVar("T")
+
+# Redis cannot be reached right now (either client).
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
+
+
+@dataclass(frozen=True)
+class ScriptCall(Generic[T]):
+    """One call of a registered script, and how its reply reads."""
+
+    script: Script  # registered on the worker's blocking client
+    keys: Sequence[Any]
+    args: Sequence[Any]
+    parse: Callable[[Any], T]
+
+    def run(self) -> T:
+        """Run it now on the script's blocking client."""
+        return self.parse(self.script(keys=self.keys, args=self.args))
+
+
+class LoopRedis:
+    """The event loop's own connection pool to Redis: it runs script calls without a thread
+    and without blocking the loop, all the calls given at once in one round trip."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+
+    async def run(self, *calls: ScriptCall[Any]) -> list[Any]:
+        """Each call's parsed reply, in order; the first error raised (Redis unreachable:
+        redis.ConnectionError or TimeoutError, as the blocking client raises them)."""
+        replies = await self._replies(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # Redis restarted (or flushed its scripts): load them, run those again
+            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
+                await self._client.script_load(script.script)
+            again = await self._replies([calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
+
+    async def run_one(self, call: ScriptCall[T]) -> T:
+        [reply] = await self.run(call)
+        return reply  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _replies(self, calls: Sequence[ScriptCall[Any]]) -> list[Any]:
+        if len(calls) == 1:
+            [call] = calls
+            command = (call.script.sha, len(call.keys), *call.keys, *call.args)
+            try:
+                return [await self._client.evalsha(*command)]
+            except NoScriptError as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for call in calls:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+        return list(await pipe.execute(raise_on_error=False))
+
+
+def patiently(run: Callable[[], T], patience_s: float) -> T:
+    """``run()``, tried again while Redis is unreachable, for up to ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    pause_s = 0.1
+    while True:
+        try:
+            return run()
+        except REDIS_DOWN:
+            if time.monotonic() + pause_s > deadline:
+                raise
+            time.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2.0)
+
+
+async def patiently_on_loop(run: Callable[[], Awaitable[T]], patience_s: float) -> T:
+    """``await run()``, tried again while Redis is unreachable, for up to ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    pause_s = 0.1
+    while True:
+        try:
+            return await run()
+        except REDIS_DOWN:
+            if time.monotonic() + pause_s > deadline:
+                raise
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2.0)
