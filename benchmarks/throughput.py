@@ -527,7 +527,7 @@ def main() -> None:
         def others() -> float:
             """CPU seconds redis-server and the fake provider have used so far."""
             cpu = info.info("cpu")
-            return cpu_s(provider.pid) + cpu["used_cpu_user"] + cpu["used_cpu_sys"]
+            return cpu_s(provider.pid) + float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
 
         try:
             if "submit" not in skip:
