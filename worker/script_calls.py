@@ -36,26 +36,21 @@ class ScriptCall(Generic[T]):
 
 class LoopRedis:
     """The event loop's own connection pool to Redis: it runs script calls without a thread
-    and without blocking the loop, all the calls given at once in one round trip."""
+    and without blocking the loop. The calls asked for in one turn of the loop (a pack's jobs
+    starting together, answers arriving together) go in one pipelined round trip."""
 
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
+        self._waiting: list[_Asked] = []
 
     async def run(self, *calls: ScriptCall[Any]) -> list[Any]:
-        """Each call's parsed reply, in order; the first error raised (Redis unreachable:
+        """Each call's parsed reply, in order; else the first error (Redis unreachable:
         redis.ConnectionError or TimeoutError, as the blocking client raises them)."""
-        replies = await self._replies(calls)
-        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-        if missing:  # Redis restarted (or flushed its scripts): load them, run those again
-            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
-                await self._client.script_load(script.script)
-            again = await self._replies([calls[i] for i in missing])
-            for i, reply in zip(missing, again, strict=True):
-                replies[i] = reply
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        return [call.parse(reply) for call, reply in zip(calls, replies, strict=True)]
+        asked = _Asked(calls, asyncio.get_running_loop().create_future())
+        if not self._waiting:
+            asyncio.get_running_loop().create_task(self._send_waiting())
+        self._waiting.append(asked)
+        return await asked.answer
 
     async def run_one(self, call: ScriptCall[T]) -> T:
         [reply] = await self.run(call)
@@ -64,18 +59,63 @@ class LoopRedis:
     async def close(self) -> None:
         await self._client.aclose()
 
+    async def _send_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        calls = [call for asked in batch for call in asked.calls]
+        try:
+            replies = await self._replies(calls)
+        except Exception as exc:
+            for asked in batch:
+                asked.fail(exc)
+            return
+        at = 0
+        for asked in batch:
+            asked.answer_with(replies[at : at + len(asked.calls)])
+            at += len(asked.calls)
+
     async def _replies(self, calls: Sequence[ScriptCall[Any]]) -> list[Any]:
-        if len(calls) == 1:
-            [call] = calls
-            command = (call.script.sha, len(call.keys), *call.keys, *call.args)
-            try:
-                return [await self._client.evalsha(*command)]
-            except NoScriptError as exc:
-                return [exc]
+        """Every call's raw reply (or its error), running a script Redis has forgotten again
+        once it is loaded."""
+        replies = await self._send(calls)
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:  # Redis restarted (or flushed its scripts): load them, run those again
+            for script in {calls[i].script.sha: calls[i].script for i in missing}.values():
+                await self._client.script_load(script.script)
+            again = await self._send([calls[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _send(self, calls: Sequence[ScriptCall[Any]]) -> list[Any]:
         pipe = self._client.pipeline(transaction=False)
         for call in calls:
             pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+@dataclass
+class _Asked:
+    """Calls one caller asked for together, and the future it awaits."""
+
+    calls: Sequence[ScriptCall[Any]]
+    answer: asyncio.Future[list[Any]]
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(exc)
+
+    def answer_with(self, replies: list[Any]) -> None:
+        error = next((reply for reply in replies if isinstance(reply, Exception)), None)
+        if error is not None:
+            self.fail(error)
+            return
+        try:
+            parsed = [call.parse(reply) for call, reply in zip(self.calls, replies, strict=True)]
+        except Exception as exc:
+            self.fail(exc)
+            return
+        if not self.answer.done():
+            self.answer.set_result(parsed)
 
 
 def patiently(run: Callable[[], T], patience_s: float) -> T:

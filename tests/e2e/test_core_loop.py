@@ -22,6 +22,7 @@ from api_client._wire import build_request, task_message
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.threads import off_main_thread
 from tests.support.worker_process import WorkerProcess
 
 from .conftest import CANARY_KEY, NUM_RETRIES
@@ -184,7 +185,7 @@ def test_async_client_gathers_50(redis_server: RedisServer, worker: WorkerProces
             assert [await job.status() for job in jobs] == [JobStatus.SUCCEEDED] * 50
             return [result.content for result in results]
 
-    assert asyncio.run(run()) == [f"echo: async {i}" for i in range(50)]
+    assert off_main_thread(lambda: asyncio.run(run())) == [f"echo: async {i}" for i in range(50)]
 
 
 def test_a_job_redelivered_too_often_fails_as_worker_lost(

@@ -19,6 +19,7 @@ from tests.e2e.conftest import CANARY_KEY, worker_env
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.redis_server import RedisServer
+from tests.support.threads import off_main_thread
 from tests.support.worker_process import WorkerProcess
 from worker.fake_provider.replies import estimate_tokens
 from worker.limiter import read_limiters
@@ -136,7 +137,7 @@ def test_async_client_embeds(redis_server: RedisServer, worker: WorkerProcess) -
             job = await client.embed(["from asyncio"])
             return await job.wait(timeout=WAIT_S)
 
-    result = asyncio.run(run())
+    result = off_main_thread(lambda: asyncio.run(run()))
 
     assert same_vectors(result.vectors, echo_vectors(["from asyncio"]))
 

@@ -9,6 +9,7 @@ from api_client import AsyncClient, Client, PromptResult
 from api_client._constants import QUEUE
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.threads import off_main_thread
 from tests.support.worker_process import WorkerProcess
 
 from .test_core_loop import WAIT_S, wait_until
@@ -80,7 +81,7 @@ def test_one_key_from_50_coroutines_is_one_job_and_one_call(
             results = await asyncio.gather(*(job.wait(timeout=WAIT_S) for job in jobs))
             return {job.id for job in jobs}, [result.content for result in results]
 
-    job_ids, contents = asyncio.run(run())
+    job_ids, contents = off_main_thread(lambda: asyncio.run(run()))
 
     assert len(job_ids) == 1
     assert contents == ["echo: async once"] * 50

@@ -19,6 +19,7 @@ import pytest
 from api_client import AsyncClient, BrokerUnavailable, Client, PromptResult
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.threads import off_main_thread
 from tests.support.worker_process import WorkerProcess
 from worker.batch import run_batch
 
@@ -70,7 +71,7 @@ def _url_with_password(server: RedisServer) -> str:
 SUBMITS: dict[str, Callable[[str], object]] = {
     "submit": lambda url: Client(url).submit("hello"),
     "submit_many": lambda url: Client(url).submit_many(["one", {"prompt": "two"}]),
-    "async submit": lambda url: asyncio.run(_async_submit(url)),
+    "async submit": lambda url: off_main_thread(lambda: asyncio.run(_async_submit(url))),
 }
 
 
@@ -163,7 +164,7 @@ def _wait_async(client: Client, job_id: str) -> PromptResult:
             assert isinstance(result, PromptResult)
             return result
 
-    return asyncio.run(wait())
+    return off_main_thread(lambda: asyncio.run(wait()))
 
 
 WAITS: dict[str, Callable[[Client, str], PromptResult]] = {
