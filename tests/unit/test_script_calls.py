@@ -156,3 +156,44 @@ def test_no_patience_means_one_try() -> None:
     with pytest.raises(redis.ConnectionError):
         patiently(flaky, patience_s=0.0)
     assert flaky.calls == 1
+
+
+class CountingRedis(redis.asyncio.Redis):
+    """A redis.asyncio client that counts the pipelines it sends."""
+
+    pipelines = 0
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        type(self).pipelines += 1
+        return super().pipeline(*args, **kwargs)
+
+
+def test_calls_asked_for_in_one_turn_share_a_round_trip(
+    blocking: redis.Redis, real_redis: RedisServer
+) -> None:
+    """Twenty callers at once (a pack's jobs): one pipeline; each gets its own replies, and a
+    caller whose call fails gets the error alone."""
+    blocking.set("text", "not a number")
+
+    async def caller(loop_redis: LoopRedis, n: int) -> Any:
+        if n == 7:
+            return await loop_redis.run(incr_by(blocking, "text", 1))
+        return await loop_redis.run(incr_by(blocking, f"own{n}", n), incr_by(blocking, "all", 1))
+
+    async def main() -> list[Any]:
+        CountingRedis.pipelines = 0
+        loop_redis = LoopRedis(CountingRedis.from_url(real_redis.url, socket_timeout=5))
+        try:
+            incr_by(blocking, "all", 0).run()  # the script is loaded: no NOSCRIPT round
+            return await asyncio.gather(
+                *(caller(loop_redis, n) for n in range(20)), return_exceptions=True
+            )
+        finally:
+            await loop_redis.close()
+
+    answers = off_main_thread(lambda: asyncio.run(main()))
+    assert CountingRedis.pipelines == 1
+    assert isinstance(answers[7], redis.ResponseError)
+    fine = [answer for n, answer in enumerate(answers) if n != 7]
+    assert [own for own, _ in fine] == [n for n in range(20) if n != 7]
+    assert sorted(total for _, total in fine) == list(range(1, 20))
