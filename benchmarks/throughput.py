@@ -22,10 +22,13 @@ worker processes, supervisor included), each worker's peak RSS and its growth af
 warm-up of 2 x C prompts per process; and the CPU redis-server and the fake provider used
 meanwhile, per prompt (they share the machine's cores with the workers). Then the ratios
 against the issue's targets, PASS or MISS. Absolute figures vary by about 20 % between runs
-on a shared machine: compare ratios.
+on a shared machine, and by as much between two minutes of one run: the layouts are measured
+in ROUNDS (3), each round measuring every layout once, the two sides of each ratio one after
+the other (direct, x1, xP, direct xP); each round's ratios are shown and their median is
+judged.
 
     .venv/bin/python benchmarks/throughput.py [--prompts 3000] [--concurrency 64]
-        [--processes P] [--latency 0.2] [--skip direct,directP,x1,xP,submit]
+        [--processes P] [--latency 0.2] [--rounds 3] [--skip direct,directP,x1,xP,submit]
         [--separate] [--env KEY=VALUE ...]
 """
 
@@ -38,6 +41,7 @@ import os
 import re
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -430,56 +434,103 @@ def run_submit(args: argparse.Namespace, redis_url: str) -> tuple[float, float]:
 # --- report ----------------------------------------------------------------------------------
 
 
+def run_round(
+    args: argparse.Namespace,
+    redis_url: str,
+    provider: ProviderProcess,
+    logs: Path,
+    *,
+    skip: set[str],
+    others: Callable[[], float],
+) -> dict[str, Run]:
+    """Every layout once, each ratio's two layouts one after the other."""
+    runs: dict[str, Run] = {}
+    if "direct" not in skip:
+        runs["direct"] = run_direct(args, provider.base_url, others)
+        print(f"direct measured: {runs['direct'].rate:.1f} prompts/s", flush=True)
+    for key, processes in (("x1", 1), ("xP", args.processes)):
+        if key not in skip:
+            runs[key] = run_promptq(
+                args, processes, redis_url, provider.base_url, logs, others=others
+            )
+            print(f"{runs[key].name} measured: {runs[key].rate:.1f} prompts/s", flush=True)
+    if "directP" not in skip and args.processes > 1:
+        runs["directP"] = run_direct(args, provider.base_url, others, args.processes)
+        print(f"direct xP measured: {runs['directP'].rate:.1f} prompts/s", flush=True)
+    return runs
+
+
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report(runs: dict[str, Run], submit: tuple[float, float] | None) -> None:
+def report(rounds: list[dict[str, Run]], submit: tuple[float, float] | None) -> None:
     print(
-        f"\n{'layout':<24}{'prompts/s':>10}{'CPU ms/prompt':>15}{'redis+provider':>16}"
+        f"\n{'layout':<32}{'prompts/s':>10}{'CPU ms/prompt':>15}{'redis+provider':>16}"
         f"{'ok':>7}{'failed':>7}  peak RSS MB per process (growth after warm-up)"
     )
-    for run in runs.values():
-        rss = ", ".join(
-            f"{p:.0f} ({g:+.0f})" for p, g in zip(run.peak_rss_mb, run.rss_growth_mb, strict=True)
-        )
-        print(
-            f"{run.name:<24}{run.rate:>10.1f}{run.cpu_ms_per_prompt:>15.2f}"
-            f"{run.others_ms_per_prompt:>16.2f}{run.ok:>7}"
-            f"{run.failed:>7}  {rss}"
-        )
+    for number, runs in enumerate(rounds, 1):
+        for run in runs.values():
+            rss = ", ".join(
+                f"{p:.0f} ({g:+.0f})"
+                for p, g in zip(run.peak_rss_mb, run.rss_growth_mb, strict=True)
+            )
+            name = f"{run.name} (round {number})" if len(rounds) > 1 else run.name
+            print(
+                f"{name:<32}{run.rate:>10.1f}{run.cpu_ms_per_prompt:>15.2f}"
+                f"{run.others_ms_per_prompt:>16.2f}{run.ok:>7}"
+                f"{run.failed:>7}  {rss}"
+            )
     if submit is not None:
         many, loop = submit
         print(
             f"\nsubmit: Client.submit_many {many:,.0f} prompts/s; Celery send_task loop {loop:,.0f}"
         )
-    print("\ntargets (ratios within this run):")
-    direct, x1, xp = runs.get("direct"), runs.get("x1"), runs.get("xP")
-    direct_p = runs.get("directP")
-    if direct and direct_p:
+    print(
+        "\ntargets (ratios within this run"
+        + ("; each round's, then their median, which is judged" if len(rounds) > 1 else "")
+        + "):"
+    )
+    ceiling = ratios(rounds, "directP", "direct")
+    if ceiling:
         print(
-            f"  {'(this machine: direct xP / x1':<34}{direct_p.rate / direct.rate:5.2f}  "
+            f"  {'(this machine: direct xP / x1':<34}{show(ceiling)}  "
             "what P processes of plain LiteLLM gain here: the ceiling for promptq xP / x1)"
         )
-    if direct and x1:
-        target("promptq x1 / direct acompletion", x1.rate / direct.rate, "x1_vs_direct")
-    if x1 and xp:
-        target("promptq xP / promptq x1", xp.rate / x1.rate, "xP_vs_x1")
+    target("promptq x1 / direct acompletion", ratios(rounds, "x1", "direct"), "x1_vs_direct")
+    target("promptq xP / promptq x1", ratios(rounds, "xP", "x1"), "xP_vs_x1")
     if submit is not None:
-        target("submit_many / send_task loop", submit[0] / submit[1], "submit_many_vs_send_task")
-    growths = [g for key in ("x1", "xP") if key in runs for g in runs[key].rss_growth_mb]
+        target("submit_many / send_task loop", [submit[0] / submit[1]], "submit_many_vs_send_task")
+    growths = [
+        g for runs in rounds for key in ("x1", "xP") if key in runs for g in runs[key].rss_growth_mb
+    ]
     if growths:
         worst = max(growths)
         goal = TARGETS["rss_growth_mb"]
         print(
-            f"  {'worker RSS growth after warm-up':<34}{worst:+5.0f} MB (<= +{goal:.0f})  "
-            f"{verdict(worst <= goal)}"
+            f"  {'worker RSS growth after warm-up':<34}{worst:+5.0f} MB (<= +{goal:.0f}, "
+            f"the most of any worker)  {verdict(worst <= goal)}"
         )
 
 
-def target(what: str, ratio: float, name: str) -> None:
+def ratios(rounds: list[dict[str, Run]], top: str, bottom: str) -> list[float]:
+    """Each round's ratio of two layouts' rates (the rounds that measured both)."""
+    return [r[top].rate / r[bottom].rate for r in rounds if top in r and bottom in r]
+
+
+def show(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:5.2f}"
+    each = ", ".join(f"{v:.2f}" for v in values)
+    return f"{each} -> median {statistics.median(values):.2f}"
+
+
+def target(what: str, values: list[float], name: str) -> None:
+    if not values:
+        return
     goal = TARGETS[name]
-    print(f"  {what:<34}{ratio:5.2f}  (>= {goal})  {verdict(ratio >= goal)}")
+    ok = statistics.median(values) >= goal
+    print(f"  {what:<34}{show(values)}  (>= {goal})  {verdict(ok)}")
 
 
 def default_processes() -> int:
@@ -495,6 +546,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--processes", type=int, default=default_processes())
     parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="measure every layout this many times, interleaved (ratios: each round's median)",
+    )
     parser.add_argument("--skip", default="", help="comma-separated: direct,directP,x1,xP,submit")
     parser.add_argument(
         "--separate",
@@ -516,7 +573,7 @@ def main() -> None:
         f"({default_processes()} cores)",
         flush=True,
     )
-    runs: dict[str, Run] = {}
+    rounds: list[dict[str, Run]] = []
     submit = None
     with tempfile.TemporaryDirectory() as tmp, ProviderProcess(args.latency) as provider:
         logs = Path(tmp)
@@ -535,22 +592,15 @@ def main() -> None:
                 print(
                     f"submit measured: {submit[0]:,.0f} vs {submit[1]:,.0f} prompts/s", flush=True
                 )
-            if "direct" not in skip:
-                runs["direct"] = run_direct(args, provider.base_url, others)
-                print(f"direct measured: {runs['direct'].rate:.1f} prompts/s", flush=True)
-            if "directP" not in skip and args.processes > 1:
-                runs["directP"] = run_direct(args, provider.base_url, others, args.processes)
-                print(f"direct xP measured: {runs['directP'].rate:.1f} prompts/s", flush=True)
-            for key, processes in (("x1", 1), ("xP", args.processes)):
-                if key not in skip:
-                    runs[key] = run_promptq(
-                        args, processes, redis_server.url, provider.base_url, logs, others=others
-                    )
-                    print(f"{runs[key].name} measured: {runs[key].rate:.1f} prompts/s", flush=True)
+            for number in range(1, args.rounds + 1):
+                rounds.append(
+                    run_round(args, redis_server.url, provider, logs, skip=skip, others=others)
+                )
+                print(f"round {number} of {args.rounds} measured", flush=True)
         finally:
             info.close()
             redis_server.stop()
-    report(runs, submit)
+    report(rounds, submit)
 
 
 if __name__ == "__main__":
