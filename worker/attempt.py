@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import redis
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("promptq.worker")
 
 # Redis (or the broker connection through it) cannot be reached right now.
-REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, OperationalError)
+REDIS_UNAVAILABLE = (*REDIS_DOWN, OperationalError)
 
 
 @dataclass(frozen=True)
@@ -262,7 +261,9 @@ async def _after_success(
         await loop_redis.run(store, *book)
     except REDIS_DOWN:
         # The paid answer is worth waiting for (riding out a short Redis outage); the
-        # bookkeeping after it is best effort.
+        # bookkeeping after it is best effort. (Had the first round trip reached Redis before
+        # its connection dropped, the call is booked twice: an over-count, the safe side of
+        # a spending cap.)
         await patiently_on_loop(lambda: loop_redis.run(store), FINISH_PATIENCE_S)
         try:
             await loop_redis.run(*book)

@@ -13,7 +13,7 @@ from typing import Any, ParamSpec, TypeVar
 T = TypeVar("T")
 P = ParamSpec("P")
 
-# Threads for the blocking Redis work of attempts (see offload).
+# Threads for the blocking Redis work of attempts' rarer paths (see offload).
 OFFLOAD_THREADS = 16
 
 
@@ -24,8 +24,10 @@ class CallLoop:
     until they are done; ``permit`` caps the attempts in flight at ``concurrency`` however
     many messages are being worked on. LiteLLM's async calls cost less CPU than its blocking
     ones in many threads, and a message carrying many jobs costs Celery once. The loop's
-    one thread is the process's busiest: an attempt's blocking Redis calls go to ``offload``
-    threads, so the loop never waits on a round trip.
+    one thread is the process's busiest and never waits on a round trip: an attempt's Redis
+    calls on its way to an answer run on the loop itself (worker.script_calls.LoopRedis);
+    the blocking ones of its rarer paths (a failure, parking, a hand-back) go to ``offload``
+    threads.
     """
 
     def __init__(self, concurrency: int) -> None:

@@ -1,4 +1,4 @@
-"""Waiting for rate-limit capacity: a short wait in the worker thread, a long one parked."""
+"""Waiting for rate-limit capacity: a short wait on the event loop, a long one parked."""
 
 from __future__ import annotations
 
