@@ -431,7 +431,7 @@ def run_submit(args: argparse.Namespace, redis_url: str) -> tuple[float, float]:
     return max(many), max(loop)
 
 
-# --- report ----------------------------------------------------------------------------------
+# --- rounds ----------------------------------------------------------------------------------
 
 
 def run_round(
@@ -458,6 +458,9 @@ def run_round(
         runs["directP"] = run_direct(args, provider.base_url, others, args.processes)
         print(f"direct xP measured: {runs['directP'].rate:.1f} prompts/s", flush=True)
     return runs
+
+
+# --- report ----------------------------------------------------------------------------------
 
 
 def verdict(ok: bool) -> str:

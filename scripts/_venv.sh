@@ -21,8 +21,9 @@ fi
 
 if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
     echo "==> installing promptq with its test extras into $VENV"
-    # --no-compile: pip byte-compiling all of LiteLLM took 24 s of a fresh install; Python
-    # compiles the modules that are imported, once, when they first are (5 s).
-    "$VENV/bin/pip" install -q --no-compile -e ".[test]"
+    # pip byte-compiles everything it installs: keep it so. Where PYTHONDONTWRITEBYTECODE is
+    # set (CI here), nothing else would, and every worker a test starts would compile
+    # LiteLLM again (~5 s of CPU each).
+    "$VENV/bin/pip" install -q -e ".[test]"
     touch "$STAMP"
 fi

@@ -28,7 +28,7 @@ from .spend import SpendLedger
 from .store import JobStore
 from .tasks import register
 
-# Both of a worker's Redis clients: a dead server is noticed within seconds, not minutes.
+# Both of a worker process's Redis clients (blocking, and on the call loop) alike.
 _REDIS_OPTIONS: dict[str, Any] = {
     "socket_connect_timeout": 5,
     "socket_timeout": 30,

@@ -269,7 +269,7 @@ class RateLimiter:
         retry_after_s: float | None = None,
         headers: Mapping[str, Any] | None = None,
     ) -> ScriptCall[None]:
-        """The call that records how a call went."""
+        """The script call that records how a provider call went."""
         learned_rpm, learned_tpm = limits_from_headers(headers or {})
 
         def remember_tpm(reply: Any) -> None:

@@ -42,13 +42,16 @@ class LoopRedis:
     def __init__(self, client: redis.asyncio.Redis) -> None:
         self._client = client
         self._waiting: list[_Asked] = []
+        self._sending: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     async def run(self, *calls: ScriptCall[Any]) -> list[Any]:
         """Each call's parsed reply, in order; else the first error (Redis unreachable:
         redis.ConnectionError or TimeoutError, as the blocking client raises them)."""
         asked = _Asked(calls, asyncio.get_running_loop().create_future())
-        if not self._waiting:
-            asyncio.get_running_loop().create_task(self._send_waiting())
+        if not self._waiting:  # the first this turn: send them all once the turn is over
+            sending = asyncio.get_running_loop().create_task(self._send_waiting())
+            self._sending.add(sending)
+            sending.add_done_callback(self._sending.discard)
         self._waiting.append(asked)
         return await asked.answer
 
@@ -64,7 +67,11 @@ class LoopRedis:
         calls = [call for asked in batch for call in asked.calls]
         try:
             replies = await self._replies(calls)
-        except Exception as exc:
+        except asyncio.CancelledError:  # the loop is going away: so are its callers
+            for asked in batch:
+                asked.answer.cancel()
+            raise
+        except Exception as exc:  # every caller gets it
             for asked in batch:
                 asked.fail(exc)
             return
