@@ -16,7 +16,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from .test_core_loop import WAIT_S
+from .test_core_loop import WAIT_S, wait_until
 
 # How providers echo a key they reject, and a log-style header line that carries it.
 ECHOED = f"Incorrect API key provided: {CANARY_KEY}. (Authorization: Bearer {CANARY_KEY})"
@@ -113,11 +113,15 @@ def test_prompts_and_completions_are_not_logged(
     with pytest.raises(JobFailed):
         refused.wait(timeout=WAIT_S)
 
+    # The log tells the story of both jobs (a retry, a success, a failure) ... (each line is
+    # written just after the outcome is stored, which the client may see first)
+    story = [
+        f"Task promptq.complete[{answered.id}] retry",
+        f"Task promptq.complete[{answered.id}] succeeded",
+        f"job {refused.id} failed after 1 attempt(s): bad_request 400",
+    ]
+    wait_until(lambda: all(line in worker.log() for line in story))
     log = worker.log()
-    # The log tells the story of both jobs (a retry, a success, a failure) ...
-    assert f"Task promptq.complete[{answered.id}] retry" in log
-    assert f"Task promptq.complete[{answered.id}] succeeded" in log
-    assert f"job {refused.id} failed after 1 attempt(s): bad_request 400" in log
     # ... without the words of either.
     for text in (marker, answer, refused_marker):
         assert text not in log
