@@ -1,4 +1,5 @@
-"""Fixtures shared by the unit tests: a clean environment and a scratch working directory."""
+"""Fixtures shared by the unit tests: a clean environment, a scratch working directory, Redis
+for Lua scripts and a scripted OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import fakeredis
 import pytest
 import redis
 
+from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 
 _OWNED_PREFIXES = ("LLM_", "PROMPTQ_")
@@ -62,3 +64,17 @@ def lua_redis(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
         yield connection
     finally:
         connection.close()
+
+
+@pytest.fixture(scope="module")
+def _module_server() -> Iterator[ScriptedOpenAIServer]:
+    with ScriptedOpenAIServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def server(_module_server: ScriptedOpenAIServer) -> ScriptedOpenAIServer:
+    """A scripted OpenAI-compatible server on 127.0.0.1, one per test module, its script and
+    recorded requests cleared for each test."""
+    _module_server.reset()
+    return _module_server

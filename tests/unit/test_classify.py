@@ -6,7 +6,6 @@ on 127.0.0.1 and classifies what it raised, exactly as the task does.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +51,6 @@ COMPLETION_WITHOUT_CHOICES = {
     "created": 0,
     "model": "test-model",
 }
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ScriptedOpenAIServer]:
-    with ScriptedOpenAIServer() as srv:
-        yield srv
 
 
 def _settings(**llm_values: Any) -> LLMSettings:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
@@ -31,17 +30,6 @@ TEXTS = ["alpha", "beta gamma"]
 
 def _settings(**values: Any) -> LLMSettings:
     return load_settings(llm={"timeout": 5, **values}).llm
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ScriptedOpenAIServer]:
-    with ScriptedOpenAIServer() as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def _fresh_script(server: ScriptedOpenAIServer) -> None:
-    server.reset()
 
 
 # --- the request ------------------------------------------------------------------------------

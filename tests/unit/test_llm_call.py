@@ -6,7 +6,6 @@ in the usage, and LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import litellm
@@ -31,17 +30,6 @@ CONVERSATION = PromptRequest(
         {"role": "user", "content": "Second question"},
     ]
 )
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ScriptedOpenAIServer]:
-    with ScriptedOpenAIServer() as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def _fresh_script(server: ScriptedOpenAIServer) -> None:
-    server.reset()
 
 
 def _settings(server: ScriptedOpenAIServer, **values: Any) -> LLMSettings:

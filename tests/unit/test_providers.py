@@ -8,7 +8,6 @@ needs Google credentials to reach the wire, so its case checks the call's keywor
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +23,6 @@ from worker.settings import LLMSettings, load_settings
 
 TEST_KEY = "sk-canary-providers-3e5f7a9b1c"
 REQUEST = PromptRequest(messages=[{"role": "user", "content": "Name three prime numbers."}])
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[ScriptedOpenAIServer]:
-    with ScriptedOpenAIServer() as srv:
-        yield srv
-
-
-@pytest.fixture(autouse=True)
-def _fresh_script(server: ScriptedOpenAIServer) -> None:
-    server.reset()
 
 
 def _root(server: ScriptedOpenAIServer) -> str:
