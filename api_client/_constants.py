@@ -38,3 +38,33 @@ def starts_key(job_id: str) -> str:
 def budget_key(budget_id: str) -> str:
     """A spending budget jobs can name: its cap (max), what is spent and what is reserved."""
     return f"{KEY_PREFIX}budget:{budget_id}"
+
+
+# Every job accepted and not yet ended, scored by the time (Redis ms) of its last change of
+# custody or state: what the safety net (worker.reconcile) checks for jobs with no message.
+OPEN_JOBS_KEY: Final = f"{KEY_PREFIX}open"
+
+
+def request_key(job_id: str) -> str:
+    """A copy of an open job's request (hash: task, request JSON, failures so far), written at
+    submit and deleted with its outcome: what the safety net re-publishes a lost job from."""
+    return f"{KEY_PREFIX}request:{job_id}"
+
+
+# Worker processes' custody of the messages they take (worker.custody).
+WORKERS_KEY: Final = f"{KEY_PREFIX}workers"  # zset: process id -> Redis ms of its last heartbeat
+WORKERS_CLOCK_KEY: Final = f"{KEY_PREFIX}workers:clock"  # Redis ms of the fleet's last heartbeat
+RECOVERY_KEY: Final = f"{KEY_PREFIX}recovery"  # hash: counters of what was recovered, and how
+SUSPECTS_KEY: Final = f"{KEY_PREFIX}suspects"  # hash: job id -> its open score, found nowhere
+RECONCILE_LOCK_KEY: Final = f"{KEY_PREFIX}reconcile:lock"  # one safety-net pass at a time
+
+
+def taken_key(process_id: str) -> str:
+    """Messages a worker process took from the queue and has not yet recorded as delivered."""
+    return f"{KEY_PREFIX}worker:{process_id}:taken"
+
+
+def held_key(process_id: str) -> str:
+    """Messages delivered to a worker process and not yet acknowledged (delivery tag -> the
+    message as it was taken): what goes back to the queue if the process dies."""
+    return f"{KEY_PREFIX}worker:{process_id}:held"

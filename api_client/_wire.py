@@ -24,9 +24,11 @@ from typing_extensions import TypeVar
 from ._constants import (
     EMBED_TASK_NAME,
     IDEMPOTENCY_NAMESPACE,
+    OPEN_JOBS_KEY,
     PACK_TASK_NAME,
     QUEUE,
     TASK_NAME,
+    request_key,
     result_key,
     state_key,
 )
@@ -245,34 +247,49 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
-# KEYS[1] the job's result, KEYS[2] its state, KEYS[3] the queue; ARGV[1] the task message,
-# ARGV[2] the queued state's value, ARGV[3] its ttl in ms.
-# Queues a job once: the state is set and the message pushed together, or neither when the
-# job id already has a result or a state. So a pipeline that redis-py sends again after a lost
-# reply, or a second submit with the same idempotency key, never queues the job twice, and a
-# crash cannot leave a state without its message. Returns 1 when queued, 0 when it existed.
+# KEYS[1] the job's result, KEYS[2] its state, KEYS[3] the queue, KEYS[4] the open jobs,
+# KEYS[5] the job's request copy; ARGV[1] the task message, ARGV[2] the queued state's value,
+# ARGV[3] its ttl in ms, ARGV[4] the job id, ARGV[5] its task name, ARGV[6] its request JSON.
+# Queues a job once: the state, the open-jobs entry, the request copy and the message are
+# written together, or nothing when the job id already has a result or a state. So a pipeline
+# that redis-py sends again after a lost reply, or a second submit with the same idempotency
+# key, never queues the job twice, and a crash cannot leave a state without its message.
+# Returns 1 when queued, 0 when it existed.
 _PUBLISH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[4])
+redis.call('HSET', KEYS[5], 'task', ARGV[5], 'request', ARGV[6])
+redis.call('PEXPIRE', KEYS[5], ARGV[3])
 redis.call('LPUSH', KEYS[3], ARGV[1])
 return 1
 """
 
 
-# KEYS[1] the queue, then each job's state; ARGV[1] the pack's message, ARGV[2] the queued
-# state's value, ARGV[3] its ttl in ms. The jobs of a pack have new ids: the first one's state
-# guards the whole pack, so a pipeline re-sent after a lost reply pushes it once.
+# KEYS[1] the queue, KEYS[2] the open jobs, then each job's state and request copy; ARGV[1] the
+# pack's message, ARGV[2] the queued state's value, ARGV[3] its ttl in ms, then each job's id,
+# task name and request JSON. The jobs of a pack have new ids: the first one's state guards
+# the whole pack, so a pipeline re-sent after a lost reply pushes it once.
 _PUBLISH_PACK = """
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
-for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[2], 'PX', ARGV[3]) end
+if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 0, (#KEYS - 2) / 2 - 1 do
+  local state, copy, at = KEYS[3 + 2 * i], KEYS[4 + 2 * i], 4 + 3 * i
+  redis.call('SET', state, ARGV[2], 'PX', ARGV[3])
+  redis.call('HSET', copy, 'task', ARGV[at + 1], 'request', ARGV[at + 2])
+  redis.call('PEXPIRE', copy, ARGV[3])
+  redis.call('ZADD', KEYS[2], now_ms, ARGV[at])
+end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 return 1
 """
 
 
 def enqueue(pipe: Any, jobs: Sequence[Submission], ttl_s: float, pack_size: int = 1) -> None:
-    """Add each job's publish (its queued state and task message) to a Redis pipeline; the
-    packable jobs go in packs of up to ``pack_size`` per message."""
+    """Add each job's publish (its queued state, request copy and task message) to a Redis
+    pipeline; the packable jobs go in packs of up to ``pack_size`` per message."""
     ttl_ms = int(ttl_s * 1000)
     packable = [job for job in jobs if job.packable]
     singles = [job for job in jobs if not job.packable]
@@ -281,25 +298,39 @@ def enqueue(pipe: Any, jobs: Sequence[Submission], ttl_s: float, pack_size: int 
         if len(chunk) == 1:
             singles.append(chunk[0])
             continue
+        requests = [request_json(job.request) for job in chunk]
+        copies = [
+            part
+            for job, request in zip(chunk, requests, strict=True)
+            for part in (job.job_id, task_name_of(job.request), request)
+        ]
         pipe.eval(
             _PUBLISH_PACK,
-            1 + len(chunk),
+            2 + 2 * len(chunk),
             QUEUE,
-            *(state_key(job.job_id) for job in chunk),
-            pack_message(new_job_id(), chunk),
+            OPEN_JOBS_KEY,
+            *(key for job in chunk for key in (state_key(job.job_id), request_key(job.job_id))),
+            _pack_envelope(new_job_id(), chunk, requests),
             JobStatus.QUEUED.value,
             ttl_ms,
+            *copies,
         )
     for job in singles:
+        request = request_json(job.request)
         pipe.eval(
             _PUBLISH,
-            3,
+            5,
             result_key(job.job_id),
             state_key(job.job_id),
             QUEUE,
-            task_message(job.job_id, job.request),
+            OPEN_JOBS_KEY,
+            request_key(job.job_id),
+            _task_envelope(job.job_id, job.request, request, {}, retries=0),
             JobStatus.QUEUED.value,
             ttl_ms,
+            job.job_id,
+            task_name_of(job.request),
+            request,
         )
 
 
@@ -345,6 +376,11 @@ def task_name_of(request: JobRequest) -> str:
     return next(name for name, kind in REQUEST_TYPES.items() if isinstance(request, kind))
 
 
+def request_json(request: JobRequest) -> str:
+    """The request as the JSON its message and its request copy carry."""
+    return json.dumps(request.model_dump(mode="json"))
+
+
 def task_message(
     job_id: str,
     request: JobRequest,
@@ -356,43 +392,67 @@ def task_message(
 
     Built here rather than by Celery so the client stays light and can pipeline many
     publishes in one round trip. argsrepr hides the prompt from worker logs. The worker
-    builds one too when it parks a job (``kwargs`` carry its state, ``retries`` counts the
-    deliveries before it).
+    builds one too when it parks or re-publishes a job (``kwargs`` carry its state,
+    ``retries`` counts the deliveries before it).
     """
-    args = [request.model_dump(mode="json")]
+    return _task_envelope(job_id, request, request_json(request), kwargs or {}, retries=retries)
+
+
+def _task_envelope(
+    job_id: str, request: JobRequest, request_text: str, kwargs: Mapping[str, Any], retries: int
+) -> bytes:
+    task = task_name_of(request)
     return _envelope(
-        task_name_of(request), job_id, args, kwargs or {}, retries=retries, argsrepr="(<request>,)"
+        task, job_id, f"[{request_text}]", kwargs, retries=retries, argsrepr="(<request>,)"
     )
 
 
 def pack_message(pack_id: str, jobs: Sequence[Submission]) -> bytes:
     """One message carrying several jobs, for the promptq.pack task: its one argument is a
     list of {"task": the job's own task, "id": job id, "request": its request}."""
-    entries = [
-        {
-            "task": task_name_of(job.request),
-            "id": job.job_id,
-            "request": job.request.model_dump(mode="json"),
-        }
-        for job in jobs
-    ]
-    return _envelope(
-        PACK_TASK_NAME, pack_id, [entries], {}, retries=0, argsrepr=f"(<{len(jobs)} jobs>,)"
+    return _pack_envelope(pack_id, jobs, [request_json(job.request) for job in jobs])
+
+
+def _pack_envelope(pack_id: str, jobs: Sequence[Submission], requests: Sequence[str]) -> bytes:
+    entries = ", ".join(
+        f'{{"task": {json.dumps(task_name_of(job.request))}, "id": {json.dumps(job.job_id)}, '
+        f'"request": {request}}}'
+        for job, request in zip(jobs, requests, strict=True)
     )
+    argsrepr = f"(<{len(jobs)} jobs>,)"
+    return _envelope(PACK_TASK_NAME, pack_id, f"[[{entries}]]", {}, retries=0, argsrepr=argsrepr)
+
+
+def job_ids_of(message: Mapping[str, Any]) -> list[str]:
+    """The jobs a queue message (a parsed envelope) carries: its own id, or a pack's job ids;
+    an empty list for a message that is not a promptq job."""
+    headers = message.get("headers")
+    if not isinstance(headers, Mapping) or not isinstance(headers.get("id"), str):
+        return []
+    if headers.get("task") != PACK_TASK_NAME:
+        return [headers["id"]]
+    try:
+        body = message["body"]
+        if message["properties"]["body_encoding"] == "base64":
+            body = base64.b64decode(body)
+        entries = json.loads(body)[0][0]
+        return [entry["id"] for entry in entries if isinstance(entry["id"], str)]
+    except (LookupError, TypeError, ValueError):
+        return []
 
 
 def _envelope(
     task: str,
     message_id: str,
-    args: list[Any],
+    args_json: str,
     kwargs: Mapping[str, Any],
     *,
     retries: int,
     argsrepr: str,
 ) -> bytes:
-    body = [args, dict(kwargs), _NO_CANVAS]
+    body = f"[{args_json}, {json.dumps(dict(kwargs))}, {_NO_CANVAS}]"
     envelope = {
-        "body": base64.b64encode(json.dumps(body).encode()).decode("ascii"),
+        "body": base64.b64encode(body.encode()).decode("ascii"),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -429,7 +489,7 @@ def _envelope(
     return json.dumps(envelope).encode()
 
 
-_NO_CANVAS = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_NO_CANVAS = json.dumps({"callbacks": None, "errbacks": None, "chain": None, "chord": None})
 
 
 Raw = bytes | str | None  # a value as redis-py returns it

@@ -16,6 +16,7 @@ from api_client._constants import QUEUE
 from .call_loop import CallLoop
 from .classify import NotConfigured
 from .cli import EXIT_USAGE
+from .custody import Heartbeat, this_process
 from .limiter import Deployment, RateLimiter
 from .llm import warm_up
 from .metrics import Metrics, MetricsPortTaken, MetricsServer
@@ -98,6 +99,16 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
     @cached_property
     def parking_mover(self) -> ParkingMover:
         return ParkingMover(self.parking)
+
+    @cached_property
+    def heartbeat(self) -> Heartbeat:
+        """This process's heartbeat, which also returns dead processes' messages to the queue."""
+        return Heartbeat(
+            self.redis,
+            this_process(),
+            self.settings.queue.heartbeat_timeout_s,
+            on_returned=self.metrics.messages_returned.inc,
+        )
 
     def llm_settings(self, name: str | None) -> LLMSettings:
         """The LLM settings a job names (None: the default [llm]); NotConfigured when this
@@ -228,6 +239,16 @@ class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
         worker.app.parking_mover.stop()
 
 
+class CustodyStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
+    """Starts this process's heartbeat before the consumer takes any message (it beats until
+    the process exits)."""
+
+    label = "promptq custody"
+
+    def start(self, worker: Any) -> None:
+        worker.app.heartbeat.start()
+
+
 class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
     """Serves the app's metrics over HTTP for as long as the worker runs, when
     PROMPTQ_METRICS_PORT is set; a port that cannot be had stops the worker (exit status 2)."""
@@ -264,6 +285,7 @@ def create_app(settings: Settings) -> PromptqCelery:
     """A Celery app for these settings with the promptq task registered."""
     app = PromptqCelery(settings)
     register(app)
+    app.steps["worker"].add(CustodyStep)
     app.steps["worker"].add(WarmUpStep)
     app.steps["worker"].add(ParkingStep)
     app.steps["worker"].add(MetricsStep)

@@ -320,7 +320,7 @@ def _after_failure(
     attempts = failures if isinstance(exc, NotConfigured) else failures + 1
     if failure.retryable and failures < call.llm.num_retries:
         wait_s = app.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
-        app.store.mark_retrying(delivery.job_id)
+        app.store.mark_retrying(delivery.job_id, attempts)
         app.metrics.retry_scheduled(call.deployment.model, failure.kind)
         return Reschedule(call.request, wait_s, attempts, failure.summary())
     fail(app, delivery.job_id, failure, attempts=attempts)

@@ -107,6 +107,19 @@ class Metrics:
             registry=r,
         )
 
+        self.messages_returned = Counter(
+            "promptq_messages_returned",
+            "Messages of dead worker processes this process returned to the queue",
+            registry=r,
+        )
+        self.jobs_recovered = Counter(
+            "promptq_jobs_recovered",
+            "Jobs the safety net found with no message anywhere: re-published from their "
+            "stored request, or failed (worker_lost) where none was stored",
+            ["how"],
+            registry=r,
+        )
+
     @contextmanager
     def timing(self, model: str) -> Iterator[None]:
         """Observe how long the block (one provider call) takes, whether it raises or not."""

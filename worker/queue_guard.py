@@ -1,4 +1,11 @@
-"""The guard on the queue: what is not a promptq job is dropped and logged without its body.
+"""promptq's Redis transport: reliable takes from the queue, and a guard that drops what is
+not a promptq job, logged without its body.
+
+kombu's Redis transport takes a message with BRPOP and records it as unacknowledged only
+after the worker has read the reply: a worker killed in between took the message with it.
+Here one BLMOVE takes the message into the process's own ``taken`` list (worker.custody), and
+the step that records it as unacknowledged also moves it from there to the process's ``held``
+hash, in one MULTI: a message is never out of Redis' sight.
 
 Celery's own handlers log a refused message's whole body (where the prompt is), and kombu's
 Redis transport lets a queue entry that is not JSON, or not a message envelope, escape from
@@ -16,15 +23,18 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Empty
-from typing import Any
+from time import monotonic, time
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import redis
 from celery import signals
 from celery.worker.consumer import Consumer
-from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Base64
+
+from .custody import this_process
 
 logger = logging.getLogger("promptq.worker")
 
@@ -87,11 +97,39 @@ def _body_problem(body: Any, encoding: Any) -> str | None:
     return None
 
 
-class GuardedChannel(kombu_redis.Channel):
-    """kombu's Redis channel, dropping a queue entry that is not JSON instead of raising, and
-    sharing one Redis client between its commands."""
+class CustodyQoS(kombu_redis.QoS):
+    """kombu's unacknowledged-message records, kept with this process's custody: recording a
+    delivery also moves the message from the process's taken list to its held hash, and
+    acknowledging (or returning) it removes it from there, each in one MULTI."""
 
+    def append(self, message: Any, delivery_tag: str) -> None:
+        custody = this_process()
+        taken = self.channel.connection.pop_taken()
+        delivery = message.delivery_info
+        exchange, routing_key = delivery["exchange"], delivery["routing_key"]
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()})
+            record = json.dumps([message._raw, exchange, routing_key])
+            pipe.hset(self.unacked_key, delivery_tag, record)
+            pipe.hset(custody.held_key, delivery_tag, taken or json.dumps(message._raw))
+            if taken is not None:
+                pipe.lrem(custody.taken_key, 1, taken)
+            pipe.execute()
+        virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]
+        return pipe.hdel(this_process().held_key, delivery_tag)
+
+
+class GuardedChannel(kombu_redis.Channel):
+    """kombu's Redis channel taking messages with BLMOVE into the process's custody, dropping
+    a queue entry that is not a message envelope instead of raising, and sharing one Redis
+    client between its commands."""
+
+    QoS = CustodyQoS
     _shared_client: Any = None  # (the pool it was made for, the client)
+    _taking_from: str | None = None  # the queue of the take in flight
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -109,13 +147,70 @@ class GuardedChannel(kombu_redis.Channel):
             shared = self._shared_client = (pool, self._create_client())  # type: ignore[no-untyped-call]  # kombu, untyped
         yield shared[1]
 
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        # One queue per take (BLMOVE has one source): promptq workers consume one queue, and
+        # messages queued with a Celery priority are folded into it (worker.custody). With
+        # several queues, each gets the next take in turn.
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(1)
+        if not queues:
+            return
+        custody = this_process()
+        with self.conn_or_acquire() as client:
+            custody.before_take(client, timeout or 0)
+        self._taking_from = queues[0]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu's None default
+        self.client.connection.send_command(
+            "BLMOVE", queues[0], custody.taken_key, "RIGHT", "LEFT", timeout or 0
+        )
+
     def _brpop_read(self, **options: Any) -> Any:
+        source = self._taking_from
         try:
-            return super()._brpop_read(**options)  # type: ignore[no-untyped-call]  # untyped
+            try:
+                taken = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+            except self.connection_errors:
+                # The next take returns to the queue whatever this one may have moved.
+                self.client.connection.disconnect()
+                raise
+            if taken is None or source is None:
+                this_process().answered()
+                if source is not None:
+                    self._queue_cycle.rotate(source)
+                raise Empty()
+            self._deliver_taken(source, taken)
+            return True
+        finally:
+            self._in_poll = None  # type: ignore[assignment]  # kombu's False default
+            self._flush_brpop_reauth()  # type: ignore[no-untyped-call]  # kombu, untyped
+
+    def _deliver_taken(self, source: str, taken: bytes) -> None:
+        """Deliver a message this process took from ``source``, or drop it from its custody
+        when it is not a message envelope."""
+        try:
+            message = json.loads(taken)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            # BRPOP has already taken the entry off the queue: nothing to acknowledge.
-            refuse(f"not JSON ({type(exc).__name__})")
-            raise Empty from None  # what kombu raises when nothing was delivered
+            self._drop_taken(taken, f"not JSON ({type(exc).__name__})")
+        problem = envelope_problem(message)
+        if problem is not None:
+            self._drop_taken(taken, problem)
+        self._queue_cycle.rotate(source)
+        self.connection.taken = taken  # recorded as delivered with it (CustodyQoS.append)
+        try:
+            self.connection._deliver(message, source)
+        finally:
+            self.connection.taken = None
+        this_process().answered()
+
+    def _drop_taken(self, taken: bytes, why: str) -> NoReturn:
+        custody = this_process()
+        with self.conn_or_acquire() as client:
+            client.lrem(custody.taken_key, 1, taken)
+        custody.answered()
+        refuse(why)
+        raise Empty from None  # what kombu raises when nothing was delivered
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         # After Redis goes away with a job in flight, Celery collects the broken connection
@@ -133,12 +228,20 @@ class GuardedTransport(kombu_redis.Transport):
     """kombu's Redis transport with GuardedChannel, and envelopes checked before delivery."""
 
     Channel = GuardedChannel
+    # The exact bytes of the message being delivered from a take (GuardedChannel), already
+    # checked: CustodyQoS.append moves them out of the taken list.
+    taken: bytes | None = None
+
+    def pop_taken(self) -> bytes | None:
+        taken, self.taken = self.taken, None
+        return taken
 
     def _deliver(self, message: Any, queue: str) -> None:
-        problem = envelope_problem(message)
-        if problem is not None:
-            refuse(problem)
-            return
+        if self.taken is None:  # not from a take: a fanout (control) message
+            problem = envelope_problem(message)
+            if problem is not None:
+                refuse(problem)
+                return
         super()._deliver(message, queue)  # type: ignore[no-untyped-call]  # kombu, untyped
 
 

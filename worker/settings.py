@@ -113,6 +113,12 @@ class QueueSettings(_LayeredSettings):
     result_ttl_s: float = Field(default=DEFAULT_RESULT_TTL_S, gt=0)
     # A job whose worker died this many times more than its retries explain fails as worker_lost.
     max_redeliveries: int = Field(default=2, ge=0)
+    # A worker process that has not beaten for this long is presumed dead: any other returns
+    # the messages it held to the queue (worker.custody). Each beats ten times per timeout.
+    heartbeat_timeout_s: float = Field(default=10.0, ge=0.5)
+    # The safety net (worker.reconcile): every interval, one worker looks for open jobs with no
+    # message anywhere, and re-publishes those found so twice in a row from their stored copy.
+    reconcile_interval_s: float = Field(default=60.0, ge=0.1)
     # Retries waiting for their countdown are held in worker memory: at most this many.
     eta_task_limit: int = Field(default=1000, ge=1)
     concurrency: int = Field(default=64, ge=1)

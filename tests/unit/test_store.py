@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 import redis
 
-from api_client._constants import KEY_PREFIX, result_key, starts_key, state_key
+from api_client._constants import KEY_PREFIX, OPEN_JOBS_KEY, result_key, starts_key, state_key
 from api_client._schemas import (
     ErrorKind,
     JobError,
@@ -114,7 +114,7 @@ def test_finish_without_begin_still_stores(
 def test_mark_retrying_sets_the_state(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
     store.begin([JOB_ID])
 
-    store.mark_retrying(JOB_ID)
+    store.mark_retrying(JOB_ID, 1)
 
     assert _status(redis_client) is JobStatus.RETRYING
     assert redis_client.pttl(state_key(JOB_ID)) > 0
@@ -127,7 +127,7 @@ def test_mark_retrying_never_overwrites_an_outcome(
     store.begin([JOB_ID])
     store.finish(JOB_ID, _success())
 
-    store.mark_retrying(JOB_ID)
+    store.mark_retrying(JOB_ID, 1)
 
     assert _status(redis_client) is JobStatus.SUCCEEDED
     assert redis_client.get(state_key(JOB_ID)) is None
@@ -149,7 +149,7 @@ def test_every_key_expires(store: JobStore, redis_client: fakeredis.FakeRedis) -
     for key in (state_key(JOB_ID), starts_key(JOB_ID)):
         assert 0 < redis_client.pttl(key) <= ttl_ms, key
 
-    store.mark_retrying(JOB_ID)
+    store.mark_retrying(JOB_ID, 1)
     assert 0 < redis_client.pttl(state_key(JOB_ID)) <= ttl_ms
 
     store.finish(JOB_ID, _success())
@@ -178,7 +178,7 @@ def test_every_key_has_the_prefix(store: JobStore, redis_client: fakeredis.FakeR
     for job_id in ("job-a", "job-b"):
         store.begin([job_id])[0]
         store.begin([job_id])[0]
-        store.mark_retrying(job_id)
+        store.mark_retrying(job_id, 1)
     store.finish("job-a", _success())
 
     keys = {key.decode() if isinstance(key, bytes) else key for key in redis_client.keys("*")}
@@ -187,7 +187,9 @@ def test_every_key_has_the_prefix(store: JobStore, redis_client: fakeredis.FakeR
         result_key("job-a"),
         state_key("job-b"),
         starts_key("job-b"),
+        OPEN_JOBS_KEY,
     }
+    assert redis_client.zrange(OPEN_JOBS_KEY, 0, -1) == [b"job-b"]  # the finished job left it
     assert all(key.startswith(KEY_PREFIX) for key in keys)
     assert KEY_PREFIX == "promptq:"
 

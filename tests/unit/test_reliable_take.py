@@ -1,0 +1,102 @@
+"""worker.queue_guard with a real redis-server and kombu (no Celery): a message is always in the
+queue, the process's taken list or its held hash, until acknowledged or returned."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.messaging import Consumer
+
+from api_client._constants import QUEUE, WORKERS_KEY
+from api_client._wire import build_request, task_message
+from tests.support.redis_server import RedisServer
+from worker.custody import UNACKED_KEY, this_process
+from worker.queue_guard import GuardedTransport
+
+QUEUES = [Queue(QUEUE, Exchange(""), routing_key=QUEUE)]  # type: ignore[no-untyped-call]  # kombu
+
+
+@pytest.fixture
+def broker(real_redis: RedisServer) -> Iterator[redis.Redis]:
+    client = real_redis.client()
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def connection(real_redis: RedisServer) -> Iterator[Connection]:
+    with Connection(real_redis.url, transport=GuardedTransport) as conn:  # type: ignore[no-untyped-call]
+        yield conn
+
+
+def _message(job_id: str) -> bytes:
+    return task_message(job_id, build_request("hello", None, None, {}))
+
+
+def _take(connection: Connection, on_message: Any) -> None:
+    with Consumer(connection, QUEUES, callbacks=[on_message], accept=["json"]):  # type: ignore[no-untyped-call]
+        connection.drain_events(timeout=5)  # type: ignore[no-untyped-call]
+
+
+def test_a_delivered_message_is_held_by_the_process_until_acknowledged(
+    connection: Connection, broker: redis.Redis
+) -> None:
+    custody = this_process()
+    message = _message("job-1")
+    broker.lpush(QUEUE, message)
+    seen: dict[str, Any] = {}
+
+    def on_message(body: Any, delivered: Any) -> None:
+        seen["held"] = broker.hgetall(custody.held_key)
+        seen["taken"] = broker.llen(custody.taken_key)
+        seen["unacked"] = broker.hlen(UNACKED_KEY)
+        delivered.ack()
+
+    _take(connection, on_message)
+
+    assert seen["held"] == {json.loads(message)["properties"]["delivery_tag"].encode(): message}
+    assert seen["taken"] == 0  # moved out in the same step that recorded the delivery
+    assert seen["unacked"] == 1
+    assert broker.zscore(WORKERS_KEY, custody.process_id) is not None  # registered first
+    assert broker.hlen(custody.held_key) == 0
+    assert broker.hlen(UNACKED_KEY) == 0
+    assert broker.llen(QUEUE) == 0
+
+
+def test_a_rejected_message_leaves_the_process_and_goes_back(
+    connection: Connection, broker: redis.Redis
+) -> None:
+    custody = this_process()
+    broker.lpush(QUEUE, _message("job-2"))
+
+    _take(connection, lambda body, delivered: delivered.reject(requeue=True))
+
+    assert broker.llen(QUEUE) == 1
+    assert broker.hlen(custody.held_key) == 0
+    assert broker.hlen(UNACKED_KEY) == 0
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b'"a JSON string"', b"\xff\xfe"])
+def test_garbage_is_dropped_from_the_processs_custody(
+    connection: Connection, broker: redis.Redis, garbage: bytes
+) -> None:
+    custody = this_process()
+    broker.lpush(QUEUE, garbage)
+    delivered: list[Any] = []
+
+    consumer = Consumer(connection, QUEUES, callbacks=[lambda b, m: delivered.append(m)])  # type: ignore[no-untyped-call]
+    with consumer, pytest.raises(TimeoutError):  # nothing is delivered: drain_events waits
+        connection.drain_events(timeout=0.5)  # type: ignore[no-untyped-call]
+
+    assert delivered == []
+    assert broker.llen(custody.taken_key) == 0
+    assert broker.llen(QUEUE) == 0
