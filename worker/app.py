@@ -22,6 +22,7 @@ from .llm import warm_up
 from .metrics import Metrics, MetricsPortTaken, MetricsServer
 from .parking import Parking, ParkingMover
 from .queue_guard import transport_for
+from .reconcile import Reconciler
 from .retry import RetryPolicy
 from .script_calls import LoopRedis
 from .settings import LLMSettings, Settings
@@ -110,6 +111,16 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
             on_returned=self.metrics.messages_returned.inc,
         )
 
+    @cached_property
+    def reconciler(self) -> Reconciler:
+        """The safety net's passes, for jobs whose message was lost anyway."""
+        return Reconciler(
+            self.redis,
+            self.store,
+            self.settings.queue.reconcile_interval_s,
+            on_recovered=lambda how: self.metrics.jobs_recovered.labels(how).inc(),
+        )
+
     def llm_settings(self, name: str | None) -> LLMSettings:
         """The LLM settings a job names (None: the default [llm]); NotConfigured when this
         worker has no [llm.NAME] of that name."""
@@ -190,6 +201,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
             # Every worker now looks every tenth of the timeout (0.1 s to 10 s).
             "unacked_restore_interval": restore_interval_s(queue.visibility_timeout_s),
             "unacked_restore_throttle": 1,
+            # The lock one worker takes for that look expires after 5 minutes by default: a
+            # worker killed holding it, or a Redis restart that kept it (AOF), stopped every
+            # return for that long (seen in a chaos soak). A look takes milliseconds.
+            "unacked_mutex_expire": max(1, round(restore_interval_s(queue.visibility_timeout_s))),
             "socket_connect_timeout": 5,
             "socket_timeout": 30,
             "socket_keepalive": True,
@@ -241,12 +256,16 @@ class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
 
 class CustodyStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
     """Starts this process's heartbeat before the consumer takes any message (it beats until
-    the process exits)."""
+    the process exits), and the safety net's passes for as long as the worker runs."""
 
     label = "promptq custody"
 
     def start(self, worker: Any) -> None:
         worker.app.heartbeat.start()
+        worker.app.reconciler.start()
+
+    def stop(self, worker: Any) -> None:
+        worker.app.reconciler.stop()
 
 
 class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped

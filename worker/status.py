@@ -1,4 +1,5 @@
-"""What `promptq status` shows: queue depth, messages in flight, held retries, workers, jobs."""
+"""What `promptq status` shows: queue depth, messages in flight, held retries, workers, jobs,
+and what was recovered from dead workers and by the safety net."""
 
 from __future__ import annotations
 
@@ -9,20 +10,22 @@ from typing import Any
 
 import redis
 
-from api_client._constants import KEY_PREFIX, QUEUE
+from api_client._constants import (
+    KEY_PREFIX,
+    QUEUE,
+    RECOVERY_KEY,
+    SUSPECTS_KEY,
+    WORKERS_KEY,
+    taken_key,
+)
 from api_client._errors import BrokerUnavailable
 from api_client._schemas import JobStatus
 from api_client._wire import broker_errors, redact_url, text_of
 
+from .custody import PRIORITY_LISTS, UNACKED_KEY
 from .limiter import LimiterState, read_limiters
 from .parking import PARKED_KEY
 from .spend import SpendCounter, read_spend
-
-# Kombu's Redis transport (kombu/transport/redis.py, Channel) names these; promptq sets no
-# ``global_keyprefix`` transport option, so they are used as they are.
-PRIORITY_SEP = "\x06\x16"  # Channel.sep: a priority n > 0 is queued in QUEUE + sep + n
-PRIORITY_STEPS = (0, 3, 6, 9)  # Channel.priority_steps (PRIORITY_STEPS)
-UNACKED_KEY = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing_key]
 
 STATE_PATTERN = f"{KEY_PREFIX}state:*"
 SCAN_COUNT = 1000
@@ -39,7 +42,7 @@ class FleetStatus:
 
     broker: str  # the Redis URL, any password redacted
     queue_depth: int  # messages waiting in the queue (all priority lists; a pack counts once)
-    in_flight: int  # delivered to a worker, not yet acknowledged (running or held for a retry)
+    in_flight: int  # taken by a worker, not yet acknowledged (running or held for a retry)
     retries_scheduled: int  # of those, retries held by a worker until their ETA
     parked: int  # jobs waiting in Redis for rate-limit capacity (worker.parking)
     workers: list[str]  # names of the workers that answered a ping
@@ -51,6 +54,15 @@ class FleetStatus:
     rate_limits: list[LimiterState] = field(default_factory=list)
     # What the fleet has spent (worker.spend), by period.
     spend: list[SpendCounter] = field(default_factory=list)
+    # Worker processes in the heartbeat registry (worker.custody): beating, or dead and not
+    # recovered yet.
+    processes: int = 0
+    # What was recovered since the counters began (worker.custody, worker.reconcile):
+    # dead_workers, messages_returned, jobs_republished, jobs_abandoned.
+    recovered: dict[str, int] = field(default_factory=dict)
+    # Open jobs the safety net's last pass found with no message anywhere (re-published at its
+    # next pass if still so): 0 in a correct fleet.
+    stranded: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (for `promptq status --json`)."""
@@ -77,6 +89,7 @@ def gather_status(
             jobs, jobs_truncated = _job_counts(client, max_scanned_keys)
             rate_limits = read_limiters(client)
             spend = read_spend(client)
+            processes, recovered, stranded = _custody_counts(client)
     finally:
         client.close()
     return FleetStatus(
@@ -92,16 +105,37 @@ def gather_status(
         max_scanned_keys=max_scanned_keys,
         rate_limits=rate_limits,
         spend=spend,
+        processes=processes,
+        recovered=recovered,
+        stranded=stranded,
     )
 
 
 def _queue_counts(client: redis.Redis) -> tuple[int, int]:
+    """Messages queued (all priority lists), and taken by workers but not acknowledged."""
+    processes: list[bytes] = client.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
     pipe = client.pipeline(transaction=False)
-    for step in PRIORITY_STEPS:
-        pipe.llen(QUEUE if step == 0 else f"{QUEUE}{PRIORITY_SEP}{step}")
+    for key in (QUEUE, *PRIORITY_LISTS):
+        pipe.llen(key)
     pipe.hlen(UNACKED_KEY)
-    *lengths, unacked = pipe.execute()
-    return sum(int(n) for n in lengths), int(unacked)
+    for process_id in processes:
+        pipe.llen(taken_key(text_of(process_id)))
+    lengths = [int(n) for n in pipe.execute()]
+    queued = len(PRIORITY_LISTS) + 1
+    return sum(lengths[:queued]), sum(lengths[queued:])
+
+
+RECOVERY_COUNTERS = ("dead_workers", "messages_returned", "jobs_republished", "jobs_abandoned")
+
+
+def _custody_counts(client: redis.Redis) -> tuple[int, dict[str, int], int]:
+    pipe = client.pipeline(transaction=False)
+    pipe.zcard(WORKERS_KEY)
+    pipe.hgetall(RECOVERY_KEY)
+    pipe.hlen(SUSPECTS_KEY)
+    processes, counters, stranded = pipe.execute()
+    found = {text_of(name): int(value) for name, value in counters.items()}
+    return int(processes), {name: found.get(name, 0) for name in RECOVERY_COUNTERS}, int(stranded)
 
 
 def _held_retries(client: redis.Redis, max_keys: int) -> tuple[int, bool]:
@@ -198,11 +232,14 @@ def format_status(status: FleetStatus) -> str:
     lines = [
         ("broker", status.broker),
         ("queue depth", f"{status.queue_depth:,}"),
-        ("in flight", f"{status.in_flight:,} (delivered, not yet acknowledged)"),
+        ("in flight", f"{status.in_flight:,} (taken by workers, not yet acknowledged)"),
         ("retries scheduled", f"{status.retries_scheduled:,} (held by workers until due)"),
         ("parked", f"{status.parked:,} (waiting in Redis for rate-limit capacity)"),
         ("workers", workers),
+        ("worker processes", f"{status.processes:,} with a heartbeat"),
         ("jobs", jobs),
+        ("recovered", _recovered_line(status.recovered)),
+        ("stranded", f"{status.stranded:,} (found with no message; published again if still so)"),
     ]
     for counter in status.spend:
         line = f"${counter.spent_usd:,.4f} in {counter.calls:,} calls"
@@ -215,6 +252,18 @@ def format_status(status: FleetStatus) -> str:
         lines.append((f"rate limit {limiter.model} @ {limiter.endpoint}", _limiter_line(limiter)))
     width = max(len(label) for label, _ in lines) + 2
     return "\n".join(f"{label + ':':<{width}}{value}" for label, value in lines)
+
+
+def _recovered_line(counters: dict[str, int]) -> str:
+    line = (
+        f"{counters.get('messages_returned', 0):,} message(s) of "
+        f"{counters.get('dead_workers', 0):,} dead worker process(es) returned to the queue; "
+        f"{counters.get('jobs_republished', 0):,} job(s) published again by the safety net"
+    )
+    abandoned = counters.get("jobs_abandoned", 0)
+    if abandoned:
+        line += f", {abandoned:,} failed with no stored request"
+    return line
 
 
 def _limiter_line(limiter: LimiterState) -> str:

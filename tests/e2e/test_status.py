@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 
 from api_client import BrokerUnavailable, Client
-from api_client._constants import QUEUE, state_key
+from api_client._constants import (
+    QUEUE,
+    RECOVERY_KEY,
+    SUSPECTS_KEY,
+    WORKERS_KEY,
+    state_key,
+    taken_key,
+)
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
+from worker.custody import PRIORITY_SEP, UNACKED_KEY
 from worker.status import (
-    PRIORITY_SEP,
     FleetStatus,
     format_status,
     gather_status,
@@ -156,3 +163,34 @@ def test_a_retry_held_until_its_eta_is_counted(
         done = wait_for(read, lambda s: s.in_flight == 0)
     assert done.retries_scheduled == 0
     assert done.jobs == {"queued": 0, "running": 0, "retrying": 0}
+
+
+def test_recovery_and_stranded_jobs_are_shown(empty_redis: RedisServer) -> None:
+    redis_client = empty_redis.client()
+    try:
+        redis_client.zadd(WORKERS_KEY, {"host:1:a": 1, "host:2:b": 2})
+        redis_client.lpush(taken_key("host:1:a"), b"{}")  # taken, not yet recorded
+        redis_client.hset(UNACKED_KEY, "tag", b"[]")
+        redis_client.hset(
+            RECOVERY_KEY, mapping={"dead_workers": 2, "messages_returned": 5, "jobs_republished": 1}
+        )
+        redis_client.hset(SUSPECTS_KEY, mapping={"job-a": 1, "job-b": 2})
+    finally:
+        redis_client.close()
+
+    status = gather_status(empty_redis.url, inspect_timeout_s=QUICK_PING_S)
+
+    assert status.in_flight == 2
+    assert status.processes == 2
+    assert status.recovered == {
+        "dead_workers": 2,
+        "messages_returned": 5,
+        "jobs_republished": 1,
+        "jobs_abandoned": 0,
+    }
+    assert status.stranded == 2
+    text = format_status(status)
+    assert "5 message(s) of 2 dead worker process(es) returned" in text
+    assert "1 job(s) published again by the safety net" in text
+    assert "stranded:" in text
+    assert status.to_json()["recovered"]["messages_returned"] == 5

@@ -26,6 +26,9 @@ def test_every_restore_sweep_scans_redis() -> None:
     assert options["unacked_restore_interval"] == pytest.approx(10.0)
     # kombu's default scans on one sweep in 10 only: lost jobs came back up to 100 s late.
     assert options["unacked_restore_throttle"] == 1
+    # kombu's default lock on the sweep lasts 5 minutes: one kept by a dead worker (or a
+    # Redis restart) stopped every sweep for that long.
+    assert options["unacked_mutex_expire"] == 10
 
 
 def test_the_eta_task_limit_comes_on_top_of_the_calls_in_flight() -> None:
