@@ -91,9 +91,7 @@ class TagProvider:
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True  # the worker gave up, or was killed
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self._server.request_queue_size = 128
+        self._server = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -123,6 +121,16 @@ class TagProvider:
         self._stopping.set()
         self._server.shutdown()
         self._server.server_close()
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # a fleet's burst of new connections
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A killed worker resets its connections: nothing to report."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _echo(body: dict[str, Any], prompt: str) -> dict[str, Any]:
@@ -435,16 +443,27 @@ class KillFigures:
     never_back: list[str] = field(default_factory=list)
 
 
-def held_at_kills(kills: list[Kill], events: list[Event]) -> KillFigures:
+def held_at_kills(
+    kills: list[Kill], events: list[Event], ended_at: dict[str, float]
+) -> KillFigures:
     """For each kill, the jobs its processes had received and not finished (a 'received' line
-    with no end line after it), and for each the time until some worker received it again."""
+    with no end line after it) that had no outcome yet (``ended_at``: job id -> wall-clock time
+    its outcome was seen), and for each the time until some worker received it again.
+
+    The outcome matters: a delivery can be dropped without an end line (Celery forgets the
+    retries it holds when its Redis connection restarts; the message comes back after the
+    visibility timeout), so a process can count a job it no longer holds."""
     figures = KillFigures()
     for kill in kills:
         open_count: Counter[str] = Counter()
         for event in events:
             if by_killed(kill, event):
                 open_count[event.job_id] += 1 if event.received else -1
-        held = sorted(job for job, count in open_count.items() if count > 0)
+        held = sorted(
+            job
+            for job, count in open_count.items()
+            if count > 0 and ended_at.get(job, float("inf")) > kill.at
+        )
         figures.held.append(held)
         for job_id in held:
             again = next(
@@ -465,9 +484,11 @@ def held_at_kills(kills: list[Kill], events: list[Event]) -> KillFigures:
     return figures
 
 
-def in_flight_at(at: float, events: list[Event], kills: list[Kill]) -> set[str]:
-    """The jobs a live worker process had received and not finished at wall-clock time
-    ``at`` (what a process killed before then held is not counted)."""
+def in_flight_at(
+    at: float, events: list[Event], kills: list[Kill], ended_at: dict[str, float]
+) -> set[str]:
+    """The jobs without an outcome that a live worker process had received and not finished
+    at wall-clock time ``at`` (what a process killed before then held is not counted)."""
     open_count: Counter[tuple[Path, str, str]] = Counter()
     for event in events:
         if event.at > at:
@@ -475,4 +496,8 @@ def in_flight_at(at: float, events: list[Event], kills: list[Kill]) -> set[str]:
         if any(kill.at < at and by_killed(kill, event) for kill in kills):
             continue
         open_count[(event.log, event.name, event.job_id)] += 1 if event.received else -1
-    return {job for (_, _, job), count in open_count.items() if count > 0}
+    return {
+        job
+        for (_, _, job), count in open_count.items()
+        if count > 0 and ended_at.get(job, float("inf")) > at
+    }

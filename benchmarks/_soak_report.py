@@ -19,6 +19,7 @@ class Tracked:
     phase: str
     submitted: float  # monotonic, when the submit was accepted
     finished: float | None = None  # monotonic, when a poll first saw it terminal
+    finished_wall: float | None = None  # the same, wall-clock time (to compare with logs)
     outcome: str | None = None  # "succeeded", a failure kind, or "missing" (no key at all)
 
 
@@ -98,7 +99,8 @@ def phase_report(
     for job in jobs:
         if job.outcome not in (None, "succeeded", "missing"):
             kinds[str(job.outcome)] = kinds.get(str(job.outcome), 0) + 1
-    figures = held_at_kills(phase.kills, events)
+    ended_at = {j.job_id: j.finished_wall for j in jobs if j.finished_wall is not None}
+    figures = held_at_kills(phase.kills, events, ended_at)
     # A job's redeliveries: the kills that took it from the process holding it, plus the Redis
     # restarts it was in flight through (a worker cut off from Redis cannot acknowledge).
     redelivered = dict.fromkeys((j.job_id for j in jobs), 0)
@@ -106,7 +108,7 @@ def phase_report(
         for job_id in held:
             redelivered[job_id] = redelivered.get(job_id, 0) + 1
     for at in phase.redis_restarts:
-        for job_id in in_flight_at(at, events, phase.kills) & redelivered.keys():
+        for job_id in in_flight_at(at, events, phase.kills, ended_at) & redelivered.keys():
             redelivered[job_id] += 1
     over = [i for i, n in calls.items() if n > 1 + retries + redelivered[i]]
     worst = max(calls, key=lambda i: (calls[i] - redelivered[i], calls[i]), default=None)

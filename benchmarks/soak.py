@@ -97,7 +97,7 @@ class Book:
         with self.changed:
             job = self.jobs[job_id]
             if outcome != "missing":
-                job.finished = time.monotonic()
+                job.finished, job.finished_wall = time.monotonic(), time.time()
             job.outcome = outcome
             self.pending.discard(job_id)
             self.changed.notify_all()
