@@ -24,11 +24,11 @@ from typing import Any
 
 import redis
 
-from api_client._constants import KEY_PREFIX, QUEUE
+from api_client._constants import KEY_PREFIX, QUEUE, WORKERS_KEY, taken_key
 from api_client._wire import text_of
+from worker.custody import PRIORITY_LISTS, UNACKED_KEY
 from worker.embedded import START_TIMEOUT_S, RedisServerProcess
 from worker.parking import PARKED_KEY
-from worker.status import PRIORITY_SEP, PRIORITY_STEPS, UNACKED_KEY
 
 # --- the provider -----------------------------------------------------------------------------
 
@@ -212,9 +212,12 @@ def _blob(values: Iterable[Any]) -> bytes:
 
 def where_is(client: redis.Redis, job_ids: list[str]) -> dict[str, dict[str, Any]]:
     """For each job: its promptq:state and starts values, and which of the queue (any priority
-    list), kombu's unacked hash and the parked set hold a message naming it."""
-    lists = [QUEUE if s == 0 else f"{QUEUE}{PRIORITY_SEP}{s}" for s in PRIORITY_STEPS]
-    queued = _blob(m for name in lists for m in client.lrange(name, 0, -1))
+    list), the worker processes' taken lists, kombu's unacked hash and the parked set hold a
+    message naming it."""
+    queued = _blob(m for name in (QUEUE, *PRIORITY_LISTS) for m in client.lrange(name, 0, -1))
+    registered: list[bytes] = client.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+    processes = [text_of(p) for p in registered]
+    taken = _blob(m for p in processes for m in client.lrange(taken_key(p), 0, -1))
     unacked = _blob(client.hvals(UNACKED_KEY))
     parked = _blob(client.zrange(PARKED_KEY, 0, -1))
     found = {}
@@ -226,7 +229,12 @@ def where_is(client: redis.Redis, job_ids: list[str]) -> dict[str, dict[str, Any
             "starts": int(starts) if starts else None,
             "in": [
                 n
-                for n, blob in (("queue", queued), ("unacked", unacked), ("parked", parked))
+                for n, blob in (
+                    ("queue", queued),
+                    ("taken", taken),
+                    ("unacked", unacked),
+                    ("parked", parked),
+                )
                 if key in blob
             ],
         }

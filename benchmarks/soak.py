@@ -59,20 +59,20 @@ from _soak_report import Phase, PhaseReport, Report, Tracked, phase_report, show
 
 import worker
 from api_client import BrokerUnavailable, Client, JobFailed, JobNotFound
-from api_client._constants import KEY_PREFIX
+from api_client._constants import RECOVERY_KEY
 from api_client._wire import text_of
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "openai/gpt-4o-mini"  # LiteLLM prices it; the provider answers for any name
-RECOVERY_KEY = f"{KEY_PREFIX}recovery"
 RECOVERY_FIELDS = ("jobs_republished", "jobs_abandoned", "messages_returned", "dead_workers")
-SETTINGS = {  # waits scaled down; the visibility timeout short enough to see redelivery
+# Retry waits scaled down; the heartbeat timeout and the visibility timeout (an hour) as users
+# get them: a job waiting on the visibility timeout is still unfinished after the drain.
+SETTINGS = {
     "LLM_NUM_RETRIES": "3",
     "LLM_RETRY_MIN_WAIT": "0.5",
     "LLM_RETRY_MAX_WAIT": "2",
     "LLM_RETRY_MULTIPLIER": "0.5",
     "LLM_TIMEOUT": "10",
-    "PROMPTQ_VISIBILITY_TIMEOUT_S": "30",
 }
 TAGS = {"[429]": 0.1, "[503]": 0.1, "[slow]": 0.1}  # each tag's share of a wave
 GROUP_SHARE, CHILD_SHARE = 0.15, 0.15  # of the kills: a whole group; one process of it

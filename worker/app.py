@@ -254,6 +254,25 @@ class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
         worker.app.parking_mover.stop()
 
 
+MIN_REDIS_VERSION = (6, 2)  # BLMOVE, which takes a message into a worker's custody
+
+
+def redis_version_problem(client: redis.Redis) -> str | None:
+    """Why this Redis cannot serve as promptq's broker, or None (also when it cannot be
+    reached yet: the worker waits for it)."""
+    try:
+        version = str(client.info("server").get("redis_version", ""))
+    except redis.RedisError:
+        return None
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if len(parts) == 2 and parts < MIN_REDIS_VERSION:
+        return (
+            f"Redis {version} is too old: promptq needs Redis 6.2 or newer (BLMOVE, to take "
+            "messages without losing them to a killed worker)"
+        )
+    return None
+
+
 class CustodyStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
     """Starts this process's heartbeat before the consumer takes any message (it beats until
     the process exits), and the safety net's passes for as long as the worker runs."""
@@ -261,8 +280,14 @@ class CustodyStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
     label = "promptq custody"
 
     def start(self, worker: Any) -> None:
-        worker.app.heartbeat.start()
-        worker.app.reconciler.start()
+        app: PromptqCelery = worker.app
+        problem = redis_version_problem(app.redis)
+        if problem is not None:
+            print(f"promptq worker: {problem}", file=sys.__stderr__, flush=True)
+            app.exit_status = EXIT_USAGE
+            raise SystemExit(EXIT_USAGE)
+        app.heartbeat.start()
+        app.reconciler.start()
 
     def stop(self, worker: Any) -> None:
         worker.app.reconciler.stop()

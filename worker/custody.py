@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import redis
 
@@ -140,6 +140,26 @@ return moved
 """
 
 
+# KEYS[1] this process's held hash, KEYS[2] kombu's unacked hash, KEYS[3] kombu's unacked
+# index, KEYS[4] the queue; ARGV the delivery tags of messages this process will never run.
+# Returns each of them still unacknowledged to the queue, where workers take them next; how many.
+_GIVE_BACK = """
+local moved = 0
+for i = 1, #ARGV do
+  local message = redis.call('HGET', KEYS[1], ARGV[i])
+  if message then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    if redis.call('HDEL', KEYS[2], ARGV[i]) == 1 then
+      redis.call('ZREM', KEYS[3], ARGV[i])
+      redis.call('RPUSH', KEYS[4], message)
+      moved = moved + 1
+    end
+  end
+end
+return moved
+"""
+
+
 class ProcessCustody:
     """This process's id and keys, and the state of its takes from the queue.
 
@@ -154,6 +174,7 @@ class ProcessCustody:
         self.held_key = held_key(self.process_id)
         self.registered = False
         self._unanswered_until: float | None = None  # monotonic: when a lost take expires
+        self._forgotten: set[str] = set()  # delivery tags of messages this process dropped
 
     def register(self, client: redis.Redis) -> None:
         """Enter the registry (before the first take): from now on, this process's messages
@@ -166,6 +187,15 @@ class ProcessCustody:
         returns to the queue what a take whose reply was lost may have moved into its list."""
         if not self.registered:
             self.register(client)
+        if self._forgotten:
+            tags = sorted(self._forgotten)
+            keys = [self.held_key, UNACKED_KEY, UNACKED_INDEX_KEY, QUEUE]
+            moved = int(client.eval(_GIVE_BACK, len(keys), *keys, *tags))
+            self._forgotten.difference_update(tags)
+            if moved:
+                logger.info(
+                    "%d message(s) dropped with a lost connection went back to the queue", moved
+                )
         if self._unanswered_until is not None:
             # Redis ends a lost take at its own timeout at the latest: after that, nothing more
             # can land in the list, and whatever is there was never delivered.
@@ -177,6 +207,11 @@ class ProcessCustody:
                 )
             self._unanswered_until = None
         self._unanswered_until = time.monotonic() + block_s + 0.1
+
+    def forget(self, delivery_tags: Iterable[str]) -> None:
+        """Messages delivered to this process that it will never run (the consumer dropped
+        them with its connection): they go back to the queue before its next take."""
+        self._forgotten.update(delivery_tags)
 
     def answered(self) -> None:
         """The take's reply has been handled: a message it brought is recorded as delivered

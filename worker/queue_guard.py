@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 import redis
 from celery import signals
 from celery.worker.consumer import Consumer
+from celery.worker.state import active_requests, reserved_requests, scheduled_requests
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Base64
@@ -245,12 +246,29 @@ class GuardedTransport(kombu_redis.Transport):
         super()._deliver(message, queue)  # type: ignore[no-untyped-call]  # kombu, untyped
 
 
+def _delivery_tag(request: Any) -> str | None:
+    tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+    return tag if isinstance(tag, str) else None
+
+
 class GuardedConsumer(Consumer):  # type: ignore[misc]  # Celery is untyped
-    """Celery's consumer, refusing messages it cannot run with a log line that has no body.
+    """Celery's consumer, refusing messages it cannot run with a log line that has no body,
+    and giving back at once the messages it drops with a lost connection.
 
     Each handler drops the message as Celery's does (ack or reject without requeue), so it is
     not delivered again, and sends the same signal.
     """
+
+    def on_close(self) -> None:
+        # Celery forgets the messages it had reserved or held for a retry's countdown when its
+        # connection closes (a Redis restart, say); unacknowledged, they came back only after
+        # the visibility timeout (an hour by default). They go back to the queue before this
+        # process's next take instead. Calls in flight go on and are acknowledged as usual.
+        dropped = {*reserved_requests, *scheduled_requests} - set(active_requests)
+        this_process().forget(
+            tag for request in dropped if (tag := _delivery_tag(request)) is not None
+        )
+        super().on_close()
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         refuse(f"cannot decode its body ({type(exc).__name__}, {message.content_type!r})", message)

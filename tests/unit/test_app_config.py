@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.app import celery_config, restore_interval_s, with_concurrency
+from worker.app import celery_config, redis_version_problem, restore_interval_s, with_concurrency
 from worker.settings import load_settings
 
 
@@ -39,3 +39,18 @@ def test_the_eta_task_limit_comes_on_top_of_the_calls_in_flight() -> None:
     assert celery_config(settings)["worker_eta_task_limit"] == 6
     assert celery_config(with_concurrency(settings, 16))["worker_eta_task_limit"] == 18
     assert with_concurrency(settings, None) is settings
+
+
+@pytest.mark.parametrize(
+    ("version", "refused"), [("5.0.7", True), ("6.0.16", True), ("6.2.0", False), ("7.0.15", False)]
+)
+def test_a_redis_without_blmove_is_refused_by_name(version: str, refused: bool) -> None:
+    class FakeInfo:
+        def info(self, section: str) -> dict[str, str]:
+            return {"redis_version": version}
+
+    problem = redis_version_problem(FakeInfo())  # type: ignore[arg-type]
+
+    assert (problem is not None) is refused
+    if problem is not None:
+        assert version in problem and "6.2" in problem

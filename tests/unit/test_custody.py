@@ -190,3 +190,20 @@ def test_messages_with_a_celery_priority_are_folded_into_the_queue(
         b"waiting",
     ]
     assert not any(lua_redis.exists(key) for key in PRIORITY_LISTS)
+
+
+def test_messages_the_process_dropped_go_back_before_its_next_take(
+    lua_redis: redis.Redis,
+) -> None:
+    custody, _ = _process(lua_redis)
+    _hold(lua_redis, custody, "dropped", b"a retry held until due")
+    _hold(lua_redis, custody, "running", b"a call in flight")
+    custody.forget(["dropped", "gone"])  # "gone": acknowledged meanwhile
+
+    custody.before_take(lua_redis, block_s=0.0)
+
+    assert lua_redis.lrange(QUEUE, 0, -1) == [b"a retry held until due"]
+    assert lua_redis.hkeys(custody.held_key) == [b"running"]
+    assert lua_redis.hkeys(UNACKED_KEY) == [b"running"]
+    custody.before_take(lua_redis, block_s=0.0)
+    assert lua_redis.llen(QUEUE) == 1  # once
