@@ -187,25 +187,6 @@ class AofRedis(RedisServerProcess):
             process.wait()
 
 
-def dump_redis(client: redis.Redis) -> bytes:
-    """Every key and value in the server, whatever its type, as one blob."""
-    values: list[Any] = []
-    for key in client.scan_iter(count=1000):
-        values.append(key)
-        kind = client.type(key)
-        if kind == b"string":
-            values.append(client.get(key))
-        elif kind == b"list":
-            values += client.lrange(key, 0, -1)
-        elif kind == b"hash":
-            values += [item for pair in client.hgetall(key).items() for item in pair]
-        elif kind == b"set":
-            values += client.smembers(key)
-        elif kind == b"zset":
-            values += client.zrange(key, 0, -1)
-    return _blob(values)
-
-
 def _blob(values: Iterable[Any]) -> bytes:
     return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in values)
 

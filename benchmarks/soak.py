@@ -54,13 +54,14 @@ from pathlib import Path
 from types import FrameType
 
 import redis
-from _soak_parts import AofRedis, Fleet, TagProvider, dump_redis, read_events, where_is
+from _soak_parts import AofRedis, Fleet, TagProvider, read_events, where_is
 from _soak_report import Phase, PhaseReport, Report, Tracked, phase_report, show
 
 import worker
 from api_client import BrokerUnavailable, Client, JobFailed, JobNotFound
 from api_client._constants import RECOVERY_KEY
 from api_client._wire import text_of
+from tests.support.invariants import dump_values
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "openai/gpt-4o-mini"  # LiteLLM prices it; the provider answers for any name
@@ -324,7 +325,7 @@ def run(args: argparse.Namespace, work: Path) -> Report:
             fault_free=reports["clean"],
             recovery=recovery(store),
             unacked_mutex_ttl_s=mutex_ttl_s(store),
-            canary_leaked=canary.encode() in dump_redis(store) + logs + aof,
+            canary_leaked=canary.encode() in dump_values(store) + logs + aof,
             canary_calls=provider.with_key,
             prompts_in_logs=logs.count(b"soak clean wave") + logs.count(b"soak chaos wave"),
             seed=args.seed,

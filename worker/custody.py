@@ -47,6 +47,21 @@ BEATS_PER_TIMEOUT = 10
 MAX_DEAD_PER_BEAT = 10
 FOLD_BATCH = 1000
 
+# move_all(from, to): every message of the list ``from`` to the end of ``to`` that workers take
+# next; returns how many.
+_MOVE_ALL = """
+local function move_all(from, to)
+  local moved = 0
+  local message = redis.call('RPOP', from)
+  while message do
+    redis.call('RPUSH', to, message)
+    moved = moved + 1
+    message = redis.call('RPOP', from)
+  end
+  return moved
+end
+"""
+
 _NOW_MS = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -94,20 +109,15 @@ return {new, dead}
 # kombu's visibility timeout meanwhile). Returns how many, or -1 when the process beat again
 # or another worker recovered it first.
 _RECOVER = (
-    _NOW_MS
+    _MOVE_ALL
+    + _NOW_MS
     + """
 local dead = ARGV[2] ~= ''
 if dead then
   local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
   if not beat or tonumber(beat) > now_ms - tonumber(ARGV[2]) then return -1 end
 end
-local moved = 0
-local message = redis.call('RPOP', KEYS[2])
-while message do
-  redis.call('RPUSH', KEYS[6], message)
-  moved = moved + 1
-  message = redis.call('RPOP', KEYS[2])
-end
+local moved = move_all(KEYS[2], KEYS[6])
 local held = redis.call('HGETALL', KEYS[3])
 for i = 1, #held, 2 do
   if redis.call('HDEL', KEYS[4], held[i]) == 1 then
@@ -128,16 +138,7 @@ return moved
 
 # KEYS[1] this process's taken list, KEYS[2] the queue. Returns to the queue what a take whose
 # reply never arrived (a dropped connection, a restarted Redis) moved into the list; how many.
-_RECLAIM = """
-local moved = 0
-local message = redis.call('RPOP', KEYS[1])
-while message do
-  redis.call('RPUSH', KEYS[2], message)
-  moved = moved + 1
-  message = redis.call('RPOP', KEYS[1])
-end
-return moved
-"""
+_RECLAIM = _MOVE_ALL + "return move_all(KEYS[1], KEYS[2])"
 
 
 # KEYS[1] this process's held hash, KEYS[2] kombu's unacked hash, KEYS[3] kombu's unacked

@@ -25,6 +25,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
+@pytest.fixture
+def flushed_redis(redis_server: RedisServer) -> RedisServer:
+    """The module's redis-server, emptied for this test: no job or message of the last one."""
+    client = redis_server.client()
+    client.flushall()
+    client.close()
+    return redis_server
+
+
 @pytest.fixture(scope="module")
 def provider() -> Iterator[ScriptedOpenAIServer]:
     with ScriptedOpenAIServer() as server:

@@ -35,12 +35,7 @@ COMEBACK_SLACK_S = 4.0
 STOP_VISIBILITY_S = 60.0  # long: nothing in the warm-shutdown tests may wait for it
 
 
-@pytest.fixture(autouse=True)
-def _empty_redis(redis_server: RedisServer) -> None:
-    """Each scenario starts from an empty Redis: no job or unacked message of the last one."""
-    redis = redis_server.client()
-    redis.flushall()
-    redis.close()
+pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 
 @pytest.fixture

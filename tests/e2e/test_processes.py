@@ -29,11 +29,7 @@ KILL_VISIBILITY_S = 6.0
 KILL_CALL_TIMEOUT_S = 2.5
 
 
-@pytest.fixture(autouse=True)
-def _empty_redis(redis_server: RedisServer) -> None:
-    redis = redis_server.client()
-    redis.flushall()
-    redis.close()
+pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 
 @pytest.fixture

@@ -31,11 +31,7 @@ COMEBACK_S = 1.1 * HEARTBEAT_TIMEOUT_S + 4.0
 VISIBILITY_S = 60.0  # far beyond the test: a job back in time did not come back through it
 
 
-@pytest.fixture(autouse=True)
-def _empty_redis(redis_server: RedisServer) -> None:
-    client = redis_server.client()
-    client.flushall()
-    client.close()
+pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 
 @pytest.fixture

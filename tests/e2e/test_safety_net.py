@@ -22,11 +22,7 @@ from .test_core_loop import WAIT_S, wait_until
 INTERVAL_S = 0.3
 
 
-@pytest.fixture(autouse=True)
-def _empty_redis(redis_server: RedisServer) -> None:
-    client = redis_server.client()
-    client.flushall()
-    client.close()
+pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 
 def _moved_on(scores: list[float | None], score: float | None) -> bool:

@@ -6,6 +6,8 @@ import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import redis
+
 from api_client import Client, Job, JobFailed, JobStatus, PromptResult
 from api_client._constants import state_key
 from tests.support.openai_server import ScriptedOpenAIServer
@@ -17,24 +19,29 @@ Outcome = PromptResult | JobFailed
 
 def dump_redis(redis_server: RedisServer) -> bytes:
     """Every key and value in the server, whatever its type, as one blob."""
-    redis = redis_server.client()
-    values: list[Any] = []
+    client = redis_server.client()
     try:
-        for key in redis.scan_iter(count=1000):
-            values.append(key)
-            kind = redis.type(key)
-            if kind == b"string":
-                values.append(redis.get(key))
-            elif kind == b"list":
-                values += redis.lrange(key, 0, -1)
-            elif kind == b"hash":
-                values += [item for pair in redis.hgetall(key).items() for item in pair]
-            elif kind == b"set":
-                values += redis.smembers(key)
-            elif kind == b"zset":
-                values += redis.zrange(key, 0, -1)
+        return dump_values(client)
     finally:
-        redis.close()
+        client.close()
+
+
+def dump_values(client: redis.Redis) -> bytes:
+    """Every key and value ``client`` reaches, whatever its type, as one blob."""
+    values: list[Any] = []
+    for key in client.scan_iter(count=1000):
+        values.append(key)
+        kind = client.type(key)
+        if kind == b"string":
+            values.append(client.get(key))
+        elif kind == b"list":
+            values += client.lrange(key, 0, -1)
+        elif kind == b"hash":
+            values += [item for pair in client.hgetall(key).items() for item in pair]
+        elif kind == b"set":
+            values += client.smembers(key)
+        elif kind == b"zset":
+            values += client.zrange(key, 0, -1)
     return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for v in values)
 
 
