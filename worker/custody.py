@@ -175,7 +175,8 @@ class ProcessCustody:
         self.held_key = held_key(self.process_id)
         self.registered = False
         self._unanswered_until: float | None = None  # monotonic: when a lost take expires
-        self._forgotten: set[str] = set()  # delivery tags of messages this process dropped
+        self._forgotten: set[str] = set()  # delivery tags to give back (see forget)
+        self._forgotten_lock = threading.Lock()  # forget() runs in task threads too
 
     def register(self, client: redis.Redis) -> None:
         """Enter the registry (before the first take): from now on, this process's messages
@@ -185,17 +186,20 @@ class ProcessCustody:
 
     def before_take(self, client: redis.Redis, block_s: float) -> None:
         """Called before a take that blocks up to ``block_s``. Registers the process, and
-        returns to the queue what a take whose reply was lost may have moved into its list."""
+        returns to the queue the messages it gave up (see ``forget``) and what a take whose
+        reply was lost may have moved into its list."""
         if not self.registered:
             self.register(client)
-        if self._forgotten:
+        with self._forgotten_lock:
             tags = sorted(self._forgotten)
+        if tags:
             keys = [self.held_key, UNACKED_KEY, UNACKED_INDEX_KEY, QUEUE]
             moved = int(client.eval(_GIVE_BACK, len(keys), *keys, *tags))
-            self._forgotten.difference_update(tags)
+            with self._forgotten_lock:
+                self._forgotten.difference_update(tags)
             if moved:
                 logger.info(
-                    "%d message(s) dropped with a lost connection went back to the queue", moved
+                    "%d message(s) held through a lost connection went back to the queue", moved
                 )
         if self._unanswered_until is not None:
             # Redis ends a lost take at its own timeout at the latest: after that, nothing more
@@ -206,13 +210,14 @@ class ProcessCustody:
                 logger.warning(
                     "%d message(s) taken by a lost request went back to the queue", moved
                 )
-            self._unanswered_until = None
         self._unanswered_until = time.monotonic() + block_s + 0.1
 
     def forget(self, delivery_tags: Iterable[str]) -> None:
-        """Messages delivered to this process that it will never run (the consumer dropped
-        them with its connection): they go back to the queue before its next take."""
-        self._forgotten.update(delivery_tags)
+        """Messages delivered to this process that it is done with, but could not acknowledge
+        or return (Redis was out of reach), or will never run (the consumer dropped them with
+        its connection): they go back to the queue before its next take."""
+        with self._forgotten_lock:
+            self._forgotten.update(delivery_tags)
 
     def answered(self) -> None:
         """The take's reply has been handled: a message it brought is recorded as delivered

@@ -101,7 +101,8 @@ def _body_problem(body: Any, encoding: Any) -> str | None:
 class CustodyQoS(kombu_redis.QoS):
     """kombu's unacknowledged-message records, kept with this process's custody: recording a
     delivery also moves the message from the process's taken list to its held hash, and
-    acknowledging (or returning) it removes it from there, each in one MULTI."""
+    acknowledging (or returning) it removes it from there, each in one MULTI. A message whose
+    acknowledgement or return could not reach Redis goes back to the queue once it can."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
         custody = this_process()
@@ -117,6 +118,23 @@ class CustodyQoS(kombu_redis.QoS):
                 pipe.lrem(custody.taken_key, 1, taken)
             pipe.execute()
         virtual.QoS.append(self, message, delivery_tag)  # type: ignore[no-untyped-call]
+
+    def ack(self, delivery_tag: str) -> None:
+        try:
+            super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # kombu, untyped
+        except BaseException:
+            # Redis is out of reach: the message stays held by this live process, and came
+            # back only after the visibility timeout. It goes back to the queue before the
+            # next take instead, where a job that has its outcome is dropped as a duplicate.
+            this_process().forget([delivery_tag])
+            raise
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        try:
+            super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
+        except BaseException:
+            this_process().forget([delivery_tag])  # as for ack: back before the next take
+            raise
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)  # type: ignore[no-untyped-call]

@@ -4,7 +4,9 @@ queue, the process's taken list or its held hash, until acknowledged or returned
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -100,3 +102,42 @@ def test_garbage_is_dropped_from_the_processs_custody(
     assert delivered == []
     assert broker.llen(custody.taken_key) == 0
     assert broker.llen(QUEUE) == 0
+
+
+def test_a_message_acknowledged_while_redis_is_down_goes_back_once_it_is_up(
+    tmp_path: Path,
+) -> None:
+    """The ack is lost with Redis; the message would stay held by this live process until the
+    visibility timeout. It goes back to the queue before the process's next take instead."""
+    with RedisServer(tmp_path, appendonly=True) as server:
+        broker = server.client()
+        custody = this_process()
+        broker.lpush(QUEUE, _message("job-3"))
+        held: list[Any] = []
+        with Connection(server.url, transport=GuardedTransport) as connection:  # type: ignore[no-untyped-call]
+            _take(connection, lambda body, delivered: held.append(delivered))
+            server.stop()
+            with pytest.raises(redis.ConnectionError):
+                held[0].ack()
+            server.start()
+            wait_for_redis(broker)
+            assert broker.hlen(custody.held_key) == 1  # still held, as Redis saw it last
+
+            custody.before_take(broker, block_s=0.0)
+
+        assert broker.llen(QUEUE) == 1
+        assert broker.hlen(custody.held_key) == 0
+        assert broker.hlen(UNACKED_KEY) == 0
+        broker.close()
+
+
+def wait_for_redis(client: redis.Redis, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
