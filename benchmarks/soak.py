@@ -54,7 +54,8 @@ from pathlib import Path
 from types import FrameType
 
 import redis
-from _soak_parts import AofRedis, Fleet, TagProvider, read_events, where_is
+from _soak_parts import AofRedis, Fleet, read_events, where_is
+from _soak_provider import TagProvider
 from _soak_report import Phase, PhaseReport, Report, Tracked, phase_report, show
 
 import worker
