@@ -304,10 +304,13 @@ class Heartbeat:
 
     def stop(self) -> None:
         """Stop beating and leave the registry, returning anything left to the queue (at exit,
-        once the worker has acknowledged or given back what it held)."""
+        or once an in-process worker has stopped: when it has acknowledged or given back what
+        it held)."""
+        if self._thread is None or self._stopping.is_set():
+            return
         self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        atexit.unregister(self.stop)
+        self._thread.join(timeout=5)
         try:
             left = self._custody.leave(self._client)
         except redis.RedisError as exc:

@@ -210,6 +210,8 @@ class EmbeddedWorker:
     def stop(self) -> None:
         self._controller.stop(in_sighandler=False)
         self._thread.join(START_TIMEOUT_S)
+        # The worker has stopped: this process holds nothing more (its Redis goes next).
+        self.app.heartbeat.stop()
 
 
 class Embedded:

@@ -61,12 +61,6 @@ def test_lost_messages_run_once_and_nothing_else_runs_twice(
         gate = threading.Event()
         with worker_fleet(env, tmp_path, count=2, concurrency=8) as workers:
             try:
-                answered = {f"answered {label}": client.submit(f"answered {label}")}
-                answered[f"answered {label}"].wait(timeout=WAIT_S)
-                # A call that hangs across many passes: its job is held by a worker.
-                provider.script(Reply(gate=gate))
-                slow = {f"slow {label}": client.submit(f"slow {label}")}
-                provider.wait_for_requests(2, timeout_s=WAIT_S)
                 outcomes = assert_invariants(
                     client,
                     lost,
@@ -77,13 +71,18 @@ def test_lost_messages_run_once_and_nothing_else_runs_twice(
                     max_calls=1,
                     timeout_s=WAIT_S,
                 )
+                answered = client.submit(f"answered {label}")
+                answered.wait(timeout=WAIT_S)
+                # A call that hangs across many passes: its job is held by a worker.
+                provider.script(Reply(gate=gate))
+                slow_job = client.submit(f"slow {label}")
+                wait_until(lambda: provider.calls_by_prompt()[f"slow {label}"] == 1)
                 # Two passes found the slow job held: each moves its open score on.
-                [slow_job] = slow.values()
                 scores = [broker.zscore(OPEN_JOBS_KEY, slow_job.id)]
                 wait_until(lambda: _moved_on(scores, broker.zscore(OPEN_JOBS_KEY, slow_job.id)))
                 wait_until(lambda: _moved_on(scores, broker.zscore(OPEN_JOBS_KEY, slow_job.id)))
                 gate.set()
-                [slow_result] = [job.wait(timeout=WAIT_S) for job in slow.values()]
+                slow_result = slow_job.wait(timeout=WAIT_S)
             finally:
                 gate.set()
 
