@@ -33,6 +33,8 @@ from api_client._constants import (
     taken_key,
 )
 
+from .script_calls import LUA_NOW_MS
+
 logger = logging.getLogger("promptq.worker")
 
 # kombu's Redis transport names these (kombu/transport/redis.py, Channel); promptq sets no
@@ -62,11 +64,6 @@ local function move_all(from, to)
 end
 """
 
-_NOW_MS = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
 # KEYS[1] the process registry, KEYS[2] the fleet's clock, KEYS[3] the queue, KEYS[4..] the
 # queue's priority lists; ARGV[1] this process's id, ARGV[2] the timeout in ms, ARGV[3] how
 # many dead processes to name at most, ARGV[4] how many messages to fold at most.
@@ -77,7 +74,7 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # a Celery priority are folded into the queue, which is the one list workers take from.
 # Returns {1 if this process was not registered (new, or presumed dead meanwhile), dead ids}.
 _BEAT = (
-    _NOW_MS
+    LUA_NOW_MS
     + """
 local last = tonumber(redis.call('GET', KEYS[2]) or '0')
 if now_ms - last > tonumber(ARGV[2]) then
@@ -110,7 +107,7 @@ return {new, dead}
 # or another worker recovered it first.
 _RECOVER = (
     _MOVE_ALL
-    + _NOW_MS
+    + LUA_NOW_MS
     + """
 local dead = ARGV[2] ~= ''
 if dead then

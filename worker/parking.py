@@ -13,6 +13,8 @@ from api_client._constants import KEY_PREFIX, QUEUE
 from api_client._schemas import JobRequest
 from api_client._wire import task_message
 
+from .script_calls import LUA_NOW_MS
+
 PARKED_KEY = f"{KEY_PREFIX}parked"
 # How often at most each worker moves due jobs back to the queue, how many at a time at most,
 # and how long it waits at most to look again when nothing parked is due sooner (it is woken
@@ -24,20 +26,21 @@ IDLE_CHECK_S = 0.25
 logger = logging.getLogger("promptq.worker")
 
 # KEYS[1] the parked set; ARGV[1] message, ARGV[2] delay in ms. Scores are Redis time in ms.
-_PARK = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_PARK = (
+    LUA_NOW_MS
+    + """
 redis.call('ZADD', KEYS[1], now_ms + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
+)
 
 # KEYS[1] the parked set, KEYS[2] the queue; ARGV[1] how many at most. Due messages go to the
 # end of the queue list that workers take from next (kombu pops with BRPOP: the right end),
 # so a job coming back for its reserved slot is not stuck behind a backlog. Returns how many
 # moved and the ms until the next parked job is due (-1: none is parked).
-_MOVE_DUE = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_MOVE_DUE = (
+    LUA_NOW_MS
+    + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, message in ipairs(due) do
   redis.call('RPUSH', KEYS[2], message)
@@ -47,6 +50,7 @@ local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #next == 0 then return {#due, -1} end
 return {#due, math.max(0, tonumber(next[2]) - now_ms)}
 """
+)
 
 
 class Moved(NamedTuple):

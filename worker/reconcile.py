@@ -43,6 +43,7 @@ from api_client._wire import REQUEST_TYPES, job_ids_of, task_message, text_of
 
 from .custody import PRIORITY_LISTS, UNACKED_KEY
 from .parking import PARKED_KEY
+from .script_calls import LUA_NOW_MS
 from .store import JobStore
 
 logger = logging.getLogger("promptq.worker")
@@ -56,7 +57,9 @@ SCAN_CHUNK = 500  # messages read per round trip
 # unchanged since it was seen, and has no outcome; a job with an outcome, or whose state
 # expired, leaves the open jobs. Returns 1 when published, 0 when the job changed meanwhile,
 # -1 when it has ended.
-_REPUBLISH = """
+_REPUBLISH = (
+    LUA_NOW_MS
+    + """
 redis.call('HDEL', KEYS[4], ARGV[1])
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -64,13 +67,13 @@ if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 0 then
 end
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then return 0 end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+redis.call('ZADD', KEYS[3], now_ms, ARGV[1])
 redis.call('SET', KEYS[2], 'queued', 'KEEPTTL')
 redis.call('RPUSH', KEYS[5], ARGV[3])
 redis.call('HINCRBY', KEYS[6], 'jobs_republished', 1)
 return 1
 """
+)
 
 
 @dataclass(frozen=True)

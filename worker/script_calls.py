@@ -19,6 +19,13 @@ T = TypeVar("T")
 # Redis cannot be reached right now (either client).
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
+# A Lua prelude that sets ``now_ms``: Redis's own clock in milliseconds, one clock for every
+# worker whatever their machines' clocks say.
+LUA_NOW_MS = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
 
 @dataclass(frozen=True)
 class ScriptCall(Generic[T]):

@@ -15,7 +15,7 @@ from api_client._constants import (
 )
 from api_client._schemas import JobStatus, Outcome
 
-from .script_calls import ScriptCall, patiently
+from .script_calls import LUA_NOW_MS, ScriptCall, patiently
 
 # How long a worker keeps trying to store an outcome that cost a provider call while Redis
 # is unreachable, before the job goes back to the queue (and the call is made again).
@@ -23,11 +23,6 @@ FINISH_PATIENCE_S = 60.0
 
 # Every script that changes a job's state also scores it in the open jobs (OPEN_JOBS_KEY) with
 # the time of the change, which the safety net (worker.reconcile) reads; the outcome ends it.
-_NOW_MS = """
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
-
 # KEYS[1] result, KEYS[2] state, KEYS[3] starts, KEYS[4] open jobs; ARGV[1] state value,
 # ARGV[2] ttl in ms, ARGV[3] job id. Returns -1 when the job already has an outcome (a
 # duplicate delivery), else the number of times the job has now been started.
@@ -38,7 +33,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 local starts = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 """
-    + _NOW_MS
+    + LUA_NOW_MS
     + """
 redis.call('ZADD', KEYS[4], now_ms, ARGV[3])
 return starts
@@ -53,7 +48,7 @@ _MARK = (
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 """
-    + _NOW_MS
+    + LUA_NOW_MS
     + """
 redis.call('ZADD', KEYS[3], now_ms, ARGV[3])
 if ARGV[4] ~= '' and redis.call('EXISTS', KEYS[4]) == 1 then

@@ -62,10 +62,11 @@ def test_a_worker_killed_with_a_message_on_its_way_loses_nothing(
     tmp_path: Path,
 ) -> None:
     env = _env(redis_server, provider)
-    doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4")).start().wait_ready()
+    doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4"))
     successor = WorkerProcess(env, tmp_path / "successor.log", args=("-c", "4"))
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         try:
+            doomed.start().wait_ready()
             taken = _taken_key_of(broker, doomed)
             jobs = {}
             # Stopped while it waits for a message: Redis hands the next one to its pending
@@ -112,13 +113,14 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
     """Running jobs (held by the worker, unacknowledged) come back too, once the worker has
     been silent for the timeout: not at the kill, and not after the visibility timeout."""
     env = _env(redis_server, provider) | {"LLM_TIMEOUT": "10"}
-    doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4")).start().wait_ready()
+    doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4"))
     survivor = WorkerProcess(env, tmp_path / "survivor.log", args=("-c", "4"))
     gate = threading.Event()  # the calls hang until the kill
     provider.script(*[Reply(gate=gate)] * 3)
     prompts = [f"running {n}" for n in range(3)]
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         try:
+            doomed.start().wait_ready()
             jobs = {prompt: client.submit(prompt) for prompt in prompts}
             provider.wait_for_requests(3, timeout_s=WAIT_S)  # all three on the doomed worker
             survivor.start().wait_ready()
@@ -138,6 +140,7 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
         finally:
             gate.set()
             survivor.stop()
+            doomed.kill()
     again = [r.received_at for r in provider.requests[3:6]]
     assert len(again) == 3
     for came_back_at in again:

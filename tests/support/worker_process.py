@@ -118,7 +118,12 @@ class WorkerProcess:
             return process.wait()
 
     def __enter__(self) -> WorkerProcess:
-        return self.start().wait_ready()
+        self.start()
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()  # a worker that never got ready must not outlive the test
+            raise
 
     def __exit__(
         self,
