@@ -118,7 +118,7 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
             self.redis,
             self.store,
             self.settings.queue.reconcile_interval_s,
-            on_recovered=lambda how: self.metrics.jobs_recovered.labels(how).inc(),
+            on_recovered=self.metrics.recovered,
         )
 
     def llm_settings(self, name: str | None) -> LLMSettings:

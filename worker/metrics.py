@@ -114,9 +114,14 @@ class Metrics:
         )
         self.jobs_recovered = Counter(
             "promptq_jobs_recovered",
-            "Jobs the safety net found with no message anywhere: re-published from their "
-            "stored request, or failed (worker_lost) where none was stored",
-            ["how"],
+            "Jobs the safety net found with no message anywhere and published again from "
+            "their stored request (0 in a correct fleet)",
+            registry=r,
+        )
+        self.jobs_abandoned = Counter(
+            "promptq_jobs_abandoned",
+            "Jobs the safety net found with no message anywhere and no stored request: "
+            "failed as worker_lost",
             registry=r,
         )
 
@@ -154,6 +159,10 @@ class Metrics:
 
     def budget_refused(self, model: str) -> None:
         self.budget_refusals.labels(self._model(model)).inc()
+
+    def recovered(self, how: str) -> None:
+        """The safety net ended a job's wait: ``republished`` it, or ``abandoned`` it."""
+        (self.jobs_recovered if how == "republished" else self.jobs_abandoned).inc()
 
     def limiter_waited(self, model: str, how: Wait, wait_s: float) -> None:
         label = self._model(model)

@@ -267,13 +267,12 @@ def test_each_recovered_job_is_counted_in_the_metrics(lua_redis: redis.Redis) ->
         lua_redis,
         JobStore(lua_redis, ttl_s=TTL_S),
         interval_s=0,
-        on_recovered=lambda how: metrics.jobs_recovered.labels(how).inc(),
+        on_recovered=metrics.recovered,
     )
+    assert metrics.registry.get_sample_value("promptq_jobs_recovered_total") == 0.0
 
     reconciler.run_pass()
     reconciler.run_pass()
 
-    sample = metrics.registry.get_sample_value(
-        "promptq_jobs_recovered_total", {"how": "republished"}
-    )
-    assert sample == 1.0
+    assert metrics.registry.get_sample_value("promptq_jobs_recovered_total") == 1.0
+    assert metrics.registry.get_sample_value("promptq_jobs_abandoned_total") == 0.0
