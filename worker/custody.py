@@ -362,3 +362,5 @@ class Heartbeat:
                 if not failing:
                     logger.warning("cannot beat (will retry): %s", exc)
                 failing = True
+            except Exception:  # a process that stops beating would see its jobs given away
+                logger.exception("a heartbeat failed (will retry)")

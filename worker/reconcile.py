@@ -131,8 +131,8 @@ class Reconciler:
         and re-publish the suspects of the last pass found nowhere again."""
         client = self._client
         seconds, micros = client.time()
-        unchanged_since_ms = int(seconds) * 1000 + int(micros) // 1000
-        unchanged_since_ms -= int(self._interval_s * 1000)
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        unchanged_since_ms = now_ms - int(self._interval_s * 1000)
         found: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
             OPEN_JOBS_KEY, "-inf", unchanged_since_ms, start=0, num=MAX_CANDIDATES, withscores=True
         )
@@ -153,11 +153,12 @@ class Reconciler:
             outcome = self._recover(job_id, score)
             republished += outcome == "republished"
             abandoned += outcome == "abandoned"
-        # Found somewhere: not looked for again for an interval.
+        # Found somewhere: looked for again once an interval has passed (a later change, which
+        # scores it later, is kept).
         seen = {job_id: score for job_id, score in candidates.items() if job_id in present}
         pipe = client.pipeline(transaction=False)
         if seen:
-            pipe.zadd(OPEN_JOBS_KEY, dict.fromkeys(seen, unchanged_since_ms), xx=True, gt=True)
+            pipe.zadd(OPEN_JOBS_KEY, dict.fromkeys(seen, now_ms), xx=True, gt=True)
         pipe.delete(SUSPECTS_KEY)
         if suspects:
             pipe.hset(SUSPECTS_KEY, mapping=suspects)
@@ -222,6 +223,9 @@ class Reconciler:
                 report = self.maybe_pass()
             except (redis.RedisError, OSError) as exc:
                 logger.warning("the safety net's pass failed (will retry): %s", exc)
+                continue
+            except Exception:  # a bug here must not end the safety net for good
+                logger.exception("the safety net's pass failed (will retry)")
                 continue
             if report is not None and report.suspects:
                 logger.info("%d open job(s) found with no message; looking again", report.suspects)
