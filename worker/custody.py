@@ -139,22 +139,23 @@ _RECLAIM = _MOVE_ALL + "return move_all(KEYS[1], KEYS[2])"
 
 
 # KEYS[1] this process's held hash, KEYS[2] kombu's unacked hash, KEYS[3] kombu's unacked
-# index, KEYS[4] the queue; ARGV the delivery tags of messages this process will never run.
-# Returns each of them still unacknowledged to the queue, where workers take them next; how many.
-_GIVE_BACK = """
-local moved = 0
-for i = 1, #ARGV do
+# index, KEYS[4] the queue; ARGV[1] 'return' or 'drop', ARGV[2..] delivery tags. Settles
+# messages this process could not settle while Redis was out of reach: each one still
+# unacknowledged goes back to the queue, where workers take it next ('return': it was never
+# run, or its return was lost), or is acknowledged ('drop': its ack was lost). Returns how
+# many were still unacknowledged.
+_SETTLE = """
+local settled = 0
+for i = 2, #ARGV do
   local message = redis.call('HGET', KEYS[1], ARGV[i])
-  if message then
-    redis.call('HDEL', KEYS[1], ARGV[i])
-    if redis.call('HDEL', KEYS[2], ARGV[i]) == 1 then
-      redis.call('ZREM', KEYS[3], ARGV[i])
-      redis.call('RPUSH', KEYS[4], message)
-      moved = moved + 1
-    end
+  redis.call('HDEL', KEYS[1], ARGV[i])
+  if redis.call('HDEL', KEYS[2], ARGV[i]) == 1 then
+    redis.call('ZREM', KEYS[3], ARGV[i])
+    if ARGV[1] == 'return' and message then redis.call('RPUSH', KEYS[4], message) end
+    settled = settled + 1
   end
 end
-return moved
+return settled
 """
 
 
@@ -172,8 +173,10 @@ class ProcessCustody:
         self.held_key = held_key(self.process_id)
         self.registered = False
         self._unanswered_until: float | None = None  # monotonic: when a lost take expires
-        self._forgotten: set[str] = set()  # delivery tags to give back (see forget)
-        self._forgotten_lock = threading.Lock()  # forget() runs in task threads too
+        # Delivery tags to settle before the next take (see settle_later): True to return the
+        # message to the queue, False to acknowledge it.
+        self._unsettled: dict[str, bool] = {}
+        self._unsettled_lock = threading.Lock()  # settle_later() runs in task threads too
 
     def register(self, client: redis.Redis) -> None:
         """Enter the registry (before the first take): from now on, this process's messages
@@ -183,21 +186,14 @@ class ProcessCustody:
 
     def before_take(self, client: redis.Redis, block_s: float) -> None:
         """Called before a take that blocks up to ``block_s``. Registers the process, and
-        returns to the queue the messages it gave up (see ``forget``) and what a take whose
+        settles the messages it could not (see ``settle_later``), and returns what a take whose
         reply was lost may have moved into its list."""
         if not self.registered:
             self.register(client)
-        with self._forgotten_lock:
-            tags = sorted(self._forgotten)
-        if tags:
-            keys = [self.held_key, UNACKED_KEY, UNACKED_INDEX_KEY, QUEUE]
-            moved = int(client.eval(_GIVE_BACK, len(keys), *keys, *tags))
-            with self._forgotten_lock:
-                self._forgotten.difference_update(tags)
-            if moved:
-                logger.info(
-                    "%d message(s) held through a lost connection went back to the queue", moved
-                )
+        with self._unsettled_lock:
+            unsettled = dict(self._unsettled)
+        if unsettled:
+            self._settle(client, unsettled)
         if self._unanswered_until is not None:
             # Redis ends a lost take at its own timeout at the latest: after that, nothing more
             # can land in the list, and whatever is there was never delivered.
@@ -209,12 +205,29 @@ class ProcessCustody:
                 )
         self._unanswered_until = time.monotonic() + block_s + 0.1
 
-    def forget(self, delivery_tags: Iterable[str]) -> None:
-        """Messages delivered to this process that it is done with, but could not acknowledge
-        or return (Redis was out of reach), or will never run (the consumer dropped them with
-        its connection): they go back to the queue before its next take."""
-        with self._forgotten_lock:
-            self._forgotten.update(delivery_tags)
+    def settle_later(self, delivery_tags: Iterable[str], *, give_back: bool) -> None:
+        """Messages delivered to this process that it could not settle while Redis was out of
+        reach, or will never run (the consumer dropped them with its connection): before the
+        next take, each goes back to the queue (``give_back``) or is acknowledged. Either way
+        it does not wait for the visibility timeout."""
+        with self._unsettled_lock:
+            self._unsettled.update(dict.fromkeys(delivery_tags, give_back))
+
+    def _settle(self, client: redis.Redis, unsettled: dict[str, bool]) -> None:
+        keys = [self.held_key, UNACKED_KEY, UNACKED_INDEX_KEY, QUEUE]
+        for mode, give_back in (("return", True), ("drop", False)):
+            tags = [tag for tag, back in unsettled.items() if back is give_back]
+            if not tags:
+                continue
+            settled = int(client.eval(_SETTLE, len(keys), *keys, mode, *tags))
+            if settled and give_back:
+                logger.info(
+                    "%d message(s) held through a lost connection went back to the queue", settled
+                )
+        with self._unsettled_lock:
+            for tag, give_back in unsettled.items():
+                if self._unsettled.get(tag) is give_back:
+                    del self._unsettled[tag]
 
     def answered(self) -> None:
         """The take's reply has been handled: a message it brought is recorded as delivered

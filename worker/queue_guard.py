@@ -102,7 +102,7 @@ class CustodyQoS(kombu_redis.QoS):
     """kombu's unacknowledged-message records, kept with this process's custody: recording a
     delivery also moves the message from the process's taken list to its held hash, and
     acknowledging (or returning) it removes it from there, each in one MULTI. A message whose
-    acknowledgement or return could not reach Redis goes back to the queue once it can."""
+    acknowledgement or return could not reach Redis is settled once it can."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
         custody = this_process()
@@ -123,17 +123,17 @@ class CustodyQoS(kombu_redis.QoS):
         try:
             super().ack(delivery_tag)  # type: ignore[no-untyped-call]  # kombu, untyped
         except BaseException:
-            # Redis is out of reach: the message stays held by this live process, and came
-            # back only after the visibility timeout. It goes back to the queue before the
-            # next take instead, where a job that has its outcome is dropped as a duplicate.
-            this_process().forget([delivery_tag])
+            # Redis is out of reach: the message stayed held by this live process until the
+            # visibility timeout, then ran again. It is acknowledged before the next take
+            # instead (its job has its outcome, or a message of its own for its retry).
+            this_process().settle_later([delivery_tag], give_back=False)
             raise
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         try:
             super().reject(delivery_tag, requeue=requeue)  # type: ignore[no-untyped-call]
         except BaseException:
-            this_process().forget([delivery_tag])  # as for ack: back before the next take
+            this_process().settle_later([delivery_tag], give_back=requeue)  # as for ack
             raise
 
     def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
@@ -283,9 +283,8 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]  # Celery is untyped
         # the visibility timeout (an hour by default). They go back to the queue before this
         # process's next take instead. Calls in flight go on and are acknowledged as usual.
         dropped = {*reserved_requests, *scheduled_requests} - set(active_requests)
-        this_process().forget(
-            tag for request in dropped if (tag := _delivery_tag(request)) is not None
-        )
+        tags = [tag for request in dropped if (tag := _delivery_tag(request)) is not None]
+        this_process().settle_later(tags, give_back=True)
         super().on_close()
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:

@@ -4,26 +4,29 @@ one stops beating (PROMPTQ_HEARTBEAT_TIMEOUT_S), long before the visibility time
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from api_client import Client, ClientSettings, JobFailed
+from api_client import Client, ClientSettings, JobFailed, JobStatus
 from api_client._constants import QUEUE, RECOVERY_KEY, WORKERS_KEY, taken_key
 from api_client._wire import text_of
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
+from worker.custody import UNACKED_KEY
 
 from .conftest import CANARY_KEY, worker_env
-from .test_core_loop import WAIT_S
+from .test_core_loop import WAIT_S, wait_until
 
 HEARTBEAT_TIMEOUT_S = 2.0
 # The documented bound (1.1 x the timeout), and room for a poll, a call and a loaded machine.
@@ -32,6 +35,13 @@ VISIBILITY_S = 60.0  # far beyond the test: a job back in time did not come back
 
 
 pytestmark = pytest.mark.usefixtures("flushed_redis")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """This module's own Redis, persistent as production runs it: a test restarts it."""
+    with RedisServer(tmp_path_factory.mktemp("redis"), appendonly=True) as server:
+        yield server
 
 
 @pytest.fixture
@@ -149,3 +159,42 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
         assert not isinstance(outcome, JobFailed), outcome
         assert outcome.attempts == 1
     assert broker.hget(RECOVERY_KEY, "dead_workers") == b"1"
+
+
+def _holds_a_retry(broker: redis.Redis) -> bool:
+    """The worker holds one message, and it is a retry waiting for its countdown (an ETA)."""
+    records: list[bytes] = broker.hvals(UNACKED_KEY)  # type: ignore[assignment]
+    return len(records) == 1 and json.loads(records[0])[0]["headers"]["eta"] is not None
+
+
+def test_a_retry_held_through_a_redis_restart_comes_back_at_once(
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    broker: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """Celery forgets the retries it holds for their countdown when its connection to Redis
+    drops; they went back to the queue only after the visibility timeout (an hour by
+    default). They go back as soon as the worker reconnects."""
+    env = _env(redis_server, provider) | {"LLM_RETRY_MIN_WAIT": "2", "LLM_RETRY_MAX_WAIT": "2"}
+    worker = WorkerProcess(env, tmp_path / "worker.log", args=("-c", "4"))
+    provider.script(Reply(status=503))
+    prompt = f"held through a restart {uuid.uuid4().hex[:8]}"
+    with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
+        try:
+            worker.start().wait_ready()
+            broker.config_set("appendfsync", "always")  # the kill loses no write
+            job = client.submit(prompt)
+            wait_until(lambda: job.status() is JobStatus.RETRYING and _holds_a_retry(broker))
+            redis_server.kill()
+            redis_server.start()
+            restarted_at = time.monotonic()
+            result = job.wait(timeout=VISIBILITY_S / 2)
+            back_after_s = time.monotonic() - restarted_at
+        finally:
+            worker.stop()
+    assert result.content == f"echo: {prompt}"
+    assert result.attempts == 2
+    assert provider.calls_by_prompt()[prompt] == 2
+    assert back_after_s < VISIBILITY_S / 2  # not the visibility timeout: the worker gave it back
+    assert "held through a lost connection went back to the queue" in worker.log()

@@ -198,7 +198,7 @@ def test_messages_the_process_dropped_go_back_before_its_next_take(
     custody, _ = _process(lua_redis)
     _hold(lua_redis, custody, "dropped", b"a retry held until due")
     _hold(lua_redis, custody, "running", b"a call in flight")
-    custody.forget(["dropped", "gone"])  # "gone": acknowledged meanwhile
+    custody.settle_later(["dropped", "gone"], give_back=True)  # "gone": acknowledged meanwhile
 
     custody.before_take(lua_redis, block_s=0.0)
 
@@ -207,3 +207,16 @@ def test_messages_the_process_dropped_go_back_before_its_next_take(
     assert lua_redis.hkeys(UNACKED_KEY) == [b"running"]
     custody.before_take(lua_redis, block_s=0.0)
     assert lua_redis.llen(QUEUE) == 1  # once
+
+
+def test_a_lost_acknowledgement_is_made_before_the_next_take(lua_redis: redis.Redis) -> None:
+    custody, _ = _process(lua_redis)
+    _hold(lua_redis, custody, "done", b"a job that has its outcome")
+
+    custody.settle_later(["done"], give_back=False)
+    custody.before_take(lua_redis, block_s=0.0)
+
+    assert lua_redis.llen(QUEUE) == 0  # not run again
+    assert lua_redis.hlen(custody.held_key) == 0
+    assert lua_redis.hlen(UNACKED_KEY) == 0
+    assert lua_redis.zcard(UNACKED_INDEX_KEY) == 0
