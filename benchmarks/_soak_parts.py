@@ -20,9 +20,9 @@ from typing import Any
 
 import redis
 
-from api_client._constants import KEY_PREFIX, QUEUE, WORKERS_KEY, taken_key
+from api_client._constants import KEY_PREFIX, QUEUE
 from api_client._wire import text_of
-from worker.custody import PRIORITY_LISTS, UNACKED_KEY
+from worker.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
 from worker.embedded import START_TIMEOUT_S, RedisServerProcess
 from worker.parking import PARKED_KEY
 
@@ -65,9 +65,7 @@ def where_is(client: redis.Redis, job_ids: list[str]) -> dict[str, dict[str, Any
     list), the worker processes' taken lists, kombu's unacked hash and the parked set hold a
     message naming it."""
     queued = _blob(m for name in (QUEUE, *PRIORITY_LISTS) for m in client.lrange(name, 0, -1))
-    registered: list[bytes] = client.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
-    processes = [text_of(p) for p in registered]
-    taken = _blob(m for p in processes for m in client.lrange(taken_key(p), 0, -1))
+    taken = _blob(m for key in taken_keys(client) for m in client.lrange(key, 0, -1))
     unacked = _blob(client.hvals(UNACKED_KEY))
     parked = _blob(client.zrange(PARKED_KEY, 0, -1))
     found = {}

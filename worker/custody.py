@@ -32,8 +32,9 @@ from api_client._constants import (
     held_key,
     taken_key,
 )
+from api_client._wire import text_of
 
-from .script_calls import LUA_NOW_MS
+from .script_calls import LUA_NOW_MS, redis_now_ms
 
 logger = logging.getLogger("promptq.worker")
 
@@ -181,7 +182,7 @@ class ProcessCustody:
     def register(self, client: redis.Redis) -> None:
         """Enter the registry (before the first take): from now on, this process's messages
         come back if it dies."""
-        client.zadd(WORKERS_KEY, {self.process_id: _redis_ms(client)})
+        client.zadd(WORKERS_KEY, {self.process_id: redis_now_ms(client)})
         self.registered = True
 
     def before_take(self, client: redis.Redis, block_s: float) -> None:
@@ -253,9 +254,11 @@ def _recover_keys(process_id: str) -> list[str]:
     ]
 
 
-def _redis_ms(client: redis.Redis) -> int:
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+def taken_keys(client: redis.Redis) -> list[str]:
+    """The taken list of every worker process in the registry (live, or dead and not yet
+    recovered)."""
+    processes: list[bytes] = client.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+    return [taken_key(text_of(process_id)) for process_id in processes]
 
 
 _this_process: ProcessCustody | None = None
@@ -349,7 +352,7 @@ class Heartbeat:
             )
         recovered = []
         for raw in dead:
-            process_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            process_id = text_of(raw)
             moved = int(
                 self._recover(keys=_recover_keys(process_id), args=[process_id, self._timeout_ms])
             )

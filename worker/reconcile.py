@@ -31,19 +31,17 @@ from api_client._constants import (
     RECONCILE_LOCK_KEY,
     RECOVERY_KEY,
     SUSPECTS_KEY,
-    WORKERS_KEY,
     request_key,
     result_key,
     starts_key,
     state_key,
-    taken_key,
 )
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
 from api_client._wire import REQUEST_TYPES, job_ids_of, task_message, text_of
 
-from .custody import PRIORITY_LISTS, UNACKED_KEY
+from .custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
 from .parking import PARKED_KEY
-from .script_calls import LUA_NOW_MS
+from .script_calls import LUA_NOW_MS, redis_now_ms
 from .store import JobStore
 
 logger = logging.getLogger("promptq.worker")
@@ -130,8 +128,7 @@ class Reconciler:
         """Look for the open jobs unchanged for an interval; suspect the ones found nowhere,
         and re-publish the suspects of the last pass found nowhere again."""
         client = self._client
-        seconds, micros = client.time()
-        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        now_ms = redis_now_ms(client)
         unchanged_since_ms = now_ms - int(self._interval_s * 1000)
         found: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
             OPEN_JOBS_KEY, "-inf", unchanged_since_ms, start=0, num=MAX_CANDIDATES, withscores=True
@@ -259,9 +256,8 @@ def _messages(client: redis.Redis) -> Iterator[Any]:
         while chunk := client.lrange(key, start, start + SCAN_CHUNK - 1):
             yield from chunk
             start += len(chunk)
-    processes: list[bytes] = client.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
-    for process_id in processes:
-        yield from client.lrange(taken_key(text_of(process_id)), 0, -1)
+    for key in taken_keys(client):
+        yield from client.lrange(key, 0, -1)
     for _tag, record in client.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
         yield record
     for message, _score in client.zscan_iter(PARKED_KEY, count=SCAN_CHUNK):

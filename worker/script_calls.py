@@ -27,6 +27,12 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 
+def redis_now_ms(client: redis.Redis) -> int:
+    """Redis's own clock in milliseconds (as LUA_NOW_MS reads it in a script)."""
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
 @dataclass(frozen=True)
 class ScriptCall(Generic[T]):
     """One call of a registered script, and how its reply reads."""

@@ -16,13 +16,12 @@ from api_client._constants import (
     RECOVERY_KEY,
     SUSPECTS_KEY,
     WORKERS_KEY,
-    taken_key,
 )
 from api_client._errors import BrokerUnavailable
 from api_client._schemas import JobStatus
 from api_client._wire import broker_errors, redact_url, text_of
 
-from .custody import PRIORITY_LISTS, UNACKED_KEY
+from .custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
 from .limiter import LimiterState, read_limiters
 from .parking import PARKED_KEY
 from .spend import SpendCounter, read_spend
@@ -113,13 +112,13 @@ def gather_status(
 
 def _queue_counts(client: redis.Redis) -> tuple[int, int]:
     """Messages queued (all priority lists), and taken by workers but not acknowledged."""
-    processes: list[bytes] = client.zrange(WORKERS_KEY, 0, -1)  # type: ignore[assignment]
+    taken = taken_keys(client)
     pipe = client.pipeline(transaction=False)
     for key in (QUEUE, *PRIORITY_LISTS):
         pipe.llen(key)
     pipe.hlen(UNACKED_KEY)
-    for process_id in processes:
-        pipe.llen(taken_key(text_of(process_id)))
+    for key in taken:
+        pipe.llen(key)
     lengths = [int(n) for n in pipe.execute()]
     queued = len(PRIORITY_LISTS) + 1
     return sum(lengths[:queued]), sum(lengths[queued:])
