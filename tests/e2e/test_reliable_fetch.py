@@ -122,7 +122,9 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
 ) -> None:
     """Running jobs (held by the worker, unacknowledged) come back too, once the worker has
     been silent for the timeout: not at the kill, and not after the visibility timeout."""
-    env = _env(redis_server, provider) | {"LLM_TIMEOUT": "10"}
+    # The gated calls hang until the kill, and the survivor may take many seconds to start on a
+    # loaded machine: a call that timed out first would be retried by the doomed worker.
+    env = _env(redis_server, provider) | {"LLM_TIMEOUT": "120"}
     doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4"))
     survivor = WorkerProcess(env, tmp_path / "survivor.log", args=("-c", "4"))
     gate = threading.Event()  # the calls hang until the kill
