@@ -41,7 +41,7 @@ def budget_key(budget_id: str) -> str:
 
 
 # Every job accepted and not yet ended, scored by the time (Redis ms) of its last change of
-# custody or state: what the safety net (worker.reconcile) checks for jobs with no message.
+# custody or state: what the safety net (worker.fleet.reconcile) checks for jobs with no message.
 OPEN_JOBS_KEY: Final = f"{KEY_PREFIX}open"
 
 
@@ -51,7 +51,7 @@ def request_key(job_id: str) -> str:
     return f"{KEY_PREFIX}request:{job_id}"
 
 
-# Worker processes' custody of the messages they take (worker.custody).
+# Worker processes' custody of the messages they take (worker.fleet.custody).
 WORKERS_KEY: Final = f"{KEY_PREFIX}workers"  # zset: process id -> Redis ms of its last heartbeat
 WORKERS_CLOCK_KEY: Final = f"{KEY_PREFIX}workers:clock"  # Redis ms of the fleet's last heartbeat
 RECOVERY_KEY: Final = f"{KEY_PREFIX}recovery"  # hash: counters of what was recovered, and how

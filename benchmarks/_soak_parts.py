@@ -22,9 +22,9 @@ import redis
 
 from api_client._constants import KEY_PREFIX, QUEUE
 from api_client._wire import text_of
-from worker.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
-from worker.embedded import START_TIMEOUT_S, RedisServerProcess
-from worker.parking import PARKED_KEY
+from worker.app.embedded import START_TIMEOUT_S, RedisServerProcess
+from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
+from worker.fleet.parking import PARKED_KEY
 
 # --- Redis -------------------------------------------------------------------------------------
 
@@ -214,7 +214,7 @@ class Fleet:
         return kill
 
     def _kill_group(self, worker: Worker) -> Kill:
-        names = [f"worker-{i}" for i in range(1, worker.processes + 1)]
+        names = [f"worker-{i}" for i in range(1, worker.cli.supervisor + 1)]
         since = {name: self._child_since.get((worker.log, name), 0.0) for name in names}
         pid = worker.process.pid
         os.kill(pid, signal.SIGSTOP)  # so it neither restarts a child nor SIGTERMs them
@@ -225,7 +225,7 @@ class Fleet:
         worker.process.kill()
         worker.process.wait()
         self.workers.remove(worker)
-        self.start(worker.processes)
+        self.start(worker.cli.supervisor)
         return kill
 
     def stop(self, timeout_s: float = 30.0) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from api_client import Client, JobFailed, PromptRequest
 from api_client._wire import build_request
-from worker.embedded import RedisServerProcess
+from worker.app.embedded import RedisServerProcess
 from worker.fake_provider import FakeProvider, FakeProviderConfig
 
 MODEL = "openai/bench-model"

@@ -56,7 +56,7 @@ import redis
 from api_client import Client
 from api_client._constants import KEY_PREFIX, TASK_NAME
 from api_client._wire import build_request
-from worker.embedded import RedisServerProcess
+from worker.app.embedded import RedisServerProcess
 
 # A model LiteLLM prices, as most deployments call: cost_usd is computed for every answer.
 MODEL = "openai/gpt-4o-mini"
@@ -387,7 +387,7 @@ def run_submit(args: argparse.Namespace, redis_url: str) -> tuple[float, float]:
     """(submit_many prompts/s, send_task loop prompts/s), the better of two tries each."""
     from celery import Celery  # noqa: PLC0415
 
-    from worker.app import celery_config  # noqa: PLC0415
+    from worker.app.celery_app import celery_config  # noqa: PLC0415
     from worker.settings import load_settings  # noqa: PLC0415
 
     store = redis.Redis.from_url(redis_url)

@@ -114,10 +114,10 @@ class QueueSettings(_LayeredSettings):
     # A job whose worker died this many times more than its retries explain fails as worker_lost.
     max_redeliveries: int = Field(default=2, ge=0)
     # A worker process that has not beaten for this long is presumed dead: any other returns
-    # the messages it held to the queue (worker.custody). Each beats ten times per timeout.
+    # the messages it held to the queue (worker.fleet.custody). Each beats ten times per timeout.
     heartbeat_timeout_s: float = Field(default=10.0, ge=0.5)
-    # The safety net (worker.reconcile): every interval, one worker looks for open jobs with no
-    # message anywhere, and re-publishes those found so twice in a row from their stored copy.
+    # The safety net (worker.fleet.reconcile): every interval, one worker looks for open jobs
+    # with no message anywhere, and re-publishes those found so twice in a row from their copy.
     reconcile_interval_s: float = Field(default=60.0, ge=0.1)
     # Retries waiting for their countdown are held in worker memory: at most this many.
     eta_task_limit: int = Field(default=1000, ge=1)
@@ -125,7 +125,7 @@ class QueueSettings(_LayeredSettings):
     # Worker processes `promptq worker` runs, each with `concurrency` calls in flight; unset:
     # one per core. A process handles a few hundred prompts a second at most (CPU-bound).
     processes: int | None = Field(default=None, ge=1)
-    # The fleet-wide rate limiter (worker.limiter): learn limits from the provider's headers
+    # The fleet-wide rate limiter (worker.fleet.limiter): learn limits from the provider's headers
     # and 429s; wait in the worker thread up to max_sleep for a slot, beyond that re-queue the
     # job until its slot; reserve slots at most max_ahead into the future; charge a call whose
     # max_tokens is not set this many reply tokens until its real usage is known.
@@ -137,7 +137,7 @@ class QueueSettings(_LayeredSettings):
     # "total" (since the counter began), "day" or "month" (UTC). Unset: no cap.
     max_spend_usd: float | None = Field(default=None, ge=0)
     spend_period: Literal["total", "day", "month"] = "total"
-    # Prometheus metrics (worker.metrics) at http://metrics_host:metrics_port/metrics, one
+    # Prometheus metrics (worker.ops.metrics) at http://metrics_host:metrics_port/metrics, one
     # port per worker process; unset: no server. 0 takes any free port (logged at start).
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

@@ -10,7 +10,7 @@ from api_client import Client
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.limiter import LIMITER_PREFIX
+from worker.fleet.limiter import LIMITER_PREFIX
 
 # Used as the worker's API key through every end-to-end run; it must never surface in Redis,
 # a result, an error or a log line.

@@ -18,7 +18,7 @@ from tests.support.invariants import Outcome, assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.status import gather_status
+from worker.ops.fleet_status import gather_status
 
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 from .test_core_loop import WAIT_S, wait_until
@@ -250,8 +250,8 @@ def test_a_429_storm_keeps_worker_memory_and_held_retries_bounded(
         ("rate_limited", 429, STORM_RETRIES + 1)
     }
     assert max(held) > 0, f"no retry was held: the queue took longer than the waits {holding}"
-    # Celery counts the limit on top of the threads (worker.app): retries are held up to it
-    # plus any idle thread's share, never more.
+    # Celery counts the limit on top of the threads (worker.app.celery_app): retries are held up
+    # to it plus any idle thread's share, never more.
     assert max(holding) <= STORM_CONCURRENCY + ETA_TASK_LIMIT
     assert rss_after - rss_before < RSS_GROWTH_BYTES, (rss_before, rss_after)
 

@@ -139,6 +139,6 @@ def test_redis_killed_mid_batch_loses_no_job(
 def test_calls_ending_while_redis_is_down_are_not_lost(
     redis_server: RedisServer, provider: ScriptedOpenAIServer, workers: list[WorkerProcess]
 ) -> None:
-    # Their outcomes wait for Redis (worker.store.FINISH_PATIENCE_S) instead of being
+    # Their outcomes wait for Redis (worker.fleet.store.FINISH_PATIENCE_S) instead of being
     # dropped with an acknowledgement that Celery sends once the worker has reconnected.
     crash_mid_batch(redis_server, provider, workers, calls_end_in_the_outage=True)

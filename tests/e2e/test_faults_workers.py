@@ -16,7 +16,7 @@ from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.parking import PARKED_KEY
+from worker.fleet.parking import PARKED_KEY
 
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 from .test_core_loop import WAIT_S, wait_until
@@ -30,7 +30,7 @@ KILL_CALL_TIMEOUT_S = 3.5
 # twice LLM_RETRY_MAX_WAIT + LLM_TIMEOUT (7.4 s).
 KILL_VISIBILITY_S = 8.0
 # Each worker looks for jobs unacknowledged past the timeout every tenth of it
-# (worker.app.restore_interval_s); allow that, a poll and a call on a loaded machine.
+# (worker.app.celery_app.restore_interval_s); allow that, a poll and a call on a loaded machine.
 COMEBACK_SLACK_S = 4.0
 STOP_VISIBILITY_S = 60.0  # long: nothing in the warm-shutdown tests may wait for it
 

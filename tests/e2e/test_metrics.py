@@ -14,7 +14,7 @@ from tests.support.metrics import Samples, metrics_url, sample, scrape
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.embedded import free_port
+from worker.app.embedded import free_port
 
 from .conftest import CANARY_KEY, worker_env
 

@@ -21,7 +21,7 @@ from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
 from tests.support.worker_process import WorkerProcess
-from worker.batch import run_batch
+from worker.batch.run import run_batch
 
 from .conftest import CANARY_KEY, worker_env
 from .test_core_loop import WAIT_S, wait_until

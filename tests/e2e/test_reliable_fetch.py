@@ -23,7 +23,7 @@ from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.custody import UNACKED_KEY
+from worker.fleet.custody import UNACKED_KEY
 
 from .conftest import CANARY_KEY, worker_env
 from .test_core_loop import WAIT_S, wait_until

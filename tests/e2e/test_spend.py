@@ -15,8 +15,8 @@ from tests.support.metrics import summed, wait_for_total
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess, worker_fleet
-from worker.spend import SPEND_PREFIX
-from worker.status import format_status, gather_status
+from worker.fleet.spend import SPEND_PREFIX
+from worker.ops.fleet_status import format_status, gather_status
 
 # A model LiteLLM prices ($0.15 / $0.60 per million tokens in and out), served locally.
 MODEL = "openai/gpt-4o-mini"

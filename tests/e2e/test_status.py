@@ -20,8 +20,8 @@ from api_client._constants import (
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.custody import PRIORITY_SEP, UNACKED_KEY
-from worker.status import (
+from worker.fleet.custody import PRIORITY_SEP, UNACKED_KEY
+from worker.ops.fleet_status import (
     FleetStatus,
     format_status,
     gather_status,

@@ -9,7 +9,7 @@ from types import TracebackType
 
 import redis
 
-from worker.embedded import RedisServerProcess
+from worker.app.embedded import RedisServerProcess
 
 
 class RedisServer(RedisServerProcess):

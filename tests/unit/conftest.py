@@ -17,7 +17,7 @@ from tests.support.redis_server import RedisServer
 
 _OWNED_PREFIXES = ("LLM_", "PROMPTQ_")
 
-# Test modules that import litellm themselves may do so before worker.llm sets this: LiteLLM
+# Test modules that import litellm themselves may do so before worker.llm.call sets this: LiteLLM
 # would then fetch its price map from GitHub at import. Tests never reach the network.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from worker.app import celery_config, redis_version_problem, restore_interval_s, with_concurrency
+from worker.app.celery_app import (
+    celery_config,
+    redis_version_problem,
+    restore_interval_s,
+    with_concurrency,
+)
 from worker.settings import load_settings
 
 

@@ -1,4 +1,4 @@
-"""worker.batchfile: the JSONL input forms and their problems, and the OpenAI-format output."""
+"""worker.batch.files: the JSONL input forms and their problems, and the OpenAI-format output."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from api_client import (
     PromptResult,
     Usage,
 )
-from worker.batchfile import (
+from worker.batch.files import (
     KNOWN_PARAMS,
     BatchItem,
     LineProblem,
@@ -837,7 +837,7 @@ def test_read_done_accepts_openai_batch_output(tmp_path: Path) -> None:
 
 def test_importing_batchfile_loads_neither_litellm_nor_celery() -> None:
     code = (
-        "import sys, worker.batchfile; "
+        "import sys, worker.batch.files; "
         "print(sorted(m for m in ('litellm', 'celery') if m in sys.modules))"
     )
     out = subprocess.run(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.call_loop import CallLoop
+from worker.attempt.call_loop import CallLoop
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """The classification table: real LiteLLM exceptions, from real HTTP, mapped to a Failure.
 
-Each case makes one call through worker.llm.complete to a scripted OpenAI-compatible server
+Each case makes one call through worker.llm.call.complete to a scripted OpenAI-compatible server
 on 127.0.0.1 and classifies what it raised, exactly as the task does.
 """
 
@@ -14,8 +14,8 @@ import pytest
 from api_client._schemas import ErrorKind, PromptRequest
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.threads import off_main_thread
-from worker import llm
-from worker.classify import MAX_MESSAGE_CHARS, Failure, classify, scrub
+from worker.attempt.classify import MAX_MESSAGE_CHARS, Failure, classify, scrub
+from worker.llm import call as llm
 from worker.settings import LLMSettings, load_settings
 
 API_KEY = "sk-canary-4f1e2d3c4b5a69788796a5b4"

@@ -1,4 +1,4 @@
-"""worker.config_report: each setting's value in use, where it came from, and no secret shown."""
+"""worker.ops.config_report: each setting's value in use, where it came from, no secret shown."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.config_report import MASK, NOT_SET, SettingRow, describe_settings, format_rows
+from worker.ops.config_report import MASK, NOT_SET, SettingRow, describe_settings, format_rows
 from worker.settings import ConfigError, LLMSettings, QueueSettings
 
 SECRET = "sk-canary-report-5e1d0c9b7a"

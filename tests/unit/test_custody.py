@@ -1,4 +1,4 @@
-"""worker.custody: heartbeats, and a dead worker process's messages back in the queue, once."""
+"""worker.fleet.custody: heartbeats; a dead worker process's messages back in the queue, once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from api_client._constants import (
     WORKERS_CLOCK_KEY,
     WORKERS_KEY,
 )
-from worker.custody import (
+from worker.fleet.custody import (
     PRIORITY_LISTS,
     UNACKED_INDEX_KEY,
     UNACKED_KEY,

@@ -1,11 +1,11 @@
-"""worker.limiter's Lua scripts, on fakeredis (lupa) and on a real redis-server alike."""
+"""worker.fleet.limiter's Lua scripts, on fakeredis (lupa) and on a real redis-server alike."""
 
 from __future__ import annotations
 
 import pytest
 import redis
 
-from worker.limiter import (
+from worker.fleet.limiter import (
     BACKOFF_FACTOR,
     BACKOFF_MIN_CALLS,
     BURST_S,

@@ -1,4 +1,4 @@
-"""worker.llm: each LLM setting, as it reaches the provider (over HTTP to 127.0.0.1) or the result.
+"""worker.llm.call: each LLM setting, as it reaches the provider (HTTP to 127.0.0.1) or the result.
 
 LLM_API_VERSION, LLM_DROP_PARAMS, LLM_DISABLE_VISION, LLM_CACHING_PROMPT, the cached tokens
 in the usage, and LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN.
@@ -14,9 +14,9 @@ from litellm.exceptions import UnsupportedParamsError
 
 from api_client._schemas import ErrorKind, PromptRequest, PromptResult, Usage
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
-from worker import llm
-from worker.classify import classify
-from worker.messages import IMAGE_PLACEHOLDER
+from worker.attempt.classify import classify
+from worker.llm import call as llm
+from worker.llm.content import IMAGE_PLACEHOLDER
 from worker.settings import ConfigError, LLMSettings, load_settings
 
 TEST_KEY = "sk-canary-llm-call-8d6b4f2a0e"

@@ -1,11 +1,11 @@
-"""worker.messages: images stripped for LLM_DISABLE_VISION, cache marks for LLM_CACHING_PROMPT."""
+"""worker.llm.content: images stripped (LLM_DISABLE_VISION), cache marks (LLM_CACHING_PROMPT)."""
 
 from __future__ import annotations
 
 import copy
 from typing import Any
 
-from worker.messages import IMAGE_PLACEHOLDER, with_cache_marks, without_images
+from worker.llm.content import IMAGE_PLACEHOLDER, with_cache_marks, without_images
 
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 MARK = {"type": "ephemeral"}

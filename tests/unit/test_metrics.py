@@ -9,7 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_client._schemas import ErrorKind, Usage
-from worker.metrics import MAX_MODELS, OTHER_MODEL, Metrics, MetricsPortTaken, MetricsServer
+from worker.ops.metrics import MAX_MODELS, OTHER_MODEL, Metrics, MetricsPortTaken, MetricsServer
 from worker.settings import ConfigError, load_settings
 
 MODEL = "openai/gpt-4o-mini"

@@ -1,4 +1,4 @@
-"""worker.parking: parked jobs come back to the queue when due, once, at the end taken next."""
+"""worker.fleet.parking: parked jobs come back to the queue when due, once, at the end taken nex."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import redis
 
 from api_client._constants import QUEUE
-from worker import parking as parking_module
-from worker.parking import PARKED_KEY, Parking, ParkingMover
+from worker.fleet import parking as parking_module
+from worker.fleet.parking import PARKED_KEY, Parking, ParkingMover
 
 WAIT_S = 10.0
 

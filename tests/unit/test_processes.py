@@ -1,4 +1,4 @@
-"""worker.processes: the supervisor restarts dying children, gives up on a crash loop, and
+"""worker.cli.supervisor: the supervisor restarts dying children, gives up on a crash loop, and
 stops everything on a child's bad-setting exit; with stand-in children (small Python scripts)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from worker.processes import EXIT_CRASH_LOOP, EXIT_USAGE, Supervisor
+from worker.cli.supervisor import EXIT_CRASH_LOOP, EXIT_USAGE, Supervisor
 
 
 def python(code: str) -> list[str]:

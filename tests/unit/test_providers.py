@@ -17,8 +17,8 @@ from litellm.exceptions import ModelNotMappedError
 
 from api_client._schemas import PromptRequest
 from tests.support.openai_server import RecordedRequest, Reply, ScriptedOpenAIServer
-from worker import llm
-from worker.classify import NotConfigured
+from worker.attempt.classify import NotConfigured
+from worker.llm import call as llm
 from worker.settings import LLMSettings, load_settings
 
 TEST_KEY = "sk-canary-providers-3e5f7a9b1c"

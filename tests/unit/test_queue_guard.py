@@ -1,4 +1,4 @@
-"""worker.queue_guard's pure parts: which transport a broker URL gets, what an envelope needs."""
+"""worker.app.queue_guard's pure parts: the transport a broker URL gets, what an envelope needs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from kombu.transport import get_transport_cls
 
 from api_client._wire import build_request, task_message
-from worker.app import celery_config
-from worker.queue_guard import GuardedTransport, envelope_problem, transport_for
+from worker.app.celery_app import celery_config
+from worker.app.queue_guard import GuardedTransport, envelope_problem, transport_for
 from worker.settings import load_settings
 
 
@@ -31,7 +31,7 @@ def test_the_worker_uses_the_guard() -> None:
     config = celery_config(load_settings())
 
     assert get_transport_cls(str(config["broker_transport"])) is GuardedTransport
-    assert config["worker_consumer"] == "worker.queue_guard:GuardedConsumer"
+    assert config["worker_consumer"] == "worker.app.queue_guard:GuardedConsumer"
 
 
 def _envelope() -> dict[str, Any]:

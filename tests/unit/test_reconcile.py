@@ -1,4 +1,4 @@
-"""worker.reconcile: a job whose message is nowhere is published again, once, from its copy."""
+"""worker.fleet.reconcile: a job whose message is nowhere is published again, once, from a copy."""
 
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ from api_client._wire import (
     job_ids_of,
 )
 from tests.support.redis_server import RedisServer
-from worker.custody import UNACKED_KEY, ProcessCustody
-from worker.metrics import Metrics
-from worker.parking import PARKED_KEY
-from worker.reconcile import Reconciler
-from worker.store import JobStore
+from worker.fleet.custody import UNACKED_KEY, ProcessCustody
+from worker.fleet.parking import PARKED_KEY
+from worker.fleet.reconcile import Reconciler
+from worker.fleet.store import JobStore
+from worker.ops.metrics import Metrics
 
 TTL_S = 3600.0
 FAILED = Outcome(

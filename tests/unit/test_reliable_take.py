@@ -1,4 +1,4 @@
-"""worker.queue_guard with a real redis-server and kombu (no Celery): a message is always in the
+"""worker.app.queue_guard with a real redis-server and kombu (no Celery): a message is always in the
 queue, the process's taken list or its held hash, until acknowledged or returned."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from kombu.messaging import Consumer
 from api_client._constants import QUEUE, WORKERS_KEY
 from api_client._wire import build_request, task_message
 from tests.support.redis_server import RedisServer
-from worker.custody import UNACKED_KEY, this_process
-from worker.queue_guard import GuardedTransport
+from worker.app.queue_guard import GuardedTransport
+from worker.fleet.custody import UNACKED_KEY, this_process
 
 QUEUES = [Queue(QUEUE, Exchange(""), routing_key=QUEUE)]  # type: ignore[no-untyped-call]  # kombu
 

@@ -1,4 +1,4 @@
-"""worker.retry.RetryPolicy: the backoff schedule, its jitter, and Retry-After."""
+"""worker.attempt.retry.RetryPolicy: the backoff schedule, its jitter, and Retry-After."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from worker.retry import JITTER, RetryPolicy
+from worker.attempt.retry import JITTER, RetryPolicy
 from worker.settings import load_settings
 
 DEFAULT_SCHEDULE = [15, 15, 15, 16, 32, 64, 120, 120]

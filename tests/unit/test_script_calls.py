@@ -1,4 +1,4 @@
-"""Script calls run blocking and on the event loop (worker.script_calls), on a real redis-server."""
+"""Script calls (worker.fleet.scripts) run blocking and on the event loop, against a real Redis."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import redis.asyncio
 
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
-from worker.script_calls import LoopRedis, ScriptCall, patiently, patiently_on_loop
+from worker.fleet.scripts import LoopRedis, ScriptCall, patiently, patiently_on_loop
 
 T = TypeVar("T")
 

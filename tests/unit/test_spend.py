@@ -1,4 +1,4 @@
-"""worker.spend's Lua scripts, on fakeredis (lupa) and on a real redis-server alike."""
+"""worker.fleet.spend's Lua scripts, on fakeredis (lupa) and on a real redis-server alike."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import redis
 from api_client import Client, InvalidRequest
 from api_client._constants import budget_key
 from tests.support.redis_server import RedisServer
-from worker.spend import BudgetExceeded, SpendLedger, global_key
+from worker.fleet.spend import BudgetExceeded, SpendLedger, global_key
 
 
 def spent(lua_redis: redis.Redis, key: str) -> tuple[float, float]:

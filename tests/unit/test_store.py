@@ -1,4 +1,4 @@
-"""worker.store.JobStore against fakeredis (its Lua scripts run under lupa)."""
+"""worker.fleet.store.JobStore against fakeredis (its Lua scripts run under lupa)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from api_client._schemas import (
 )
 from api_client._wire import poll_keys, read_poll, status_of
 from tests.support.redis_server import RedisServer
-from worker.store import JobStore
+from worker.fleet.store import JobStore
 
 JOB_ID = "job-1"
 TTL_S = 3600.0

@@ -30,9 +30,9 @@ from api_client._wire import (
     status_of,
     task_message,
 )
-from worker.app import celery_config
+from worker.app.celery_app import celery_config
+from worker.app.tasks import REDACTED_ARGS
 from worker.settings import load_settings
-from worker.tasks import REDACTED_ARGS
 
 JOB_ID = "0b9f4c3e-4ac4-4d6e-9b6c-0f3c2b7a1d55"
 PROMPT = "The secret plan is: bake a cake for Ada."

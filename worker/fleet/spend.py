@@ -10,8 +10,7 @@ import redis
 
 from api_client._constants import KEY_PREFIX, budget_key
 from api_client._wire import text_of
-
-from .script_calls import ScriptCall
+from worker.fleet.scripts import ScriptCall
 
 Period = Literal["total", "day", "month"]
 SPEND_PREFIX = f"{KEY_PREFIX}spend:"

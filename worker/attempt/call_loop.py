@@ -25,7 +25,7 @@ class CallLoop:
     many messages are being worked on. LiteLLM's async calls cost less CPU than its blocking
     ones in many threads, and a message carrying many jobs costs Celery once. The loop's
     one thread is the process's busiest and never waits on a round trip: an attempt's Redis
-    calls on its way to an answer run on the loop itself (worker.script_calls.LoopRedis);
+    calls on its way to an answer run on the loop itself (worker.fleet.scripts.LoopRedis);
     the blocking ones of its rarer paths (a failure, parking, a hand-back) go to ``offload``
     threads.
     """

@@ -12,8 +12,7 @@ import redis
 from api_client._constants import KEY_PREFIX, QUEUE
 from api_client._schemas import JobRequest
 from api_client._wire import task_message
-
-from .script_calls import LUA_NOW_MS
+from worker.fleet.scripts import LUA_NOW_MS
 
 PARKED_KEY = f"{KEY_PREFIX}parked"
 # How often at most each worker moves due jobs back to the queue, how many at a time at most,

@@ -14,15 +14,14 @@ from api_client._constants import (
     state_key,
 )
 from api_client._schemas import JobStatus, Outcome
-
-from .script_calls import LUA_NOW_MS, ScriptCall, patiently
+from worker.fleet.scripts import LUA_NOW_MS, ScriptCall, patiently
 
 # How long a worker keeps trying to store an outcome that cost a provider call while Redis
 # is unreachable, before the job goes back to the queue (and the call is made again).
 FINISH_PATIENCE_S = 60.0
 
 # Every script that changes a job's state also scores it in the open jobs (OPEN_JOBS_KEY) with
-# the time of the change, which the safety net (worker.reconcile) reads; the outcome ends it.
+# the time of the change, which the safety net (worker.fleet.reconcile) reads; the outcome ends it.
 # KEYS[1] result, KEYS[2] state, KEYS[3] starts, KEYS[4] open jobs; ARGV[1] state value,
 # ARGV[2] ttl in ms, ARGV[3] job id. Returns -1 when the job already has an outcome (a
 # duplicate delivery), else the number of times the job has now been started.

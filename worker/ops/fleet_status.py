@@ -20,11 +20,10 @@ from api_client._constants import (
 from api_client._errors import BrokerUnavailable
 from api_client._schemas import JobStatus
 from api_client._wire import broker_errors, redact_url, text_of
-
-from .custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
-from .limiter import LimiterState, read_limiters
-from .parking import PARKED_KEY
-from .spend import SpendCounter, read_spend
+from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
+from worker.fleet.limiter import LimiterState, read_limiters
+from worker.fleet.parking import PARKED_KEY
+from worker.fleet.spend import SpendCounter, read_spend
 
 STATE_PATTERN = f"{KEY_PREFIX}state:*"
 SCAN_COUNT = 1000
@@ -43,20 +42,20 @@ class FleetStatus:
     queue_depth: int  # messages waiting in the queue (all priority lists; a pack counts once)
     in_flight: int  # taken by a worker, not yet acknowledged (running or held for a retry)
     retries_scheduled: int  # of those, retries held by a worker until their ETA
-    parked: int  # jobs waiting in Redis for rate-limit capacity (worker.parking)
+    parked: int  # jobs waiting in Redis for rate-limit capacity (worker.fleet.parking)
     workers: list[str]  # names of the workers that answered a ping
     jobs: dict[str, int]  # non-terminal jobs by state: queued, running, retrying
     truncated: bool = False  # True when there were more keys than gather_status reads
     inspect_timeout_s: float = 1.0
     max_scanned_keys: int = MAX_SCANNED_KEYS
-    # Each deployment's rate limiter (worker.limiter): limits, last minute's rate and 429s.
+    # Each deployment's rate limiter (worker.fleet.limiter): limits, last minute's rate and 429s.
     rate_limits: list[LimiterState] = field(default_factory=list)
-    # What the fleet has spent (worker.spend), by period.
+    # What the fleet has spent (worker.fleet.spend), by period.
     spend: list[SpendCounter] = field(default_factory=list)
-    # Worker processes in the heartbeat registry (worker.custody): beating, or dead and not
+    # Worker processes in the heartbeat registry (worker.fleet.custody): beating, or dead and not
     # recovered yet.
     processes: int = 0
-    # What was recovered since the counters began (worker.custody, worker.reconcile):
+    # What was recovered since the counters began (worker.fleet.custody, worker.fleet.reconcile):
     # dead_workers, messages_returned, jobs_republished, jobs_abandoned.
     recovered: dict[str, int] = field(default_factory=dict)
     # Open jobs the safety net's last pass found with no message anywhere (re-published at its

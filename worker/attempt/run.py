@@ -22,18 +22,17 @@ from api_client._schemas import (
     Outcome,
     PromptResult,
 )
-
-from . import llm
-from .classify import Failure, NotConfigured, classify, response_headers
-from .script_calls import REDIS_DOWN, ScriptCall, patiently_on_loop
-from .spend import BudgetExceeded, Reservation
-from .store import FINISH_PATIENCE_S
-from .throttle import Slot, park_for_slot, slot_now, tokens_to_charge, until_slot_s
+from worker.attempt.classify import Failure, NotConfigured, classify, response_headers
+from worker.attempt.throttle import Slot, park_for_slot, slot_now, tokens_to_charge, until_slot_s
+from worker.fleet.scripts import REDIS_DOWN, ScriptCall, patiently_on_loop
+from worker.fleet.spend import BudgetExceeded, Reservation
+from worker.fleet.store import FINISH_PATIENCE_S
+from worker.llm import call as llm
 
 if TYPE_CHECKING:
-    from .app import PromptqCelery
-    from .limiter import Deployment
-    from .settings import LLMSettings
+    from worker.app.celery_app import PromptqCelery
+    from worker.fleet.limiter import Deployment
+    from worker.settings import LLMSettings
 
 logger = logging.getLogger("promptq.worker")
 

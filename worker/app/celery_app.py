@@ -12,23 +12,22 @@ from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
-
-from .call_loop import CallLoop
-from .classify import NotConfigured
-from .cli import EXIT_USAGE
-from .custody import Heartbeat, this_process
-from .limiter import Deployment, RateLimiter
-from .llm import warm_up
-from .metrics import Metrics, MetricsPortTaken, MetricsServer
-from .parking import Parking, ParkingMover
-from .queue_guard import transport_for
-from .reconcile import Reconciler
-from .retry import RetryPolicy
-from .script_calls import LoopRedis
-from .settings import LLMSettings, Settings
-from .spend import SpendLedger
-from .store import JobStore
-from .tasks import register
+from worker.app.queue_guard import transport_for
+from worker.app.tasks import register
+from worker.attempt.call_loop import CallLoop
+from worker.attempt.classify import NotConfigured
+from worker.attempt.retry import RetryPolicy
+from worker.cli.main import EXIT_USAGE
+from worker.fleet.custody import Heartbeat, this_process
+from worker.fleet.limiter import Deployment, RateLimiter
+from worker.fleet.parking import Parking, ParkingMover
+from worker.fleet.reconcile import Reconciler
+from worker.fleet.scripts import LoopRedis
+from worker.fleet.spend import SpendLedger
+from worker.fleet.store import JobStore
+from worker.llm.call import warm_up
+from worker.ops.metrics import Metrics, MetricsPortTaken, MetricsServer
+from worker.settings import LLMSettings, Settings
 
 # Both of a worker process's Redis clients (blocking, and on the call loop) alike.
 _REDIS_OPTIONS: dict[str, Any] = {
@@ -165,10 +164,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
     return {
         "broker_url": queue.broker_url,
         # Queue entries that are not promptq jobs are dropped and logged without their bodies
-        # (which hold prompts), and cannot stop the worker: see worker.queue_guard.
+        # (which hold prompts), and cannot stop the worker: see worker.app.queue_guard.
         "broker_transport": transport_for(queue.broker_url),
-        "worker_consumer": "worker.queue_guard:GuardedConsumer",
-        # Outcomes go to promptq's own keys (worker.store), where a terminal result cannot be
+        "worker_consumer": "worker.app.queue_guard:GuardedConsumer",
+        # Outcomes go to promptq's own keys (worker.fleet.store), where a terminal result cannot be
         # overwritten by a late RETRY; Celery's own result backend stays off.
         "result_backend": None,
         "task_ignore_result": True,
@@ -314,7 +313,7 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
         except MetricsPortTaken as exc:
             self.server = None
             # Celery has put a logger in place of sys.stderr by now: write to the real one,
-            # as a bad setting is reported (worker.cli), then stop the worker with status 2.
+            # as a bad setting is reported (worker.cli.main), then stop the worker with status 2.
             print(f"promptq worker: {exc}", file=sys.__stderr__, flush=True)
             app.exit_status = EXIT_USAGE
             raise SystemExit(EXIT_USAGE) from None

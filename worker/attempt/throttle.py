@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from api_client._schemas import JobRequest
-
-from . import llm
-from .limiter import TOKEN_MAX_AHEAD_S
+from worker.fleet.limiter import TOKEN_MAX_AHEAD_S
+from worker.llm import call as llm
 
 if TYPE_CHECKING:
-    from .app import PromptqCelery
-    from .limiter import Deployment, Grant
+    from worker.app.celery_app import PromptqCelery
+    from worker.fleet.limiter import Deployment, Grant
 
 logger = logging.getLogger("promptq.worker")
 

@@ -1,6 +1,6 @@
 """The safety net: open jobs whose message is nowhere are re-published from their stored request.
 
-With reliable takes (worker.custody) no job should ever lose its message; this exists so that
+With reliable takes (worker.fleet.custody) no job should ever lose its message; this exists so that
 a future bug strands nothing. Every PROMPTQ_RECONCILE_INTERVAL_S one worker of the fleet (a
 lock in Redis) makes a pass: the open jobs (OPEN_JOBS_KEY) unchanged for an interval are
 looked for in every place a message can be (the queue and its priority lists, each worker
@@ -38,11 +38,10 @@ from api_client._constants import (
 )
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
 from api_client._wire import REQUEST_TYPES, job_ids_of, task_message, text_of
-
-from .custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
-from .parking import PARKED_KEY
-from .script_calls import LUA_NOW_MS, redis_now_ms
-from .store import JobStore
+from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
+from worker.fleet.parking import PARKED_KEY
+from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms
+from worker.fleet.store import JobStore
 
 logger = logging.getLogger("promptq.worker")
 

@@ -3,7 +3,7 @@ not a promptq job, logged without its body.
 
 kombu's Redis transport takes a message with BRPOP and records it as unacknowledged only
 after the worker has read the reply: a worker killed in between took the message with it.
-Here one BLMOVE takes the message into the process's own ``taken`` list (worker.custody), and
+Here one BLMOVE takes the message into the process's own ``taken`` list (worker.fleet.custody), and
 the step that records it as unacknowledged also moves it from there to the process's ``held``
 hash, in one MULTI: a message is never out of Redis' sight.
 
@@ -35,7 +35,7 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Base64
 
-from .custody import this_process
+from worker.fleet.custody import this_process
 
 logger = logging.getLogger("promptq.worker")
 
@@ -168,7 +168,7 @@ class GuardedChannel(kombu_redis.Channel):
 
     def _brpop_start(self, timeout: float | None = None) -> None:
         # One queue per take (BLMOVE has one source): promptq workers consume one queue, and
-        # messages queued with a Celery priority are folded into it (worker.custody). With
+        # messages queued with a Celery priority are folded into it (worker.fleet.custody). With
         # several queues, each gets the next take in turn.
         if timeout is None:
             timeout = self.brpop_timeout

@@ -10,8 +10,7 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 
 from api_client._wire import redact_url
-
-from .settings import ModelLimits, load_settings, read_config_file
+from worker.settings import ModelLimits, load_settings, read_config_file
 
 MASK = "********"
 NOT_SET = "(not set)"

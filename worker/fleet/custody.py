@@ -2,7 +2,7 @@
 messages back in the queue.
 
 Each worker process has an id and two keys of its own in Redis: ``taken`` (a list: messages
-moved there from the queue by the same BLMOVE that takes them, worker.queue_guard) and
+moved there from the queue by the same BLMOVE that takes them, worker.app.queue_guard) and
 ``held`` (a hash: delivery tag -> message, for the messages delivered to it and not yet
 acknowledged). A message is always in the queue, in one process's ``taken`` or ``held``, in
 the parked set or acknowledged; each move is one atomic step. The process beats every tenth
@@ -33,8 +33,7 @@ from api_client._constants import (
     taken_key,
 )
 from api_client._wire import text_of
-
-from .script_calls import LUA_NOW_MS, redis_now_ms
+from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms
 
 logger = logging.getLogger("promptq.worker")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .settings import Settings
+from worker.settings import Settings
 
 # Each wait is spread +-10 % (then clamped into [min_wait, max_wait]) so that workers that
 # failed together do not retry together.

@@ -13,8 +13,7 @@ import redis
 
 from api_client._constants import KEY_PREFIX
 from api_client._wire import text_of
-
-from .script_calls import ScriptCall
+from worker.fleet.scripts import ScriptCall
 
 LIMITER_PREFIX = f"{KEY_PREFIX}limiter:"
 

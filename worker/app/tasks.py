@@ -12,8 +12,8 @@ from celery.exceptions import Reject
 from api_client._constants import EMBED_TASK_NAME, PACK_TASK_NAME, TASK_NAME
 from api_client._schemas import EmbeddingRequest, ErrorKind, JobRequest, PromptRequest
 from api_client._wire import REQUEST_TYPES
-
-from .attempt import (
+from worker.attempt.classify import Failure
+from worker.attempt.run import (
     REDIS_UNAVAILABLE,
     Delivery,
     Reschedule,
@@ -22,12 +22,11 @@ from .attempt import (
     fail,
     fail_unexpectedly,
 )
-from .classify import Failure
 
 if TYPE_CHECKING:
     from celery import Task
 
-    from .app import PromptqCelery
+    from worker.app.celery_app import PromptqCelery
 
 logger = logging.getLogger("promptq.worker")
 

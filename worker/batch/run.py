@@ -20,8 +20,7 @@ from rich.progress import (
 
 from api_client import BrokerUnavailable, Client, ErrorKind, Job, JobError, JobFailed, JobStatus
 from api_client._wire import Poller
-
-from .batchfile import BatchItem, OutputWriter, read_done, read_items
+from worker.batch.files import BatchItem, OutputWriter, read_done, read_items
 
 SUBMIT_CHUNK = 200  # prompts per pipelined submit_many
 

@@ -19,15 +19,14 @@ from litellm.exceptions import ContentPolicyViolationError, ContextWindowExceede
 from litellm.utils import supports_prompt_caching as _litellm_supports_prompt_caching
 
 from api_client._schemas import EmbeddingRequest, JobRequest, PromptRequest, Usage
-
-from .classify import (
+from worker.attempt.classify import (
     ContentPolicyViolation,
     ContextWindowExceeded,
     MalformedResponse,
     NotConfigured,
 )
-from .messages import with_cache_marks, without_images
-from .settings import LLMSettings
+from worker.llm.content import with_cache_marks, without_images
+from worker.settings import LLMSettings
 
 # No "Give Feedback / Get Help" banner on stdout for every failed call, and no per-call INFO
 # lines (LiteLLM's loggers inherit the worker's INFO level otherwise).
@@ -233,7 +232,7 @@ def embedding_arguments(
 
 async def acall(settings: LLMSettings, request: JobRequest) -> Answer:
     """Make exactly one provider request for ``request`` (the worker's form, on its event
-    loop); raise on any failure (see worker.classify)."""
+    loop); raise on any failure (see worker.attempt.classify)."""
     model = callable_model(settings, request)
     if isinstance(request, EmbeddingRequest):
         response = await litellm.aembedding(**embedding_arguments(settings, request, model))
@@ -280,7 +279,7 @@ def callable_model(settings: LLMSettings, request: JobRequest) -> str:
 
 @contextmanager
 def _mapped_errors() -> Iterator[None]:
-    """LiteLLM's errors that promptq names differently (see worker.classify)."""
+    """LiteLLM's errors that promptq names differently (see worker.attempt.classify)."""
     try:
         yield
     except ContextWindowExceededError as exc:

@@ -13,8 +13,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from api_client._constants import QUEUE
-
-from .settings import ConfigError, Settings, load_settings
+from worker.settings import ConfigError, Settings, load_settings
 
 POOLS = ("threads", "prefork", "solo")
 EXIT_FAILED = 1  # some prompts failed
@@ -111,7 +110,7 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
         # The calls would be counted in the pool's child processes, out of the server's sight.
         print("promptq worker: PROMPTQ_METRICS_PORT needs -P threads or solo", file=sys.stderr)
         return EXIT_USAGE
-    from .processes import default_processes  # noqa: PLC0415
+    from worker.cli.supervisor import default_processes  # noqa: PLC0415
 
     processes = args.processes or queue.processes or default_processes()
     if args.process_index is None and processes > 1:
@@ -122,14 +121,14 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
                 file=sys.stderr,
             )
             return EXIT_USAGE
-        from .processes import Supervisor  # noqa: PLC0415
+        from worker.cli.supervisor import Supervisor  # noqa: PLC0415
 
         return Supervisor(lambda index: _child_command(args, celery_args, index), processes).run()
     hostname = f"promptq-{os.getpid()}@%h"
     if args.process_index is not None:
         hostname = f"promptq-{os.getppid()}-{args.process_index}@%h"
         settings = _for_process(settings, args.process_index)
-    from .app import create_app, with_concurrency  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
+    from worker.app.celery_app import create_app, with_concurrency  # noqa: PLC0415  (loads Celery and LiteLLM: only this command needs them)
 
     settings = with_concurrency(settings, args.concurrency)
     app = create_app(settings)
@@ -235,8 +234,8 @@ def _add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def run_batch_command(args: argparse.Namespace) -> int:
-    from .batch import RichDisplay, run_batch  # noqa: PLC0415
-    from .batchfile import check_input  # noqa: PLC0415
+    from worker.batch.files import check_input  # noqa: PLC0415
+    from worker.batch.run import RichDisplay, run_batch  # noqa: PLC0415
 
     name = "promptq batch"
     if args.max_in_flight < 1:
@@ -361,8 +360,7 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 def run_status_command(args: argparse.Namespace) -> int:
     from api_client import PromptqError  # noqa: PLC0415
-
-    from .status import format_status, gather_status  # noqa: PLC0415
+    from worker.ops.fleet_status import format_status, gather_status  # noqa: PLC0415
 
     try:
         status = gather_status(load_settings(args.config).queue.broker_url)
@@ -390,7 +388,7 @@ def _add_config(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def run_config_command(args: argparse.Namespace) -> int:
-    from .config_report import describe_settings, format_rows  # noqa: PLC0415
+    from worker.ops.config_report import describe_settings, format_rows  # noqa: PLC0415
 
     rows = describe_settings(args.config, llm_overrides=_parse_overrides(args.set))
     print(format_rows(rows))
@@ -398,7 +396,7 @@ def run_config_command(args: argparse.Namespace) -> int:
 
 
 def _add_fake_provider(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from . import fake_provider  # noqa: PLC0415  (aiohttp: only this command needs it)
+    from worker import fake_provider  # noqa: PLC0415  (aiohttp: only this command needs it)
 
     server = commands.add_parser(
         "fake-provider",
@@ -426,7 +424,7 @@ def _broker(settings: Settings, args: argparse.Namespace, talk: bool) -> Iterato
             )
         yield url
         return
-    from .embedded import Embedded  # noqa: PLC0415  (Celery and LiteLLM: embedded only)
+    from worker.app.embedded import Embedded  # noqa: PLC0415  (Celery and LiteLLM: embedded only)
 
     embedded = Embedded(settings, concurrency=args.concurrency)
     with embedded as embedded_url:

@@ -21,8 +21,8 @@ from celery.worker import WorkController
 from fakeredis import TcpFakeServer
 from fakeredis._clients._tcp_server import TCPFakeRequestHandler
 
-from .app import PromptqCelery, create_app, with_concurrency
-from .settings import Settings
+from worker.app.celery_app import PromptqCelery, create_app, with_concurrency
+from worker.settings import Settings
 
 START_TIMEOUT_S = 30.0
 

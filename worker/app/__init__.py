@@ -1,0 +1,1 @@
+"""The Celery shell: the app, its tasks, the guarded Redis transport, embedded mode."""

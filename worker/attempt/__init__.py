@@ -1,0 +1,1 @@
+"""One attempt of one job: its rate-limit slot, its call, its classification and retry."""

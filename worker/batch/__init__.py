@@ -1,0 +1,1 @@
+"""`promptq batch`: JSONL files of prompts through the workers and back."""

@@ -1,0 +1,1 @@
+"""The promptq command line and the supervisor of a worker's processes."""

@@ -1,0 +1,1 @@
+"""The LiteLLM boundary: the provider call, its estimates and prices, content transforms."""

@@ -1,0 +1,1 @@
+"""Operations: the fleet status report, the configuration report, the metrics."""
