@@ -1,1 +1,39 @@
-"""promptq's worker side: the Celery app, the task, retries, and the one LiteLLM call."""
+"""promptq's worker: Celery workers that run queued prompts through LiteLLM. A map of it follows.
+
+How a prompt flows, hop by hop:
+
+1. ``api_client`` validates the request (``_wire``) and, in one Lua script, queues a Celery
+   task message in the Redis list ``promptq`` with the job's state and a copy of its
+   request (keys: ``api_client._constants``).
+2. ``promptq worker`` (``cli.main``; N processes under ``cli.supervisor``) runs the Celery
+   app (``app.celery_app``). Its transport (``app.queue_guard``) takes each message with one
+   BLMOVE into the process's own list in Redis (``fleet.custody``), so a killed process
+   loses nothing; what is not a promptq message is dropped there.
+3. The task (``app.tasks``) turns the message into deliveries, one per job
+   (``attempt.delivery``), and hands them to ``attempt.jobs``: the Celery-free core, which
+   runs on an explicit ``attempt.runtime.Runtime`` (settings, Redis, store, limiter, spend,
+   parking, metrics, the call loop).
+4. Each job is marked running (``fleet.store``) and attempted on the process's event loop
+   (``attempt.call_loop``, ``attempt.run``): it takes a rate-limit slot (``attempt.throttle``
+   over ``fleet.limiter``), sets money aside under a spending cap (``fleet.spend``), and
+   makes one provider call through LiteLLM (``llm.call``; content transforms in
+   ``llm.content``).
+5. The outcome: an answer is stored, final (``fleet.store``); a failure is classified
+   (``attempt.classify``) and either stored or retried after the retry policy's wait
+   (``attempt.retry``). Every wait, a retry's, a far rate-limit slot's or a hand-back's,
+   goes one way: the job is parked in Redis until due (``attempt.later`` over
+   ``fleet.parking``). Then Celery acknowledges the message; if Redis could not be reached,
+   the message is rejected back to the queue instead.
+6. The client reads the outcome (``api_client``); ``promptq batch`` (``batch``) does so for a
+   whole JSONL file.
+
+Beside the flow: dead processes' messages go back to the queue (``fleet.custody``), and a
+safety net re-publishes jobs whose message was lost anyway (``fleet.reconcile``);
+``ops`` holds the metrics, ``promptq status`` and ``promptq config``; ``fake_provider`` is an
+OpenAI-compatible server for trying promptq without a provider.
+
+Packages import only the layers beneath them (tests/unit/test_architecture.py pins it):
+``settings`` and ``errors`` (every worker exception) at the bottom; then ``fleet`` (state in
+Redis) and ``llm`` (the LiteLLM boundary); ``ops``; ``attempt`` (one attempt of one job);
+``app`` (the Celery shell); ``batch`` and ``cli`` on top.
+"""

@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from api_client._constants import DEFAULT_REDIS_URL, DEFAULT_RESULT_TTL_S
+from worker.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
 
@@ -26,10 +27,6 @@ DEFAULT_CONFIG_PATH = Path("config.toml")
 _file_tables: ContextVar[Mapping[str, Mapping[str, Any]]] = ContextVar(
     "_file_tables", default=MappingProxyType({})
 )
-
-
-class ConfigError(Exception):
-    """A setting is missing or invalid; the message names each offending key."""
 
 
 class _FileTable(PydanticBaseSettingsSource):
@@ -119,8 +116,6 @@ class QueueSettings(_LayeredSettings):
     # The safety net (worker.fleet.reconcile): every interval, one worker looks for open jobs
     # with no message anywhere, and re-publishes those found so twice in a row from their copy.
     reconcile_interval_s: float = Field(default=60.0, ge=0.1)
-    # Retries waiting for their countdown are held in worker memory: at most this many.
-    eta_task_limit: int = Field(default=1000, ge=1)
     concurrency: int = Field(default=64, ge=1)
     # Worker processes `promptq worker` runs, each with `concurrency` calls in flight; unset:
     # one per core. A process handles a few hundred prompts a second at most (CPU-bound).
@@ -318,6 +313,13 @@ def _check_prices(llm: LLMSettings) -> None:
         )
 
 
+# Settings promptq had once, and why they went: named as such when a config file still sets one.
+RETIRED = {
+    "eta_task_limit": "no longer used (a job waiting for its retry is parked in Redis, not held "
+    "in worker memory): remove it",
+}
+
+
 def _build(
     cls: type[S],
     explicit: Mapping[str, Any] | None,
@@ -332,7 +334,7 @@ def _build(
             field = str(error["loc"][0]) if error["loc"] else ""
             message = error["msg"].removeprefix("Value error, ")
             if error["type"] == "extra_forbidden":
-                problems.append(f"{field} in {where}: unknown setting")
+                problems.append(f"{field} in {where}: {RETIRED.get(field, 'unknown setting')}")
             else:
                 got = "" if field == "api_key" else f" (got {error['input']!r})"
                 problems.append(f"{env_prefix}{field.upper()} ({field} in {where}): {message}{got}")

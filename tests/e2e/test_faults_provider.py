@@ -168,14 +168,12 @@ def test_connection_refused_fails_as_provider_unavailable(
 STORM_JOBS = 100
 STORM_RETRIES = 1
 STORM_CONCURRENCY = 16
-ETA_TASK_LIMIT = 30
 STORM_REQUESTS = 150  # 429s to this many requests, then the storm is over
 RSS_GROWTH_BYTES = 150 * 2**20
 
 
 def _one_job_per_message(redis_server: RedisServer) -> Client:
-    """A client without packs: each retry is then one of Celery's countdown messages, held in
-    the worker (a pack's jobs are retried through the parked set instead)."""
+    """A client without packs: each job and each of its retries is a message of its own."""
     return Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1))
 
 
@@ -192,31 +190,32 @@ def storm_worker(
 ) -> Iterator[WorkerProcess]:
     env = worker_env(own_redis.url, provider.base_url) | {
         "LLM_NUM_RETRIES": str(STORM_RETRIES),
-        # Waits longer than the worker takes to go through the queue, so that the retries
-        # come back before they are due and are held in memory (shorter ones wait in Redis).
+        # Waits longer than the worker takes to go through the queue, so that many retries
+        # wait at once (in Redis: the worker holds none in memory).
         "LLM_RETRY_MIN_WAIT": "4",
         "LLM_RETRY_MAX_WAIT": "4.5",
-        "PROMPTQ_ETA_TASK_LIMIT": str(ETA_TASK_LIMIT),
     }
     args = ("--concurrency", str(STORM_CONCURRENCY))
     with WorkerProcess(env, tmp_path / "storm.log", args=args) as process:
         yield process
 
 
-def test_a_429_storm_keeps_worker_memory_and_held_retries_bounded(
+def test_a_429_storm_keeps_worker_memory_bounded_and_its_retries_in_redis(
     provider: ScriptedOpenAIServer, own_redis: RedisServer, storm_worker: WorkerProcess
 ) -> None:
     with _one_job_per_message(own_redis) as client:
         run(client, provider, own_redis, [storm_worker])  # warm: LiteLLM fully loaded
         rss_before = storm_worker.rss_bytes()
-        held: list[int] = []  # retries waiting for their countdown in the worker
-        holding: list[int] = []  # every job the worker holds: those and its calls
+        held: list[int] = []  # messages waiting for an ETA in the worker's memory
+        parked: list[int] = []  # jobs waiting in Redis: the retries
+        holding: list[int] = []  # every job the worker holds
         calm = threading.Event()
 
         def watch() -> None:  # sample what the worker holds until the storm is over
             while not calm.wait(0.02):
                 status = gather_status(own_redis.url, inspect_timeout_s=0.01)
                 held.append(status.retries_scheduled)
+                parked.append(status.parked)
                 holding.append(status.in_flight)
 
         # The 429s state a generous limit, so the fleet's limiter keeps its pace (a 429 from a
@@ -249,46 +248,46 @@ def test_a_429_storm_keeps_worker_memory_and_held_retries_bounded(
     assert {(f.kind, f.status_code, f.attempts) for f in failed} == {
         ("rate_limited", 429, STORM_RETRIES + 1)
     }
-    assert max(held) > 0, f"no retry was held: the queue took longer than the waits {holding}"
-    # Celery counts the limit on top of the threads (worker.app.celery_app): retries are held up
-    # to it plus any idle thread's share, never more.
-    assert max(holding) <= STORM_CONCURRENCY + ETA_TASK_LIMIT
+    assert max(parked) > 1, "few retries waited at once: the queue took longer than the waits"
+    assert max(held) == 0  # none in the worker's memory
+    assert max(holding) <= STORM_CONCURRENCY  # its calls in flight, and nothing more
     assert rss_after - rss_before < RSS_GROWTH_BYTES, (rss_before, rss_after)
 
 
-def test_retries_held_in_memory_do_not_take_the_workers_threads(
+def test_retries_waiting_do_not_take_the_workers_threads(
     provider: ScriptedOpenAIServer, own_redis: RedisServer, tmp_path: Path
 ) -> None:
-    """PROMPTQ_ETA_TASK_LIMIT bounds the retries held, on top of the calls in flight."""
-    concurrency, eta_task_limit = 4, 2
+    """Retries wait parked in Redis: every thread of the worker takes new jobs meanwhile."""
+    concurrency, retrying = 4, 2
     env = worker_env(own_redis.url, provider.base_url) | {
         "LLM_RETRY_MIN_WAIT": "4",  # the retries stay held while the test looks
         "LLM_RETRY_MAX_WAIT": "4",
         "LLM_TIMEOUT": "4",  # and the calls beside them wait at the gate without timing out
-        "PROMPTQ_ETA_TASK_LIMIT": str(eta_task_limit),
     }
     args = ("--concurrency", str(concurrency))
     gate = threading.Event()
-    provider.script(*[Reply(status=503)] * eta_task_limit)
+    provider.script(*[Reply(status=503)] * retrying)
     provider.default = Reply(gate=gate)
     with (
         WorkerProcess(env, tmp_path / "worker.log", args=args) as process,
         _one_job_per_message(own_redis) as client,
     ):
         try:
-            prompts = [f"held {i} {uuid.uuid4().hex[:8]}" for i in range(eta_task_limit)]
+            prompts = [f"parked {i} {uuid.uuid4().hex[:8]}" for i in range(retrying)]
             jobs = dict(zip(prompts, client.submit_many(prompts), strict=True))
 
-            def held() -> int:
-                return gather_status(own_redis.url, inspect_timeout_s=0.01).retries_scheduled
+            def parked() -> int:
+                status = gather_status(own_redis.url, inspect_timeout_s=0.01)
+                assert status.retries_scheduled == 0  # none held in the worker's memory
+                return status.parked
 
-            wait_until(lambda: held() == eta_task_limit)
+            wait_until(lambda: parked() == retrying)
             more = [f"beside {i} {uuid.uuid4().hex[:8]}" for i in range(concurrency)]
             jobs |= dict(zip(more, client.submit_many(more), strict=True))
             # Every thread takes a job while the retries wait (4 s): a call each reaches the
             # provider, well before the retries are due.
-            provider.wait_for_requests(eta_task_limit + concurrency, timeout_s=2.5)
-            assert held() == eta_task_limit
+            provider.wait_for_requests(retrying + concurrency, timeout_s=2.5)
+            assert parked() == retrying
         finally:
             gate.set()
         assert_invariants(

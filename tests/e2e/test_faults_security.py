@@ -116,7 +116,7 @@ def test_prompts_and_completions_are_not_logged(
     # The log tells the story of both jobs (a retry, a success, a failure) ... (each line is
     # written just after the outcome is stored, which the client may see first)
     story = [
-        f"Task promptq.complete[{answered.id}] retry",
+        f"job {answered.id}: retry in",
         f"Task promptq.complete[{answered.id}] succeeded",
         f"job {refused.id} failed after 1 attempt(s): bad_request 400",
     ]

@@ -129,14 +129,14 @@ def test_waiting_for_capacity_spends_no_retry(
     provider.script(*[Reply(status=503)] * NUM_RETRIES)
 
     def hold_the_fleet() -> None:  # as a 429 with Retry-After seen by another worker would
-        limiter.settle(
+        limiter.record(
             target,
             reserved_tokens=0,
             charged_tokens=0,
             outcome="rate_limited",
             retry_after_s=MAX_AHEAD_S + 0.2,
             headers={"x-ratelimit-limit-requests": "100000"},
-        )
+        ).run()
 
     hold_the_fleet()
     job = client.submit("patient")
@@ -172,4 +172,4 @@ def test_token_reservations_are_reconciled(
     assert state.tpm_limit == TPM
     assert state.tokens_per_minute == pytest.approx(used, rel=0.05)
     target = Deployment.of(TOKENS_MODEL, provider.base_url, CANARY_KEY, tpm=TPM)
-    assert fleet_limiter(shared).acquire(target, tokens=0).wait_s == 0
+    assert fleet_limiter(shared).acquire(target, tokens=0).run().wait_s == 0

@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 from worker.fleet.custody import UNACKED_KEY
+from worker.fleet.parking import PARKED_KEY
 
 from .conftest import CANARY_KEY, worker_env
 from .test_core_loop import WAIT_S, wait_until
@@ -123,8 +125,9 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
     """Running jobs (held by the worker, unacknowledged) come back too, once the worker has
     been silent for the timeout: not at the kill, and not after the visibility timeout."""
     # The gated calls hang until the kill, and the survivor may take many seconds to start on a
-    # loaded machine: a call that timed out first would be retried by the doomed worker.
-    env = _env(redis_server, provider) | {"LLM_TIMEOUT": "120"}
+    # loaded machine: a call that timed out first would be retried by the doomed worker. (The
+    # timeout must fit in half the visibility timeout: the worker refuses to start otherwise.)
+    env = _env(redis_server, provider) | {"LLM_TIMEOUT": "29"}
     doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4"))
     survivor = WorkerProcess(env, tmp_path / "survivor.log", args=("-c", "4"))
     gate = threading.Event()  # the calls hang until the kill
@@ -163,31 +166,41 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
     assert broker.hget(RECOVERY_KEY, "dead_workers") == b"1"
 
 
-def _holds_a_retry(broker: redis.Redis) -> bool:
-    """The worker holds one message, and it is a retry waiting for its countdown (an ETA)."""
+def _holds_a_message_with_an_eta(broker: redis.Redis) -> bool:
+    """The worker holds one message, and it waits for its ETA in the worker's memory."""
     records: list[bytes] = broker.hvals(UNACKED_KEY)  # type: ignore[assignment]
     return len(records) == 1 and json.loads(records[0])[0]["headers"]["eta"] is not None
 
 
-def test_a_retry_held_through_a_redis_restart_comes_back_at_once(
+def _with_an_eta(broker: redis.Redis, due_in_s: float) -> None:
+    """Give the one queued message an ETA, as an older promptq's retry (or a plain Celery
+    client's countdown) carries: promptq's own messages wait parked in Redis instead."""
+    raw = broker.rpop(QUEUE)
+    assert isinstance(raw, bytes)
+    envelope = json.loads(raw)
+    envelope["headers"]["eta"] = (datetime.now(UTC) + timedelta(seconds=due_in_s)).isoformat()
+    broker.rpush(QUEUE, json.dumps(envelope))
+
+
+def test_a_message_held_for_its_eta_through_a_redis_restart_comes_back_at_once(
     redis_server: RedisServer,
     provider: ScriptedOpenAIServer,
     broker: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    """Celery forgets the retries it holds for their countdown when its connection to Redis
-    drops; they went back to the queue only after the visibility timeout (an hour by
-    default). They go back as soon as the worker reconnects."""
-    env = _env(redis_server, provider) | {"LLM_RETRY_MIN_WAIT": "2", "LLM_RETRY_MAX_WAIT": "2"}
+    """Celery forgets the messages it holds for their ETA when its connection to Redis drops;
+    they went back to the queue only after the visibility timeout (an hour by default). They
+    go back as soon as the worker reconnects."""
+    env = _env(redis_server, provider)
     worker = WorkerProcess(env, tmp_path / "worker.log", args=("-c", "4"))
-    provider.script(Reply(status=503))
     prompt = f"held through a restart {uuid.uuid4().hex[:8]}"
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         try:
-            worker.start().wait_ready()
             broker.config_set("appendfsync", "always")  # the kill loses no write
             job = client.submit(prompt)
-            wait_until(lambda: job.status() is JobStatus.RETRYING and _holds_a_retry(broker))
+            _with_an_eta(broker, due_in_s=2)
+            worker.start().wait_ready()
+            wait_until(lambda: _holds_a_message_with_an_eta(broker))
             redis_server.kill()
             redis_server.start()
             restarted_at = time.monotonic()
@@ -196,7 +209,34 @@ def test_a_retry_held_through_a_redis_restart_comes_back_at_once(
         finally:
             worker.stop()
     assert result.content == f"echo: {prompt}"
+    assert provider.calls_by_prompt()[prompt] == 1
+    assert back_after_s < VISIBILITY_S / 2  # not the visibility timeout: the worker gave it back
+
+
+def test_a_retry_parked_through_a_redis_restart_comes_back_when_due(
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    broker: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """A retry waits in Redis (the parked set), not in the worker: a Redis restart that keeps
+    its data (AOF) keeps it, and it runs when due."""
+    env = _env(redis_server, provider) | {"LLM_RETRY_MIN_WAIT": "2", "LLM_RETRY_MAX_WAIT": "2"}
+    worker = WorkerProcess(env, tmp_path / "worker.log", args=("-c", "4"))
+    provider.script(Reply(status=503))
+    prompt = f"parked through a restart {uuid.uuid4().hex[:8]}"
+    with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
+        try:
+            worker.start().wait_ready()
+            broker.config_set("appendfsync", "always")  # the kill loses no write
+            job = client.submit(prompt)
+            wait_until(lambda: job.status() is JobStatus.RETRYING and broker.zcard(PARKED_KEY) == 1)
+            assert broker.hlen(UNACKED_KEY) == 0  # the worker holds nothing
+            redis_server.kill()
+            redis_server.start()
+            result = job.wait(timeout=VISIBILITY_S / 2)
+        finally:
+            worker.stop()
+    assert result.content == f"echo: {prompt}"
     assert result.attempts == 2
     assert provider.calls_by_prompt()[prompt] == 2
-    assert back_after_s < VISIBILITY_S / 2  # not the visibility timeout: the worker gave it back
-    assert "held through a lost connection went back to the queue" in worker.log()

@@ -137,7 +137,7 @@ def test_a_running_worker_answers_the_ping(
     assert name in format_status(status)
 
 
-def test_a_retry_held_until_its_eta_is_counted(
+def test_a_retry_parked_until_due_is_counted(
     redis_server: RedisServer, worker: WorkerProcess, provider: ScriptedOpenAIServer
 ) -> None:
     provider.script(Reply(status=429, headers={"Retry-After": "3"}))
@@ -147,8 +147,8 @@ def test_a_retry_held_until_its_eta_is_counted(
         def read() -> FleetStatus:
             return gather_status(redis_server.url, inspect_timeout_s=QUICK_PING_S)
 
-        held = wait_for(read, lambda s: s.retries_scheduled == 1)
-        assert held.in_flight >= 1
+        held = wait_for(read, lambda s: s.parked == 1)
+        assert held.retries_scheduled == 0  # no worker holds it in memory
         assert held.jobs["retrying"] == 1
         assert held.queue_depth == 0
         # The 429 is on the deployment's limiter, and its Retry-After holds the whole fleet.

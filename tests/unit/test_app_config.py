@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from worker.app.celery_app import (
+    FOREIGN_ETA_LIMIT,
     celery_config,
     redis_version_problem,
     restore_interval_s,
@@ -36,13 +37,17 @@ def test_every_restore_sweep_scans_redis() -> None:
     assert options["unacked_mutex_expire"] == 10
 
 
-def test_the_eta_task_limit_comes_on_top_of_the_calls_in_flight() -> None:
-    # Celery caps every message a worker holds (its prefetch count) at worker_eta_task_limit:
-    # as it was, 2 retries held stopped a worker of 4 threads taking any job.
-    settings = load_settings(queue={"eta_task_limit": 2, "concurrency": 4})
+def test_messages_with_an_eta_are_bounded_on_top_of_the_calls_in_flight() -> None:
+    # promptq parks its retries in Redis; a message that carries an ETA anyway (an older
+    # promptq's retry, a plain Celery client's countdown) is held in memory until due. Celery
+    # caps every message a worker holds (its prefetch count) at worker_eta_task_limit: the
+    # bound comes on top of the concurrency, so held messages never take a thread's place.
+    settings = load_settings(queue={"concurrency": 4})
 
-    assert celery_config(settings)["worker_eta_task_limit"] == 6
-    assert celery_config(with_concurrency(settings, 16))["worker_eta_task_limit"] == 18
+    assert celery_config(settings)["worker_eta_task_limit"] == 4 + FOREIGN_ETA_LIMIT
+    assert celery_config(with_concurrency(settings, 16))["worker_eta_task_limit"] == (
+        16 + FOREIGN_ETA_LIMIT
+    )
     assert with_concurrency(settings, None) is settings
 
 

@@ -27,12 +27,12 @@ from worker.batch.files import (
     KNOWN_PARAMS,
     BatchItem,
     LineProblem,
-    OutputFormatError,
     OutputWriter,
     check_input,
     read_done,
     read_items,
 )
+from worker.errors import OutputFormatError
 
 CHAT = "/v1/chat/completions"
 JOB_ID = "0b6f3c3e-6d4e-4a51-9f5e-2f7a3a1c9d10"

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from worker.errors import ConfigError
 from worker.ops.config_report import MASK, NOT_SET, SettingRow, describe_settings, format_rows
-from worker.settings import ConfigError, LLMSettings, QueueSettings
+from worker.settings import LLMSettings, QueueSettings
 
 SECRET = "sk-canary-report-5e1d0c9b7a"
 

@@ -19,7 +19,8 @@ from api_client._schemas import Outcome
 from api_client._wire import build_embedding_request, check_size, task_message
 from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.threads import off_main_thread
-from worker.attempt.classify import MalformedResponse, NotConfigured, classify
+from worker.attempt.classify import classify
+from worker.errors import MalformedResponse, NotConfigured
 from worker.fake_provider.replies import estimate_tokens
 from worker.llm import call as llm
 from worker.settings import LLMSettings, load_settings

@@ -34,7 +34,7 @@ def deployment(rpm: int | None = None, tpm: int | None = None, key: str = KEY) -
 
 def test_without_any_limit_every_call_starts_at_once(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment()
-    grants = [rl.acquire(target, tokens=100) for _ in range(50)]
+    grants = [rl.acquire(target, tokens=100).run() for _ in range(50)]
     assert all(g.granted and g.wait_s == 0 for g in grants)
     assert grants[-1].rpm == 0 and grants[-1].tpm == 0
 
@@ -42,7 +42,7 @@ def test_without_any_limit_every_call_starts_at_once(lua_redis: redis.Redis) -> 
 def test_configured_rpm_spaces_calls_after_the_burst(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment(rpm=600)  # one call every 100 ms
     burst = int(BURST_S / 0.1) + 1  # GCRA lets this many start at once after idling
-    waits = [rl.acquire(target, tokens=0).wait_s for _ in range(burst + 20)]
+    waits = [rl.acquire(target, tokens=0).run().wait_s for _ in range(burst + 20)]
 
     assert all(w <= SLACK_S / 10 for w in waits[:burst])
     for n, wait in enumerate(waits[burst:], start=1):
@@ -52,7 +52,7 @@ def test_configured_rpm_spaces_calls_after_the_burst(lua_redis: redis.Redis) -> 
 def test_two_limiters_share_one_budget(lua_redis: redis.Redis) -> None:
     """Two workers (two limiters, the same Redis) together get the rate, not twice it."""
     first, second, target = limiter(lua_redis), limiter(lua_redis), deployment(rpm=60)
-    waits = [rl.acquire(target, tokens=0).wait_s for _ in range(10) for rl in (first, second)]
+    waits = [rl.acquire(target, tokens=0).run().wait_s for _ in range(10) for rl in (first, second)]
     # One call a second between both, whichever limiter asks: 20 calls span 18 s after a burst
     # of two (one second of tolerance).
     assert max(waits) == pytest.approx(18.0, abs=SLACK_S)
@@ -61,7 +61,7 @@ def test_two_limiters_share_one_budget(lua_redis: redis.Redis) -> None:
 
 def test_no_slot_is_reserved_beyond_max_ahead(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis, max_ahead_s=5), deployment(rpm=60)
-    grants = [rl.acquire(target, tokens=0) for _ in range(12)]
+    grants = [rl.acquire(target, tokens=0).run() for _ in range(12)]
     granted = [g for g in grants if g.granted]
     refused = [g for g in grants if not g.granted]
 
@@ -77,7 +77,7 @@ def test_under_a_token_limit_slots_are_reserved_only_a_little_ahead(
     lua_redis: redis.Redis,
 ) -> None:
     rl, target = limiter(lua_redis, max_ahead_s=60), deployment(tpm=6000)  # 100 tokens/s
-    grants = [rl.acquire(target, tokens=100) for _ in range(10)]  # a second's worth each
+    grants = [rl.acquire(target, tokens=100).run() for _ in range(10)]  # a second's worth each
     granted = [g for g in grants if g.granted]
     assert max(g.wait_s for g in granted) <= TOKEN_MAX_AHEAD_S
     assert len(granted) == 7  # the burst of 2, then one a second up to 5 s ahead
@@ -86,16 +86,16 @@ def test_under_a_token_limit_slots_are_reserved_only_a_little_ahead(
 
 def test_tokens_are_charged_and_reconciled(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment(tpm=6000)  # 100 tokens a second
-    assert rl.acquire(target, tokens=1000).wait_s == 0
+    assert rl.acquire(target, tokens=1000).run().wait_s == 0
     # 1,000 tokens are 10 s of budget (one second of it burst tolerance): the next slot is 9 s
     # away, further than token slots are reserved, so the call is told to ask again.
-    refused = rl.acquire(target, tokens=10)
+    refused = rl.acquire(target, tokens=10).run()
     assert not refused.granted
     assert refused.wait_s == pytest.approx(9.0 - TOKEN_MAX_AHEAD_S, abs=SLACK_S)
 
     # The first call really used 100 tokens: a second of budget, within the burst.
-    rl.settle(target, reserved_tokens=1000, charged_tokens=100, outcome="ok")
-    assert rl.acquire(target, tokens=10).wait_s == pytest.approx(0, abs=SLACK_S)
+    rl.record(target, reserved_tokens=1000, charged_tokens=100, outcome="ok").run()
+    assert rl.acquire(target, tokens=10).run().wait_s == pytest.approx(0, abs=SLACK_S)
 
 
 def test_tokens_are_counted_only_where_a_token_limit_applies(lua_redis: redis.Redis) -> None:
@@ -103,14 +103,14 @@ def test_tokens_are_counted_only_where_a_token_limit_applies(lua_redis: redis.Re
     assert rl.counts_tokens(deployment(tpm=1000))
     learned = deployment()
     assert not rl.counts_tokens(learned)
-    rl.acquire(learned, tokens=0)
-    rl.settle(
+    rl.acquire(learned, tokens=0).run()
+    rl.record(
         learned,
         reserved_tokens=0,
         charged_tokens=50,
         outcome="ok",
         headers={"x-ratelimit-limit-tokens": "40000"},
-    )
+    ).run()
     assert rl.counts_tokens(learned)
 
 
@@ -120,59 +120,63 @@ def test_limits_are_learned_from_headers_and_configured_ones_cap_them(
     rl = limiter(lua_redis)
     headers = {"llm_provider-x-ratelimit-limit-requests": "120", "x-ratelimit-limit-tokens": "9000"}
     target = deployment()
-    rl.settle(target, reserved_tokens=0, charged_tokens=10, outcome="ok", headers=headers)
-    grant = rl.acquire(target, tokens=0)
+    rl.record(target, reserved_tokens=0, charged_tokens=10, outcome="ok", headers=headers).run()
+    grant = rl.acquire(target, tokens=0).run()
     assert (grant.rpm, grant.tpm) == (120, 9000)
 
     capped = deployment(rpm=60, tpm=20000)  # the same deployment, configured by another worker
-    grant = rl.acquire(capped, tokens=0)
+    grant = rl.acquire(capped, tokens=0).run()
     assert (grant.rpm, grant.tpm) == (60, 9000)
 
 
 def test_a_retry_after_pauses_the_whole_fleet(lua_redis: redis.Redis) -> None:
     one, other, target = limiter(lua_redis), limiter(lua_redis), deployment()
-    one.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=3)
-    assert other.acquire(target, tokens=0).wait_s == pytest.approx(3.0, abs=SLACK_S)
+    one.record(
+        target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=3
+    ).run()
+    assert other.acquire(target, tokens=0).run().wait_s == pytest.approx(3.0, abs=SLACK_S)
 
 
 def test_a_429_without_headers_backs_the_rate_off_then_it_recovers(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment()
     for _ in range(30):
-        rl.acquire(target, tokens=0)
-    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited")
+        rl.acquire(target, tokens=0).run()
+    rl.record(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited").run()
     # 30 calls within (at most) the first second: a rate of 1,800 a minute, backed off.
-    backed_off = rl.acquire(target, tokens=0).rpm
+    backed_off = rl.acquire(target, tokens=0).run().rpm
     assert backed_off == pytest.approx(1800 * BACKOFF_FACTOR, rel=0.05)
 
     # A burst of 429s answering calls sent before the backoff does not back off again.
-    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited")
-    assert rl.acquire(target, tokens=0).rpm == backed_off
+    rl.record(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited").run()
+    assert rl.acquire(target, tokens=0).run().rpm == backed_off
 
     for _ in range(100):
-        rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="ok")
-    assert rl.acquire(target, tokens=0).rpm == pytest.approx(backed_off + 5, abs=1)
+        rl.record(target, reserved_tokens=0, charged_tokens=0, outcome="ok").run()
+    assert rl.acquire(target, tokens=0).run().rpm == pytest.approx(backed_off + 5, abs=1)
 
 
 def test_a_429_after_too_few_calls_only_pauses(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment()
     for _ in range(BACKOFF_MIN_CALLS - 1):
-        rl.acquire(target, tokens=0)
-    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=1)
-    grant = rl.acquire(target, tokens=0)
+        rl.acquire(target, tokens=0).run()
+    rl.record(
+        target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=1
+    ).run()
+    grant = rl.acquire(target, tokens=0).run()
     assert grant.rpm == 0
     assert grant.wait_s == pytest.approx(1.0, abs=SLACK_S)
 
 
 def test_without_adaptive_only_configured_limits_apply(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis, adaptive=False), deployment()
-    rl.settle(
+    rl.record(
         target,
         reserved_tokens=0,
         charged_tokens=0,
         outcome="rate_limited",
         headers={"x-ratelimit-limit-requests": "10"},
-    )
-    assert rl.acquire(target, tokens=0).rpm == 0
+    ).run()
+    assert rl.acquire(target, tokens=0).run().rpm == 0
 
 
 def test_the_key_never_reaches_redis_and_keys_tell_deployments_apart(
@@ -180,8 +184,8 @@ def test_the_key_never_reaches_redis_and_keys_tell_deployments_apart(
 ) -> None:
     rl = limiter(lua_redis)
     one, other = deployment(rpm=60), deployment(rpm=60, key="sk-another-key-abcdefghij")
-    rl.acquire(one, tokens=0)
-    rl.acquire(other, tokens=0)
+    rl.acquire(one, tokens=0).run()
+    rl.acquire(other, tokens=0).run()
 
     assert one.identity != other.identity
     dump = ""
@@ -193,16 +197,18 @@ def test_the_key_never_reaches_redis_and_keys_tell_deployments_apart(
 
 def test_state_expires_when_idle(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment(rpm=60)
-    rl.acquire(target, tokens=0)
+    rl.acquire(target, tokens=0).run()
     assert 0 < lua_redis.pttl(target.redis_key) <= 3600 * 1000
 
 
 def test_read_limiters_reports_the_last_minute(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis, adaptive=False), deployment(rpm=600)
     for _ in range(5):
-        rl.acquire(target, tokens=0)
-        rl.settle(target, reserved_tokens=0, charged_tokens=40, outcome="ok")
-    rl.settle(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=9)
+        rl.acquire(target, tokens=0).run()
+        rl.record(target, reserved_tokens=0, charged_tokens=40, outcome="ok").run()
+    rl.record(
+        target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=9
+    ).run()
 
     (state,) = read_limiters(lua_redis)
     assert (state.model, state.endpoint) == ("openai/m", "127.0.0.1:9")

@@ -15,9 +15,10 @@ from litellm.exceptions import UnsupportedParamsError
 from api_client._schemas import ErrorKind, PromptRequest, PromptResult, Usage
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from worker.attempt.classify import classify
+from worker.errors import ConfigError
 from worker.llm import call as llm
 from worker.llm.content import IMAGE_PLACEHOLDER
-from worker.settings import ConfigError, LLMSettings, load_settings
+from worker.settings import LLMSettings, load_settings
 
 TEST_KEY = "sk-canary-llm-call-8d6b4f2a0e"
 MARK = {"type": "ephemeral"}

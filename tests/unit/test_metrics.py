@@ -9,8 +9,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api_client._schemas import ErrorKind, Usage
-from worker.ops.metrics import MAX_MODELS, OTHER_MODEL, Metrics, MetricsPortTaken, MetricsServer
-from worker.settings import ConfigError, load_settings
+from worker.errors import ConfigError, MetricsPortTaken
+from worker.ops.metrics import MAX_MODELS, OTHER_MODEL, Metrics, MetricsServer
+from worker.settings import load_settings
 
 MODEL = "openai/gpt-4o-mini"
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from worker.cli.supervisor import EXIT_CRASH_LOOP, EXIT_USAGE, Supervisor
+from worker.cli.supervisor import Supervisor
+from worker.errors import EXIT_CRASH_LOOP, EXIT_USAGE
 
 
 def python(code: str) -> list[str]:

@@ -17,7 +17,7 @@ from litellm.exceptions import ModelNotMappedError
 
 from api_client._schemas import PromptRequest
 from tests.support.openai_server import RecordedRequest, Reply, ScriptedOpenAIServer
-from worker.attempt.classify import NotConfigured
+from worker.errors import NotConfigured
 from worker.llm import call as llm
 from worker.settings import LLMSettings, load_settings
 

@@ -190,7 +190,7 @@ def test_a_finished_job_leaves_the_open_jobs(lua_redis: redis.Redis) -> None:
     _submit(lua_redis, _job("done"))
     store = JobStore(lua_redis, ttl_s=TTL_S)
     store.begin(["done"])
-    store.finish("done", FAILED)
+    store.finish("done", FAILED).run()
 
     assert lua_redis.zcard(OPEN_JOBS_KEY) == 0
     assert not lua_redis.exists(request_key("done"))

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from worker.settings import ConfigError, load_settings
+from worker.errors import ConfigError
+from worker.settings import load_settings
 
 SECRET = "sk-canary-settings-0123456789"
 
@@ -43,7 +44,6 @@ def test_queue_defaults() -> None:
     assert queue.visibility_timeout_s == 3600
     assert queue.result_ttl_s == 24 * 3600
     assert queue.max_redeliveries == 2
-    assert queue.eta_task_limit == 1000
     assert queue.concurrency == 64
 
 
@@ -270,7 +270,6 @@ def test_settings_are_frozen() -> None:
         ("PROMPTQ_VISIBILITY_TIMEOUT_S", "an hour"),
         ("PROMPTQ_RESULT_TTL_S", "-1"),
         ("PROMPTQ_CONCURRENCY", "0"),
-        ("PROMPTQ_ETA_TASK_LIMIT", "0"),
         ("PROMPTQ_MAX_REDELIVERIES", "-1"),
         ("LLM_RPM", "0"),
         ("LLM_RPM", "fast"),
@@ -468,6 +467,17 @@ def test_unknown_key_in_promptq_table_is_named(tmp_path: Path) -> None:
         load_settings(path)
 
     assert "visibility_timeout" in str(raised.value)
+
+
+def test_a_retired_setting_in_the_file_is_named_with_why_it_went(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", "[promptq]\neta_task_limit = 1000\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    message = str(raised.value)
+    assert "eta_task_limit" in message
+    assert "no longer used" in message
 
 
 def test_promptq_config_naming_a_missing_file_is_refused(

@@ -8,7 +8,8 @@ import redis
 from api_client import Client, InvalidRequest
 from api_client._constants import budget_key
 from tests.support.redis_server import RedisServer
-from worker.fleet.spend import BudgetExceeded, SpendLedger, global_key
+from worker.errors import BudgetExceeded
+from worker.fleet.spend import SpendLedger, global_key
 
 
 def spent(lua_redis: redis.Redis, key: str) -> tuple[float, float]:
@@ -19,24 +20,24 @@ def spent(lua_redis: redis.Redis, key: str) -> tuple[float, float]:
 def test_without_a_cap_spend_is_only_recorded(lua_redis: redis.Redis) -> None:
     ledger = SpendLedger(lua_redis, max_usd=None, period="total")
     assert not ledger.applies(None)
-    ledger.settle(None, 0.25, None)
-    ledger.settle(None, 0.5, None)
+    ledger.book(None, 0.25, None).run()
+    ledger.book(None, 0.5, None).run()
     assert spent(lua_redis, global_key("total")) == (0.75, 0)
 
 
 def test_the_global_cap_counts_spent_and_reserved(lua_redis: redis.Redis) -> None:
     ledger = SpendLedger(lua_redis, max_usd=1.0, period="total")
     assert ledger.applies(None)
-    first = ledger.reserve(None, 0.4)
-    second = ledger.reserve(None, 0.4)
+    first = ledger.reserve(None, 0.4).run()
+    second = ledger.reserve(None, 0.4).run()
     with pytest.raises(BudgetExceeded, match=r"PROMPTQ_MAX_SPEND_USD is \$1\.0000"):
-        ledger.reserve(None, 0.4)  # 0.8 reserved + 0.4 > 1.0
+        ledger.reserve(None, 0.4).run()  # 0.8 reserved + 0.4 > 1.0
 
-    ledger.settle(first, 0.1, None)  # it cost less than feared: room again
+    ledger.book(first, 0.1, None).run()  # it cost less than feared: room again
     assert spent(lua_redis, global_key("total")) == pytest.approx((0.1, 0.4))
-    third = ledger.reserve(None, 0.4)
-    ledger.settle(second, 0.3, None)
-    ledger.settle(third, 0.3, None)
+    third = ledger.reserve(None, 0.4).run()
+    ledger.book(second, 0.3, None).run()
+    ledger.book(third, 0.3, None).run()
     assert spent(lua_redis, global_key("total")) == pytest.approx((0.7, 0.0))
 
 
@@ -44,12 +45,12 @@ def test_a_budget_caps_only_its_own_jobs(lua_redis: redis.Redis) -> None:
     lua_redis.hset(budget_key("b1"), "max", 0.5)
     ledger = SpendLedger(lua_redis, max_usd=None, period="total")
     assert ledger.applies("b1")
-    reservation = ledger.reserve("b1", 0.3)
+    reservation = ledger.reserve("b1", 0.3).run()
     with pytest.raises(BudgetExceeded, match=r"budget 'b1' is \$0\.5000"):
-        ledger.reserve("b1", 0.3)
-    ledger.reserve(None, 10.0)  # a job without the budget is not held back by it
+        ledger.reserve("b1", 0.3).run()
+    ledger.reserve(None, 10.0).run()  # a job without the budget is not held back by it
 
-    ledger.settle(reservation, 0.2, "b1")
+    ledger.book(reservation, 0.2, "b1").run()
     assert spent(lua_redis, budget_key("b1")) == pytest.approx((0.2, 0.0))
     assert spent(lua_redis, global_key("total"))[0] == pytest.approx(0.2)
 
@@ -57,13 +58,13 @@ def test_a_budget_caps_only_its_own_jobs(lua_redis: redis.Redis) -> None:
 def test_an_unknown_budget_refuses(lua_redis: redis.Redis) -> None:
     ledger = SpendLedger(lua_redis, max_usd=None, period="total")
     with pytest.raises(BudgetExceeded, match="'nope' does not exist"):
-        ledger.reserve("nope", 0.01)
+        ledger.reserve("nope", 0.01).run()
     assert not lua_redis.exists(budget_key("nope"))
 
 
 def test_daily_and_monthly_counters_are_separate_and_expire(lua_redis: redis.Redis) -> None:
     day = SpendLedger(lua_redis, max_usd=5.0, period="day")
-    day.settle(day.reserve(None, 1.0), 1.0, None)
+    day.book(day.reserve(None, 1.0).run(), 1.0, None).run()
     key = global_key("day")
     assert key.startswith("promptq:spend:day:")
     assert spent(lua_redis, key)[0] == 1.0

@@ -21,7 +21,8 @@ from api_client._schemas import (
 )
 from api_client._wire import poll_keys, read_poll, status_of
 from tests.support.redis_server import RedisServer
-from worker.fleet.store import JobStore
+from worker.fleet.scripts import patiently
+from worker.fleet.store import FINISH_PATIENCE_S, JobStore
 
 JOB_ID = "job-1"
 TTL_S = 3600.0
@@ -73,7 +74,7 @@ def test_begin_counts_the_starts(store: JobStore, redis_client: fakeredis.FakeRe
 
 def test_begin_after_finish_is_none(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
     assert store.begin([JOB_ID])[0] == 1
-    assert store.finish(JOB_ID, _success())
+    assert store.finish(JOB_ID, _success()).run()
 
     assert store.begin([JOB_ID])[0] is None
     assert _status(redis_client) is JobStatus.SUCCEEDED
@@ -85,7 +86,7 @@ def test_finish_stores_the_outcome_and_clears_the_progress_keys(
 ) -> None:
     store.begin([JOB_ID])
 
-    assert store.finish(JOB_ID, _success()) is True
+    assert store.finish(JOB_ID, _success()).run() is True
 
     raws = redis_client.mget(poll_keys(JOB_ID))
     assert read_poll([JOB_ID], raws) == {JOB_ID: _success()}
@@ -95,10 +96,10 @@ def test_finish_stores_the_outcome_and_clears_the_progress_keys(
 
 def test_the_first_outcome_wins(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
     store.begin([JOB_ID])
-    assert store.finish(JOB_ID, _success("first")) is True
+    assert store.finish(JOB_ID, _success("first")).run() is True
 
-    assert store.finish(JOB_ID, _failure()) is False
-    assert store.finish(JOB_ID, _success("second")) is False
+    assert store.finish(JOB_ID, _failure()).run() is False
+    assert store.finish(JOB_ID, _success("second")).run() is False
 
     raws = redis_client.mget(poll_keys(JOB_ID))
     assert read_poll([JOB_ID], raws) == {JOB_ID: _success("first")}
@@ -107,7 +108,7 @@ def test_the_first_outcome_wins(store: JobStore, redis_client: fakeredis.FakeRed
 def test_finish_without_begin_still_stores(
     store: JobStore, redis_client: fakeredis.FakeRedis
 ) -> None:
-    assert store.finish(JOB_ID, _failure()) is True
+    assert store.finish(JOB_ID, _failure()).run() is True
     assert _status(redis_client) is JobStatus.FAILED
 
 
@@ -125,7 +126,7 @@ def test_mark_retrying_never_overwrites_an_outcome(
 ) -> None:
     # The race Celery's own backend loses: a late RETRY after SUCCESS.
     store.begin([JOB_ID])
-    store.finish(JOB_ID, _success())
+    store.finish(JOB_ID, _success()).run()
 
     store.mark_retrying(JOB_ID, 1)
 
@@ -136,7 +137,7 @@ def test_mark_retrying_never_overwrites_an_outcome(
 def test_begin_never_overwrites_an_outcome(
     store: JobStore, redis_client: fakeredis.FakeRedis
 ) -> None:
-    store.finish(JOB_ID, _failure())
+    store.finish(JOB_ID, _failure()).run()
 
     assert store.begin([JOB_ID])[0] is None
     assert _status(redis_client) is JobStatus.FAILED
@@ -152,7 +153,7 @@ def test_every_key_expires(store: JobStore, redis_client: fakeredis.FakeRedis) -
     store.mark_retrying(JOB_ID, 1)
     assert 0 < redis_client.pttl(state_key(JOB_ID)) <= ttl_ms
 
-    store.finish(JOB_ID, _success())
+    store.finish(JOB_ID, _success()).run()
     assert 0 < redis_client.pttl(result_key(JOB_ID)) <= ttl_ms
 
 
@@ -179,7 +180,7 @@ def test_every_key_has_the_prefix(store: JobStore, redis_client: fakeredis.FakeR
         store.begin([job_id])[0]
         store.begin([job_id])[0]
         store.mark_retrying(job_id, 1)
-    store.finish("job-a", _success())
+    store.finish("job-a", _success()).run()
 
     keys = {key.decode() if isinstance(key, bytes) else key for key in redis_client.keys("*")}
 
@@ -202,7 +203,7 @@ def test_a_patient_finish_rides_out_a_redis_restart(tmp_path: Path) -> None:
         restart = threading.Timer(0.5, server.start)
         restart.start()
         try:
-            assert store.finish(JOB_ID, _success(), patient=True)
+            assert patiently(store.finish(JOB_ID, _success()).run, FINISH_PATIENCE_S)
         finally:
             restart.join()
         assert connection.exists(result_key(JOB_ID))
@@ -214,13 +215,13 @@ def test_an_impatient_finish_raises_at_once_when_redis_is_down(tmp_path: Path) -
         store = JobStore(server.client(), ttl_s=TTL_S)
         server.stop()
         with pytest.raises(redis.ConnectionError):
-            store.finish(JOB_ID, _success())
+            store.finish(JOB_ID, _success()).run()
 
 
 def test_begin_marks_many_jobs_in_one_call(
     store: JobStore, redis_client: fakeredis.FakeRedis
 ) -> None:
-    store.finish("done", _success())
+    store.finish("done", _success()).run()
 
     assert store.begin(["a", "done", "b", "a"]) == [1, None, 1, 2]
     assert redis_client.get(state_key("a")) == b"running"

@@ -7,40 +7,27 @@ from functools import cached_property
 from typing import Any
 
 import redis
-import redis.asyncio
 from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
 from worker.app.queue_guard import transport_for
 from worker.app.tasks import register
-from worker.attempt.call_loop import CallLoop
-from worker.attempt.classify import NotConfigured
-from worker.attempt.retry import RetryPolicy
-from worker.cli.main import EXIT_USAGE
+from worker.attempt.runtime import Runtime
+from worker.errors import EXIT_USAGE, MetricsPortTaken
 from worker.fleet.custody import Heartbeat, this_process
-from worker.fleet.limiter import Deployment, RateLimiter
-from worker.fleet.parking import Parking, ParkingMover
+from worker.fleet.parking import ParkingMover
 from worker.fleet.reconcile import Reconciler
-from worker.fleet.scripts import LoopRedis
-from worker.fleet.spend import SpendLedger
-from worker.fleet.store import JobStore
 from worker.llm.call import warm_up
-from worker.ops.metrics import Metrics, MetricsPortTaken, MetricsServer
-from worker.settings import LLMSettings, Settings
-
-# Both of a worker process's Redis clients (blocking, and on the call loop) alike.
-_REDIS_OPTIONS: dict[str, Any] = {
-    "socket_connect_timeout": 5,
-    "socket_timeout": 30,
-    "health_check_interval": 30,
-}
+from worker.ops.metrics import MetricsServer
+from worker.settings import Settings
 
 
 class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
-    """A Celery app that carries the worker's settings and per-process resources.
+    """A Celery app that carries the worker's settings, its Runtime (what attempts use) and the
+    process's services (heartbeat, safety net, parking mover).
 
-    Resources are created lazily, so each process (after a fork) makes its own connections.
+    Everything is created lazily, so each process (after a fork) makes its own connections.
     Settings stay out of ``app.conf``: Celery can print its conf, and the key must not leak.
     """
 
@@ -48,114 +35,41 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
         super().__init__("promptq", set_as_current=False)
         self.settings = settings
         self.conf.update(celery_config(settings))
-        self._deployments: dict[tuple[str | None, str], Deployment] = {}
-        self._retry_policies: dict[str | None, RetryPolicy] = {}
         # What `promptq worker` exits with (worker_main gives back no status of its own).
         self.exit_status = 0
 
     @cached_property
-    def redis(self) -> redis.Redis:
-        """This process's connection pool to the broker's Redis (job keys, limiter state)."""
-        return redis.Redis.from_url(self.settings.queue.broker_url, **_REDIS_OPTIONS)
-
-    @cached_property
-    def loop_redis(self) -> LoopRedis:
-        """The same Redis for the attempts on the call loop: runs the store's, the limiter's
-        and the spend ledger's script calls without blocking the loop."""
-        url = self.settings.queue.broker_url
-        return LoopRedis(redis.asyncio.Redis.from_url(url, **_REDIS_OPTIONS))
-
-    @cached_property
-    def store(self) -> JobStore:
-        return JobStore(self.redis, ttl_s=self.settings.queue.result_ttl_s)
-
-    @cached_property
-    def limiter(self) -> RateLimiter:
-        settings = self.settings
-        return RateLimiter(
-            self.redis,
-            max_ahead_s=settings.limiter_max_ahead_s,
-            adaptive=settings.queue.limiter_adaptive,
-        )
-
-    @cached_property
-    def spend(self) -> SpendLedger:
-        queue = self.settings.queue
-        return SpendLedger(self.redis, max_usd=queue.max_spend_usd, period=queue.spend_period)
-
-    @cached_property
-    def call_loop(self) -> CallLoop:
-        """The event loop every attempt runs on, PROMPTQ_CONCURRENCY at once."""
-        return CallLoop(self.settings.queue.concurrency)
-
-    @cached_property
-    def metrics(self) -> Metrics:
-        return Metrics()
-
-    @cached_property
-    def parking(self) -> Parking:
-        return Parking(self.redis)
+    def runtime(self) -> Runtime:
+        return Runtime(self.settings)
 
     @cached_property
     def parking_mover(self) -> ParkingMover:
-        return ParkingMover(self.parking)
+        return ParkingMover(self.runtime.parking)
 
     @cached_property
     def heartbeat(self) -> Heartbeat:
         """This process's heartbeat, which also returns dead processes' messages to the queue."""
         return Heartbeat(
-            self.redis,
+            self.runtime.redis,
             this_process(),
             self.settings.queue.heartbeat_timeout_s,
-            on_returned=self.metrics.messages_returned.inc,
+            on_returned=self.runtime.metrics.messages_returned.inc,
         )
 
     @cached_property
     def reconciler(self) -> Reconciler:
         """The safety net's passes, for jobs whose message was lost anyway."""
         return Reconciler(
-            self.redis,
-            self.store,
+            self.runtime.redis,
+            self.runtime.store,
             self.settings.queue.reconcile_interval_s,
-            on_recovered=self.metrics.recovered,
+            on_recovered=self.runtime.metrics.recovered,
         )
 
-    def llm_settings(self, name: str | None) -> LLMSettings:
-        """The LLM settings a job names (None: the default [llm]); NotConfigured when this
-        worker has no [llm.NAME] of that name."""
-        try:
-            return self.settings.llm_named(name)
-        except KeyError:
-            raise NotConfigured(
-                f"this worker has no [llm.{name}] configuration (it has: "
-                f"{', '.join(sorted(self.settings.named_llms)) or 'none'})"
-            ) from None
 
-    def retry_policy(self, name: str | None) -> RetryPolicy:
-        """The backoff of the LLM settings a job names."""
-        found = self._retry_policies.get(name)
-        if found is None:
-            named = self.settings.model_copy(update={"llm": self.llm_settings(name)})
-            found = self._retry_policies[name] = RetryPolicy.from_settings(named)
-        return found
-
-    def deployment(self, model: str, name: str | None) -> Deployment:
-        """The rate-limited deployment a call to ``model`` with the LLM settings ``name``
-        goes to (its endpoint and key), with its limits."""
-        found = self._deployments.get((name, model))
-        if found is None:
-            llm = self.llm_settings(name)
-            limits = self.settings.limits_for(model, llm)
-            key = llm.api_key.get_secret_value() if llm.api_key else None
-            found = Deployment.of(model, llm.base_url, key, rpm=limits.rpm, tpm=limits.tpm)
-            self._deployments[(name, model)] = found
-        return found
-
-    @cached_property
-    def secrets(self) -> tuple[str, ...]:
-        """Every API key this worker holds, to scrub from error messages."""
-        configs = [self.settings.llm, *self.settings.named_llms.values()]
-        return tuple({c.api_key.get_secret_value() for c in configs if c.api_key})
+# Messages with an ETA (a countdown) one worker holds in memory at most, besides its calls in
+# flight: only messages from elsewhere (an older promptq, a plain Celery client) carry one.
+FOREIGN_ETA_LIMIT = 1000
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
@@ -188,11 +102,11 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        # Retries are ETA messages held in memory until due: bound how many. Celery applies
-        # the limit to every message the worker holds, calls in flight included (it caps the
-        # prefetch count), so a limit at or below the concurrency stopped the worker taking
-        # jobs while that many retries were held: the limit comes on top of the concurrency.
-        "worker_eta_task_limit": queue.concurrency + queue.eta_task_limit,
+        # promptq's own messages carry no ETA (a job waits parked in Redis: worker.attempt.later),
+        # but Celery would hold any message that does in memory until due: bound how many.
+        # Celery applies the limit to every message the worker holds, calls in flight
+        # included (it caps the prefetch count): the limit comes on top of the concurrency.
+        "worker_eta_task_limit": queue.concurrency + FOREIGN_ETA_LIMIT,
         "broker_transport_options": {
             "visibility_timeout": queue.visibility_timeout_s,
             # kombu looks for messages unacknowledged past the visibility timeout (a killed
@@ -238,7 +152,7 @@ class WarmUpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
     label = "promptq warm-up"
 
     def start(self, worker: Any) -> None:
-        worker.app.call_loop.run([warm_up()])
+        worker.app.runtime.call_loop.run([warm_up()])
 
 
 class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
@@ -280,7 +194,7 @@ class CustodyStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
 
     def start(self, worker: Any) -> None:
         app: PromptqCelery = worker.app
-        problem = redis_version_problem(app.redis)
+        problem = redis_version_problem(app.runtime.redis)
         if problem is not None:
             print(f"promptq worker: {problem}", file=sys.__stderr__, flush=True)
             app.exit_status = EXIT_USAGE
@@ -307,7 +221,8 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
         queue = app.settings.queue
         if queue.metrics_port is None:
             return
-        self.server = MetricsServer(app.metrics.registry, queue.metrics_host, queue.metrics_port)
+        registry = app.runtime.metrics.registry
+        self.server = MetricsServer(registry, queue.metrics_host, queue.metrics_port)
         try:
             self.server.start()
         except MetricsPortTaken as exc:

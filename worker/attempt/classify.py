@@ -10,6 +10,13 @@ from typing import Any
 import openai
 
 from api_client._schemas import ErrorKind
+from worker.errors import (
+    AttemptProblem,
+    ContentPolicyViolation,
+    ContextWindowExceeded,
+    MalformedResponse,
+    NotConfigured,
+)
 
 # Statuses worth another attempt: rate limits, timeouts, conflicts and server-side trouble
 # (529 is Anthropic's "overloaded").
@@ -35,31 +42,6 @@ PERMANENT_STATUSES = {
 
 MAX_MESSAGE_CHARS = 2000
 _KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|AIza[0-9A-Za-z_\-]{20,}|gsk_[A-Za-z0-9]{10,})")
-
-
-class AttemptProblem(Exception):
-    """A failed attempt that promptq itself recognised (before, during or after the call)."""
-
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-
-
-class NotConfigured(AttemptProblem):
-    """The worker is missing what it needs to call this model (model name, API key...)."""
-
-
-class MalformedResponse(AttemptProblem):
-    """The provider answered with a body that is not a usable completion."""
-
-
-class ContextWindowExceeded(AttemptProblem):
-    """The prompt (plus max_tokens) does not fit the model's context window."""
-
-
-class ContentPolicyViolation(AttemptProblem):
-    """The provider refused the prompt or the answer on content-policy grounds."""
 
 
 # Checked in order; the first match decides.

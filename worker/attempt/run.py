@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from api_client._schemas import (
@@ -22,44 +21,22 @@ from api_client._schemas import (
     Outcome,
     PromptResult,
 )
-from worker.attempt.classify import Failure, NotConfigured, classify, response_headers
+from worker.attempt.classify import Failure, classify, response_headers
+from worker.attempt.delivery import Delivery
+from worker.attempt.later import come_back_later
 from worker.attempt.throttle import Slot, park_for_slot, slot_now, tokens_to_charge, until_slot_s
-from worker.fleet.scripts import REDIS_DOWN, ScriptCall, patiently_on_loop
-from worker.fleet.spend import BudgetExceeded, Reservation
+from worker.errors import REDIS_DOWN, REDIS_UNAVAILABLE, BudgetExceeded, NotConfigured
+from worker.fleet.scripts import ScriptCall, patiently, patiently_on_loop
+from worker.fleet.spend import Reservation
 from worker.fleet.store import FINISH_PATIENCE_S
 from worker.llm import call as llm
 
 if TYPE_CHECKING:
-    from worker.app.celery_app import PromptqCelery
+    from worker.attempt.runtime import Runtime
     from worker.fleet.limiter import Deployment
     from worker.settings import LLMSettings
 
 logger = logging.getLogger("promptq.worker")
-
-# Redis (or the broker connection through it) cannot be reached right now.
-REDIS_UNAVAILABLE = (*REDIS_DOWN, OperationalError)
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """One job as a message delivered it."""
-
-    job_id: str
-    request_type: type[JobRequest]
-    request: Any  # the message's request, not validated yet
-    failures: int = 0  # provider failures so far: the retry budget spent
-    deliveries: int = 1  # the job's deliveries, this one included
-    # Set when this delivery holds a rate-limit slot: the tokens charged, and its start
-    # (epoch seconds).
-    reserved_tokens: int | None = None
-    slot_at: float | None = None
-
-    def state(self) -> dict[str, Any]:
-        """The task keyword arguments that carry this delivery's state to another message."""
-        state: dict[str, Any] = {"failures": self.failures}
-        if self.reserved_tokens is not None:
-            state |= {"reserved_tokens": self.reserved_tokens, "slot_at": self.slot_at}
-        return state
 
 
 @dataclass(frozen=True)
@@ -82,76 +59,81 @@ class Started:
     model: str
 
 
-def begin(app: PromptqCelery, deliveries: list[Delivery]) -> list[Started]:
-    """Mark a message's jobs running in one round trip; the ones to attempt. The others end
-    here: an invalid request, a duplicate delivery of a finished job, a job that killed its
-    workers too often, a model this worker cannot call."""
-    parsed = [(d, r) for d, r in ((d, _parsed(app, d)) for d in deliveries) if r is not None]
-    starts = app.store.begin([delivery.job_id for delivery, _ in parsed])
+def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
+    """Mark a message's jobs running in one round trip. Returns the ones to attempt; the
+    others end here: an unknown task, an invalid request, a duplicate delivery of a finished
+    job, a job that killed its workers too often, a model this worker cannot call."""
+    parsed = [(d, r) for d, r in ((d, _parsed(rt, d)) for d in deliveries) if r is not None]
+    starts = rt.store.begin([delivery.job_id for delivery, _ in parsed])
     started = []
     for (delivery, request), count in zip(parsed, starts, strict=True):
-        model = _model_to_call(app, delivery, request, count)
+        model = _model_to_call(rt, delivery, request, count)
         if model is not None:
             started.append(Started(delivery, request, model))
     return started
 
 
-async def attempt(app: PromptqCelery, job: Started) -> Reschedule | None:
+async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
     """Run one attempt of a started job: store its outcome, park it for rate-limit capacity,
     or say when to retry it. Redis errors propagate (the message then goes back to the
     queue)."""
-    delivery, offload = job.delivery, app.call_loop.offload
-    patience_s = app.settings.queue.visibility_timeout_s / 4
-    async with app.call_loop.permit(patience_s) as permitted:
+    delivery, offload = job.delivery, rt.call_loop.offload
+    patience_s = rt.settings.queue.visibility_timeout_s / 4
+    async with rt.call_loop.permit(patience_s) as permitted:
         if not permitted:  # the process is full for too long: give the job to another
-            await offload(_hand_back, app, job)
+            await offload(_hand_back, rt, job)
             return None
-        call = await _prepare(app, delivery, job.request, job.model)
+        call = await _prepare(rt, delivery, job.request, job.model)
         if call is None:
             return None
         if call.wait_s > 0:
             await asyncio.sleep(call.wait_s)
         started = time.monotonic()
         try:
-            with app.metrics.timing(call.deployment.model):
+            with rt.metrics.timing(call.deployment.model):
                 answer = await llm.acall(call.llm, call.request)
         except Exception as exc:  # every failure is classified
-            return await offload(_after_failure, app, delivery, call, exc)
-        await _after_success(app, delivery, call, answer, time.monotonic() - started)
+            return await offload(_after_failure, rt, delivery, call, exc)
+        await _after_success(rt, delivery, call, answer, time.monotonic() - started)
         return None
 
 
-def _hand_back(app: PromptqCelery, job: Started) -> None:
+def _hand_back(rt: Runtime, job: Started) -> None:
     """Queue the job again as a message of its own, its state kept."""
     delivery = job.delivery
-    app.store.mark_waiting(delivery.job_id)
-    app.parking.park_job(
+    rt.store.mark_waiting(delivery.job_id)
+    come_back_later(
+        rt.parking,
         delivery.job_id,
         job.request,
-        state=delivery.state(),
+        state=delivery.state,
         deliveries=delivery.deliveries,
         delay_s=0.0,
     )
 
 
-def fail_unexpectedly(app: PromptqCelery, job_id: str, exc: BaseException) -> None:
+def fail_unexpectedly(rt: Runtime, job_id: str, exc: BaseException) -> None:
     """A bug in promptq ended the job's attempt: log it and fail the job as ``internal``."""
     logger.error("job %s: unexpected %s in the worker", job_id, type(exc).__name__, exc_info=exc)
     message = f"unexpected {type(exc).__name__} in the worker (see its log)"
-    fail(app, job_id, Failure(ErrorKind.INTERNAL, message), attempts=0)
+    fail(rt, job_id, Failure(ErrorKind.INTERNAL, message), attempts=0)
 
 
-def _parsed(app: PromptqCelery, delivery: Delivery) -> JobRequest | None:
+def _parsed(rt: Runtime, delivery: Delivery) -> JobRequest | None:
+    if delivery.request_type is None:
+        unknown = f"unknown task {delivery.task_name[:60]!r}"
+        fail(rt, delivery.job_id, Failure(ErrorKind.BAD_REQUEST, unknown), attempts=0)
+        return None
     try:
         return delivery.request_type.model_validate(delivery.request)
     except ValidationError as exc:
         failure = Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}")
-        fail(app, delivery.job_id, failure, attempts=0)
+        fail(rt, delivery.job_id, failure, attempts=0)
         return None
 
 
 def _model_to_call(
-    app: PromptqCelery, delivery: Delivery, request: JobRequest, starts: int | None
+    rt: Runtime, delivery: Delivery, request: JobRequest, starts: int | None
 ) -> str | None:
     """The model a job marked running (``starts`` times so far) goes to; None when the job
     ends here."""
@@ -160,14 +142,14 @@ def _model_to_call(
         logger.info("job %s already has an outcome; dropped a duplicate delivery", job_id)
         return None
     redeliveries = starts - delivery.deliveries
-    if redeliveries > app.settings.queue.max_redeliveries:
+    if redeliveries > rt.settings.queue.max_redeliveries:
         message = f"the worker running this job died {redeliveries} times"
-        fail(app, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=delivery.failures)
+        fail(rt, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=delivery.state.failures)
         return None
     try:
-        return llm.model_of(app.llm_settings(request.llm), request)
+        return llm.model_of(rt.llm_settings(request.llm), request)
     except NotConfigured as exc:
-        fail(app, job_id, classify(exc), attempts=0)
+        fail(rt, job_id, classify(exc), attempts=0)
         return None
 
 
@@ -184,78 +166,78 @@ class _Call:
 
 
 async def _prepare(
-    app: PromptqCelery, delivery: Delivery, request: JobRequest, model: str
+    rt: Runtime, delivery: Delivery, request: JobRequest, model: str
 ) -> _Call | None:
     """Take a rate-limit slot (unless the delivery holds one) and set money aside under a
     spending cap; None when the job was parked or refused."""
-    job_id, offload = delivery.job_id, app.call_loop.offload
-    llm_settings = app.llm_settings(request.llm)
-    deployment = app.deployment(model, request.llm)
-    if delivery.reserved_tokens is None:
-        tokens = tokens_to_charge(app, deployment, request)
-        grant = await app.loop_redis.run_one(app.limiter.acquire_call(deployment, tokens))
-        slot = slot_now(app, deployment, grant, tokens)
+    job_id, offload = delivery.job_id, rt.call_loop.offload
+    llm_settings = rt.llm_settings(request.llm)
+    deployment = rt.deployment(model, request.llm)
+    if delivery.state.reserved_tokens is None:
+        tokens = tokens_to_charge(rt, deployment, request)
+        grant = await rt.loop_redis.run_one(rt.limiter.acquire(deployment, tokens))
+        slot = slot_now(rt, deployment, grant, tokens)
         if slot is None:  # parked: it comes back for its slot
             await offload(
                 park_for_slot,
-                app,
+                rt,
                 deployment,
                 request,
                 grant,
                 tokens,
                 job_id=job_id,
                 deliveries=delivery.deliveries,
-                failures=delivery.failures,
+                failures=delivery.state.failures,
             )
             return None
     else:
-        slot = Slot(delivery.reserved_tokens, until_slot_s(app, delivery.slot_at))
+        slot = Slot(delivery.state.reserved_tokens, until_slot_s(rt, delivery.state.slot_at))
     try:
-        reservation = await _reserve_spend(app, request, model, llm_settings)
+        reservation = await _reserve_spend(rt, request, model, llm_settings)
     except BudgetExceeded as exc:
-        app.metrics.budget_refused(model)
+        rt.metrics.budget_refused(model)
         failure = Failure(ErrorKind.BUDGET_EXCEEDED, str(exc))
-        await offload(fail, app, job_id, failure, attempts=delivery.failures)
+        await offload(fail, rt, job_id, failure, attempts=delivery.state.failures)
         return None
     except NotConfigured as exc:
-        await offload(fail, app, job_id, classify(exc), attempts=delivery.failures)
+        await offload(fail, rt, job_id, classify(exc), attempts=delivery.state.failures)
         return None
     return _Call(request, llm_settings, deployment, slot.tokens, reservation, slot.wait_s)
 
 
 async def _reserve_spend(
-    app: PromptqCelery, request: JobRequest, model: str, llm_settings: LLMSettings
+    rt: Runtime, request: JobRequest, model: str, llm_settings: LLMSettings
 ) -> Reservation | None:
     """Under a spending cap, set the call's highest likely cost aside (BudgetExceeded when
     there is no room; NotConfigured when the model has no price)."""
-    if not app.spend.applies(request.budget):
+    if not rt.spend.applies(request.budget):
         return None
-    reply_tokens = app.settings.queue.limiter_reply_tokens
+    reply_tokens = rt.settings.queue.limiter_reply_tokens
     estimate_usd = llm.estimate_cost_usd(llm_settings, model, request, reply_tokens)
-    return await app.loop_redis.run_one(app.spend.reserve_call(request.budget, estimate_usd))
+    return await rt.loop_redis.run_one(rt.spend.reserve(request.budget, estimate_usd))
 
 
 async def _after_success(
-    app: PromptqCelery, delivery: Delivery, call: _Call, answer: llm.Answer, latency_s: float
+    rt: Runtime, delivery: Delivery, call: _Call, answer: llm.Answer, latency_s: float
 ) -> None:
     """Store the answer and book what it cost, in one round trip."""
-    job_id, attempts = delivery.job_id, delivery.failures + 1
+    job_id, attempts = delivery.job_id, delivery.state.failures + 1
     cost_usd = answer.cost_usd
     if cost_usd is None and call.reservation is not None:
         cost_usd = call.reservation.amount_usd  # priced before the call; keep the cap honest
     result = _result_of(job_id, answer, cost_usd, attempts, latency_s)
-    store = app.store.finish_call(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result))
+    store = rt.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result))
     usage = answer.usage
     charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
     book = _book_calls(
-        app,
+        rt,
         call,
         cost_usd=cost_usd or 0.0,
         charged_tokens=charged or call.reserved_tokens,
         outcome="ok",
         headers=answer.headers,
     )
-    loop_redis = app.loop_redis
+    loop_redis = rt.loop_redis
     try:
         await loop_redis.run(store, *book)
     except REDIS_DOWN:
@@ -268,7 +250,7 @@ async def _after_success(
             await loop_redis.run(*book)
         except REDIS_DOWN as exc:
             _not_booked(call, exc)
-    app.metrics.call_succeeded(call.deployment.model, usage, cost_usd)
+    rt.metrics.call_succeeded(call.deployment.model, usage, cost_usd)
 
 
 def _result_of(
@@ -295,17 +277,17 @@ def _result_of(
 
 
 def _after_failure(
-    app: PromptqCelery, delivery: Delivery, call: _Call, exc: Exception
+    rt: Runtime, delivery: Delivery, call: _Call, exc: Exception
 ) -> Reschedule | None:
     """Classify a failed call; say when to retry it while the budget lasts, else store it."""
-    failure = classify(exc, secrets=app.secrets)
-    app.metrics.call_failed(call.deployment.model, failure.kind)
+    failure = classify(exc, secrets=rt.secrets)
+    rt.metrics.call_failed(call.deployment.model, failure.kind)
     rate_limited = failure.kind is ErrorKind.RATE_LIMITED
     headers: dict[str, Any] = {}
     for found in response_headers(exc):
         headers.update(found)
     _book(
-        app,
+        rt,
         call,
         cost_usd=0.0,  # providers do not bill failed calls
         # A refused request costs nothing; anything else may have been counted.
@@ -314,37 +296,36 @@ def _after_failure(
         retry_after_s=failure.retry_after_s,
         headers=headers,
     )
-    failures = delivery.failures
+    failures = delivery.state.failures
     # A call refused before it was sent (missing key, say) is not an attempt.
     attempts = failures if isinstance(exc, NotConfigured) else failures + 1
     if failure.retryable and failures < call.llm.num_retries:
-        wait_s = app.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
-        app.store.mark_retrying(delivery.job_id, attempts)
-        app.metrics.retry_scheduled(call.deployment.model, failure.kind)
+        wait_s = rt.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
+        rt.store.mark_retrying(delivery.job_id, attempts)
+        rt.metrics.retry_scheduled(call.deployment.model, failure.kind)
         return Reschedule(call.request, wait_s, attempts, failure.summary())
-    fail(app, delivery.job_id, failure, attempts=attempts)
+    fail(rt, delivery.job_id, failure, attempts=attempts)
     return None
 
 
-def _book(app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any) -> None:
+def _book(rt: Runtime, call: _Call, *, cost_usd: float, **limiter_news: Any) -> None:
     """Tell the rate limiter how the call went and book its cost (blocking); a Redis outage
     only costs this bookkeeping."""
     try:
-        for script_call in _book_calls(app, call, cost_usd=cost_usd, **limiter_news):
+        for script_call in _book_calls(rt, call, cost_usd=cost_usd, **limiter_news):
             script_call.run()
     except REDIS_UNAVAILABLE as exc:
         _not_booked(call, exc)
 
 
 def _book_calls(
-    app: PromptqCelery, call: _Call, *, cost_usd: float, **limiter_news: Any
+    rt: Runtime, call: _Call, *, cost_usd: float, **limiter_news: Any
 ) -> tuple[ScriptCall[None], ScriptCall[None]]:
-    """The script calls that settle a call with the rate limiter and the spend ledger."""
+    """Returns the script calls that tell the rate limiter how the call went and book its
+    cost with the spend ledger."""
     return (
-        app.limiter.settle_call(
-            call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news
-        ),
-        app.spend.settle_call(call.reservation, cost_usd, call.request.budget),
+        rt.limiter.record(call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news),
+        rt.spend.book(call.reservation, cost_usd, call.request.budget),
     )
 
 
@@ -352,7 +333,7 @@ def _not_booked(call: _Call, exc: BaseException) -> None:
     logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
 
 
-def fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) -> None:
+def fail(rt: Runtime, job_id: str, failure: Failure, *, attempts: int) -> None:
     """Store the job's failure (unless it already has an outcome)."""
     error = JobError(
         kind=failure.kind,
@@ -360,6 +341,9 @@ def fail(app: PromptqCelery, job_id: str, failure: Failure, *, attempts: int) ->
         status_code=failure.status_code,
         attempts=attempts,
     )
-    if app.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error), patient=True):
-        app.metrics.job_failed(failure.kind)
+    # A failure that cost a provider call is worth waiting for Redis to store (up to
+    # FINISH_PATIENCE_S) rather than running the job again later.
+    stored = rt.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error))
+    if patiently(stored.run, FINISH_PATIENCE_S):
+        rt.metrics.job_failed(failure.kind)
         logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())

@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 from api_client import EmbeddingResult, InvalidRequest, JobError, PromptRequest, PromptResult
 from api_client._schemas import JobRequest, JobResult
 from api_client._wire import build_embedding_request, build_request
+from worker.errors import OutputFormatError
 
 # --- input ------------------------------------------------------------------------------------
 #
@@ -293,10 +294,6 @@ def _build(prompt: Any, messages: Any, model: Any, params: dict[str, Any]) -> Pr
 # "error"; read_done reads those as failures too).
 
 _ALLOWED_FINISH = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
-
-
-class OutputFormatError(ValueError):
-    """An existing output file holds a line that is not a promptq batch output line."""
 
 
 class OutputWriter:

@@ -13,11 +13,11 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from api_client._constants import QUEUE
-from worker.settings import ConfigError, Settings, load_settings
+from worker.errors import EXIT_USAGE, ConfigError
+from worker.settings import Settings, load_settings
 
 POOLS = ("threads", "prefork", "solo")
 EXIT_FAILED = 1  # some prompts failed
-EXIT_USAGE = 2  # bad arguments, configuration or input: nothing was run
 EXIT_INTERRUPTED = 130
 
 

@@ -15,8 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-EXIT_CRASH_LOOP = 1
-EXIT_USAGE = 2  # a child that exits 2 met a bad setting: restarting it cannot help
+from worker.errors import EXIT_CRASH_LOOP, EXIT_USAGE
 
 # A child that dies is started again after RESTART_FIRST_S, doubling for each further death of
 # that child within CRASH_WINDOW_S, up to RESTART_MAX_S; a child that dies more than

@@ -206,7 +206,7 @@ class RateLimiter:
     """Shares each deployment's budget between every worker through one Redis hash.
 
     ``acquire`` reserves a slot for a call (GCRA on requests and tokens, Redis server time)
-    no further than ``max_ahead_s`` ahead; ``settle`` corrects the token charge with what the
+    no further than ``max_ahead_s`` ahead; ``record`` corrects the token charge with what the
     call really used, learns limits from the provider's headers and 429s (when ``adaptive``),
     and shares a Retry-After with the whole fleet.
     """
@@ -224,12 +224,9 @@ class RateLimiter:
         """Whether a call to this deployment must be charged tokens before it starts."""
         return bool(deployment.tpm) or self._tpm_seen.get(deployment.identity, 0.0) > 0
 
-    def acquire(self, deployment: Deployment, tokens: int) -> Grant:
-        """Reserve a slot for one call of about ``tokens`` tokens, or say when to ask again."""
-        return self.acquire_call(deployment, tokens).run()
-
-    def acquire_call(self, deployment: Deployment, tokens: int) -> ScriptCall[Grant]:
-        """The call behind ``acquire``."""
+    def acquire(self, deployment: Deployment, tokens: int) -> ScriptCall[Grant]:
+        """Returns the script call that reserves a slot for one call of about ``tokens``
+        tokens, or says when to ask again."""
 
         def grant_of(reply: Any) -> Grant:
             granted, wait_us, rpm, tpm = reply
@@ -253,12 +250,7 @@ class RateLimiter:
             parse=grant_of,
         )
 
-    def settle(self, deployment: Deployment, **news: Any) -> None:
-        """Record how a call went: its real token charge, the provider's limits, any 429
-        (the arguments of ``settle_call``)."""
-        self.settle_call(deployment, **news).run()
-
-    def settle_call(
+    def record(
         self,
         deployment: Deployment,
         *,
@@ -268,7 +260,8 @@ class RateLimiter:
         retry_after_s: float | None = None,
         headers: Mapping[str, Any] | None = None,
     ) -> ScriptCall[None]:
-        """The script call that records how a provider call went."""
+        """Returns the script call that records how a provider call went: its real token
+        charge, the limits the provider stated, any 429."""
         learned_rpm, learned_tpm = limits_from_headers(headers or {})
 
         def remember_tpm(reply: Any) -> None:

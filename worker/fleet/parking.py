@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import redis
 
 from api_client._constants import KEY_PREFIX, QUEUE
-from api_client._schemas import JobRequest
-from api_client._wire import task_message
 from worker.fleet.scripts import LUA_NOW_MS
 
 PARKED_KEY = f"{KEY_PREFIX}parked"
@@ -75,19 +72,6 @@ class Parking:
     def park(self, message: bytes, delay_s: float) -> None:
         self._park(keys=[PARKED_KEY], args=[message, max(0, int(delay_s * 1000))])
         self.parked.set()
-
-    def park_job(
-        self,
-        job_id: str,
-        request: JobRequest,
-        *,
-        state: Mapping[str, Any],
-        deliveries: int,
-        delay_s: float,
-    ) -> None:
-        """Park a job as a message of its own: its task keyword arguments ``state``, after
-        ``deliveries`` deliveries of the job."""
-        self.park(task_message(job_id, request, kwargs=state, retries=deliveries), delay_s)
 
     def move_due(self, limit: int = MOVE_BATCH) -> Moved:
         """Queue the parked messages that are due (at most ``limit``)."""

@@ -206,7 +206,7 @@ class Reconciler:
             "run it again (submitted by an older promptq client, or not through promptq's)",
             attempts=0,
         )
-        if not self._store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error)):
+        if not self._store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error)).run():
             return None
         self._client.hincrby(RECOVERY_KEY, "jobs_abandoned", 1)
         logger.error("job %s had no message anywhere and no stored request: failed", job_id)

@@ -14,10 +14,11 @@ import redis.asyncio
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
+from worker.errors import REDIS_DOWN
+
 T = TypeVar("T")
 
 # Redis cannot be reached right now (either client).
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError)
 
 # A Lua prelude that sets ``now_ms``: Redis's own clock in milliseconds, one clock for every
 # worker whatever their machines' clocks say.

@@ -10,6 +10,7 @@ import redis
 
 from api_client._constants import KEY_PREFIX, budget_key
 from api_client._wire import text_of
+from worker.errors import BudgetExceeded
 from worker.fleet.scripts import ScriptCall
 
 Period = Literal["total", "day", "month"]
@@ -60,10 +61,6 @@ return 1
 """
 
 
-class BudgetExceeded(Exception):
-    """A spending cap leaves no room for this call."""
-
-
 @dataclass(frozen=True)
 class Reservation:
     """Money set aside for one call, to be settled with its real cost."""
@@ -101,12 +98,9 @@ class SpendLedger:
         """Whether a call must be priced before it starts."""
         return self._max_usd is not None or budget is not None
 
-    def reserve(self, budget: str | None, estimate_usd: float) -> Reservation:
-        """Set ``estimate_usd`` aside, or raise BudgetExceeded naming the cap."""
-        return self.reserve_call(budget, estimate_usd).run()
-
-    def reserve_call(self, budget: str | None, estimate_usd: float) -> ScriptCall[Reservation]:
-        """The call behind ``reserve`` (its reply raises BudgetExceeded)."""
+    def reserve(self, budget: str | None, estimate_usd: float) -> ScriptCall[Reservation]:
+        """Returns the script call that sets ``estimate_usd`` aside (its reply raises
+        BudgetExceeded, naming the cap, when there is no room)."""
         key = global_key(self._period)
         budget_redis_key = budget_key(budget) if budget else ""
         cap = -1.0 if self._max_usd is None else self._max_usd
@@ -123,14 +117,11 @@ class SpendLedger:
             parse=reservation_of,
         )
 
-    def settle(self, reservation: Reservation | None, cost_usd: float, budget: str | None) -> None:
-        """Book a call's real cost (and release its reservation, if it had one)."""
-        self.settle_call(reservation, cost_usd, budget).run()
-
-    def settle_call(
+    def book(
         self, reservation: Reservation | None, cost_usd: float, budget: str | None
     ) -> ScriptCall[None]:
-        """The call behind ``settle``."""
+        """Returns the script call that books a call's real cost (and releases its
+        reservation, if it had one)."""
         if reservation is None:
             keys = [global_key(self._period), budget_key(budget) if budget else ""]
             reserved = 0.0

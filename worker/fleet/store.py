@@ -14,7 +14,7 @@ from api_client._constants import (
     state_key,
 )
 from api_client._schemas import JobStatus, Outcome
-from worker.fleet.scripts import LUA_NOW_MS, ScriptCall, patiently
+from worker.fleet.scripts import LUA_NOW_MS, ScriptCall
 
 # How long a worker keeps trying to store an outcome that cost a provider call while Redis
 # is unreachable, before the job goes back to the queue (and the call is made again).
@@ -108,17 +108,9 @@ class JobStore:
             args=[status.value, self._ttl_ms, job_id, failures],
         )
 
-    def finish(self, job_id: str, outcome: Outcome, *, patient: bool = False) -> bool:
-        """Store the outcome unless one is already stored; True if this one was stored.
-
-        ``patient``: an outcome that cost a provider call is worth waiting for Redis to come
-        back (up to FINISH_PATIENCE_S) rather than running the job again later.
-        """
-        call = self.finish_call(job_id, outcome)
-        return patiently(call.run, FINISH_PATIENCE_S if patient else 0.0)
-
-    def finish_call(self, job_id: str, outcome: Outcome) -> ScriptCall[bool]:
-        """The call that stores the outcome unless one is stored; its reply: whether it was."""
+    def finish(self, job_id: str, outcome: Outcome) -> ScriptCall[bool]:
+        """Returns the script call that stores the outcome unless one is already stored; its
+        reply says whether this one was."""
         return ScriptCall(
             self._finish,
             keys=[

@@ -19,7 +19,7 @@ from litellm.exceptions import ContentPolicyViolationError, ContextWindowExceede
 from litellm.utils import supports_prompt_caching as _litellm_supports_prompt_caching
 
 from api_client._schemas import EmbeddingRequest, JobRequest, PromptRequest, Usage
-from worker.attempt.classify import (
+from worker.errors import (
     ContentPolicyViolation,
     ContextWindowExceeded,
     MalformedResponse,

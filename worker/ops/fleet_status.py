@@ -41,8 +41,10 @@ class FleetStatus:
     broker: str  # the Redis URL, any password redacted
     queue_depth: int  # messages waiting in the queue (all priority lists; a pack counts once)
     in_flight: int  # taken by a worker, not yet acknowledged (running or held for a retry)
-    retries_scheduled: int  # of those, retries held by a worker until their ETA
-    parked: int  # jobs waiting in Redis for rate-limit capacity (worker.fleet.parking)
+    # Of those, messages a worker holds until their ETA: promptq parks its own waits in Redis,
+    # so these come from elsewhere (an older promptq's retries, a Celery client's countdown).
+    retries_scheduled: int
+    parked: int  # jobs waiting in Redis until due: retries, rate-limit waits (worker.attempt.later)
     workers: list[str]  # names of the workers that answered a ping
     jobs: dict[str, int]  # non-terminal jobs by state: queued, running, retrying
     truncated: bool = False  # True when there were more keys than gather_status reads
@@ -231,8 +233,8 @@ def format_status(status: FleetStatus) -> str:
         ("broker", status.broker),
         ("queue depth", f"{status.queue_depth:,}"),
         ("in flight", f"{status.in_flight:,} (taken by workers, not yet acknowledged)"),
-        ("retries scheduled", f"{status.retries_scheduled:,} (held by workers until due)"),
-        ("parked", f"{status.parked:,} (waiting in Redis for rate-limit capacity)"),
+        ("held for an ETA", f"{status.retries_scheduled:,} (messages held by workers until due)"),
+        ("parked", f"{status.parked:,} (waiting in Redis until due: retries, rate-limit waits)"),
         ("workers", workers),
         ("worker processes", f"{status.processes:,} with a heartbeat"),
         ("jobs", jobs),

@@ -20,6 +20,7 @@ from prometheus_client import (
 )
 
 from api_client._schemas import ErrorKind, Usage
+from worker.errors import MetricsPortTaken
 
 logger = logging.getLogger("promptq.worker")
 
@@ -177,10 +178,6 @@ class Metrics:
                 self._models.add(model)
                 return model
         return OTHER_MODEL
-
-
-class MetricsPortTaken(Exception):
-    """The metrics server cannot listen where PROMPTQ_METRICS_HOST/PORT say."""
 
 
 class MetricsServer:

@@ -1,0 +1,46 @@
+"""The jobs one message carries, attempted together on the call loop; each retried or ended."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from worker.attempt.delivery import Delivery, DeliveryState
+from worker.attempt.later import come_back_later
+from worker.attempt.run import Reschedule, Started, attempt, begin, fail_unexpectedly
+from worker.attempt.runtime import Runtime
+from worker.errors import REDIS_UNAVAILABLE
+
+logger = logging.getLogger("promptq.worker")
+
+
+def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
+    """Give each job of a message one attempt, concurrently; park the ones to retry.
+
+    Raises one of REDIS_UNAVAILABLE when Redis could not be reached for one of them: the
+    message must then go back to the queue, and no retry is parked (the message brings the
+    job back; a parked retry as well would run it twice). A job is never left without an
+    outcome or a message that brings it back.
+    """
+    started = begin(rt, list(deliveries))
+    ended = rt.call_loop.run([attempt(rt, job) for job in started]) if started else []
+    redis_error = next((e for e in ended if isinstance(e, REDIS_UNAVAILABLE)), None)
+    retries: list[tuple[Started, Reschedule]] = []
+    for job, outcome in zip(started, ended, strict=True):
+        if isinstance(outcome, Reschedule):
+            retries.append((job, outcome))
+        elif isinstance(outcome, BaseException) and redis_error is None:
+            fail_unexpectedly(rt, job.delivery.job_id, outcome)
+    if redis_error is not None:
+        raise redis_error
+    for job, retry in retries:
+        delivery = job.delivery
+        come_back_later(
+            rt.parking,
+            delivery.job_id,
+            retry.request,
+            state=DeliveryState(retry.failures),
+            deliveries=delivery.deliveries,
+            delay_s=retry.wait_s,
+        )
+        logger.info("job %s: retry in %.2f s: %s", delivery.job_id, retry.wait_s, retry.summary)
