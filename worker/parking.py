@@ -11,7 +11,7 @@ import redis
 
 from api_client._constants import KEY_PREFIX, QUEUE
 from api_client._schemas import JobRequest
-from api_client._wire import task_message
+from api_client._task_messages import task_message
 
 from .script_calls import LUA_NOW_MS
 
