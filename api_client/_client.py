@@ -14,27 +14,28 @@ from redis.retry import Retry
 
 from ._constants import budget_key
 from ._errors import BrokerUnavailable, JobTimeout
-from ._schemas import EmbeddingResult, JobRequest, JobStatus
-from ._settings import ClientSettings
-from ._wire import (
+from ._handle import JobHandle, ResultT
+from ._polling import (
     RETRIED_ERRORS,
-    JobHandle,
     Poller,
-    ResultT,
-    Submission,
     broker_errors,
-    build_embedding_request,
-    build_request,
-    check_budget,
-    check_job_id,
-    enqueue,
     job_timeout,
     poll_keys,
     read_poll,
     status_of,
+)
+from ._publish import enqueue
+from ._requests import (
+    Submission,
+    build_embedding_request,
+    build_request,
+    check_budget,
+    check_job_id,
     submission,
     submissions,
 )
+from ._schemas import EmbeddingResult, JobRequest, JobStatus
+from ._settings import ClientSettings
 
 JobT = TypeVar("JobT", bound="Job[Any]")
 

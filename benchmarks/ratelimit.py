@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from api_client import Client, JobFailed, PromptRequest
-from api_client._wire import build_request
+from api_client._requests import build_request
 from worker.app.embedded import RedisServerProcess
 from worker.fake_provider import FakeProvider, FakeProviderConfig
 

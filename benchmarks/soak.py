@@ -61,7 +61,7 @@ from _soak_report import Phase, PhaseReport, Report, Tracked, phase_report, show
 import worker
 from api_client import BrokerUnavailable, Client, JobFailed, JobNotFound
 from api_client._constants import RECOVERY_KEY
-from api_client._wire import text_of
+from api_client._polling import text_of
 from tests.support.invariants import dump_values
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -55,7 +55,7 @@ import redis
 
 from api_client import Client
 from api_client._constants import KEY_PREFIX, TASK_NAME
-from api_client._wire import build_request
+from api_client._requests import build_request
 from worker.app.embedded import RedisServerProcess
 
 # A model LiteLLM prices, as most deployments call: cost_usd is computed for every answer.

@@ -2,9 +2,10 @@
 
 How a prompt flows, hop by hop:
 
-1. ``api_client`` validates the request (``_wire``) and, in one Lua script, queues a Celery
-   task message in the Redis list ``promptq`` with the job's state and a copy of its
-   request (keys: ``api_client._constants``).
+1. ``api_client`` validates the request (``_requests``) and, in one Lua script
+   (``_publish``), queues a Celery task message (``_task_messages``) in the Redis list
+   ``promptq`` with the job's state and a copy of its request (every key:
+   ``api_client._constants``).
 2. ``promptq worker`` (``cli.main``; N processes under ``cli.supervisor``) runs the Celery
    app (``app.celery_app``). Its transport (``app.queue_guard``) takes each message with one
    BLMOVE into the process's own list in Redis (``fleet.custody``), so a killed process

@@ -18,7 +18,8 @@ from api_client import (
     Usage,
 )
 from api_client._constants import QUEUE, starts_key, state_key
-from api_client._wire import build_request, task_message
+from api_client._requests import build_request
+from api_client._task_messages import task_message
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer

@@ -16,7 +16,8 @@ import pytest
 
 from api_client import Client
 from api_client._constants import QUEUE
-from api_client._wire import build_request, task_message
+from api_client._requests import build_request
+from api_client._task_messages import task_message
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer

@@ -19,7 +19,7 @@ import redis
 
 from api_client import Client, ClientSettings, JobFailed, JobStatus
 from api_client._constants import QUEUE, RECOVERY_KEY, WORKERS_KEY, taken_key
-from api_client._wire import text_of
+from api_client._polling import text_of
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer

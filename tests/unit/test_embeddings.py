@@ -15,8 +15,9 @@ from celery import Celery
 
 from api_client import EmbeddingRequest, EmbeddingResult, InvalidRequest, JobStatus, Usage
 from api_client._constants import EMBED_TASK_NAME
+from api_client._requests import build_embedding_request, check_size
 from api_client._schemas import Outcome
-from api_client._wire import build_embedding_request, check_size, task_message
+from api_client._task_messages import task_message
 from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.threads import off_main_thread
 from worker.attempt.classify import classify

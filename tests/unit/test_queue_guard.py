@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from kombu.transport import get_transport_cls
 
-from api_client._wire import build_request, task_message
+from api_client._requests import build_request
+from api_client._task_messages import task_message
 from worker.app.celery_app import celery_config
 from worker.app.queue_guard import GuardedTransport, envelope_problem, transport_for
 from worker.settings import load_settings

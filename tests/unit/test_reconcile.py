@@ -19,14 +19,10 @@ from api_client._constants import (
     starts_key,
     state_key,
 )
+from api_client._publish import enqueue
+from api_client._requests import Submission, build_embedding_request, build_request
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
-from api_client._wire import (
-    Submission,
-    build_embedding_request,
-    build_request,
-    enqueue,
-    job_ids_of,
-)
+from api_client._task_messages import job_ids_of
 from tests.support.redis_server import RedisServer
 from worker.fleet.custody import UNACKED_KEY, ProcessCustody
 from worker.fleet.parking import PARKED_KEY

@@ -16,7 +16,8 @@ from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer
 
 from api_client._constants import QUEUE, WORKERS_KEY
-from api_client._wire import build_request, task_message
+from api_client._requests import build_request
+from api_client._task_messages import task_message
 from tests.support.redis_server import RedisServer
 from worker.app.queue_guard import GuardedTransport
 from worker.fleet.custody import UNACKED_KEY, this_process

@@ -11,6 +11,7 @@ import pytest
 import redis
 
 from api_client._constants import KEY_PREFIX, OPEN_JOBS_KEY, result_key, starts_key, state_key
+from api_client._polling import poll_keys, read_poll, status_of
 from api_client._schemas import (
     ErrorKind,
     JobError,
@@ -19,7 +20,6 @@ from api_client._schemas import (
     PromptResult,
     Usage,
 )
-from api_client._wire import poll_keys, read_poll, status_of
 from tests.support.redis_server import RedisServer
 from worker.fleet.scripts import patiently
 from worker.fleet.store import FINISH_PATIENCE_S, JobStore

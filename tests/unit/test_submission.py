@@ -17,11 +17,11 @@ import pytest
 
 from api_client import BrokerUnavailable, Client, ClientSettings, InvalidRequest, PromptRequest
 from api_client._constants import QUEUE, result_key, state_key
-from api_client._wire import (
+from api_client._publish import enqueue
+from api_client._requests import (
     Submission,
     build_embedding_request,
     build_request,
-    enqueue,
     idempotent_job_id,
     prompt_chars,
     submission,

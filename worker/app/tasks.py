@@ -11,7 +11,7 @@ from celery.exceptions import Reject
 
 from api_client._constants import EMBED_TASK_NAME, PACK_TASK_NAME, TASK_NAME
 from api_client._schemas import EmbeddingRequest, JobRequest, PromptRequest
-from api_client._wire import REQUEST_TYPES
+from api_client._task_messages import REQUEST_TYPES
 from worker.attempt.delivery import Delivery, DeliveryState
 from worker.attempt.jobs import run_jobs
 from worker.errors import REDIS_UNAVAILABLE
@@ -50,7 +50,7 @@ def embed(task: Task, request: dict[str, Any], **state: Any) -> None:
 
 def pack(task: Task, jobs: list[Any]) -> None:
     """Run one attempt of each job of a pack, concurrently; a job to retry is parked as a
-    message of its own. See api_client._wire.pack_message for the format."""
+    message of its own. See api_client._task_messages.pack_message for the format."""
     _run(task, [d for d in (_unpacked(entry) for entry in jobs) if d is not None])
 
 

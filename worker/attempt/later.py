@@ -23,7 +23,7 @@ Two returns to the queue are not waits, and stay outside this path:
 from __future__ import annotations
 
 from api_client._schemas import JobRequest
-from api_client._wire import task_message
+from api_client._task_messages import task_message
 from worker.attempt.delivery import DeliveryState
 from worker.fleet.parking import Parking
 

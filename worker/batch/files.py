@@ -15,8 +15,8 @@ from types import TracebackType
 from typing import Any, BinaryIO
 
 from api_client import EmbeddingResult, InvalidRequest, JobError, PromptRequest, PromptResult
+from api_client._requests import build_embedding_request, build_request
 from api_client._schemas import JobRequest, JobResult
-from api_client._wire import build_embedding_request, build_request
 from worker.errors import OutputFormatError
 
 # --- input ------------------------------------------------------------------------------------

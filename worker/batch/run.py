@@ -19,7 +19,7 @@ from rich.progress import (
 )
 
 from api_client import BrokerUnavailable, Client, ErrorKind, Job, JobError, JobFailed, JobStatus
-from api_client._wire import Poller
+from api_client._polling import Poller
 from worker.batch.files import BatchItem, OutputWriter, read_done, read_items
 
 SUBMIT_CHUNK = 200  # prompts per pipelined submit_many

@@ -32,7 +32,7 @@ from api_client._constants import (
     held_key,
     taken_key,
 )
-from api_client._wire import text_of
+from api_client._polling import text_of
 from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms
 
 logger = logging.getLogger("promptq.worker")

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import redis
 
 from api_client._constants import KEY_PREFIX
-from api_client._wire import text_of
+from api_client._polling import text_of
 from worker.fleet.scripts import ScriptCall
 
 LIMITER_PREFIX = f"{KEY_PREFIX}limiter:"

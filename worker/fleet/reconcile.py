@@ -36,8 +36,9 @@ from api_client._constants import (
     starts_key,
     state_key,
 )
+from api_client._polling import text_of
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
-from api_client._wire import REQUEST_TYPES, job_ids_of, task_message, text_of
+from api_client._task_messages import REQUEST_TYPES, job_ids_of, task_message
 from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
 from worker.fleet.parking import PARKED_KEY
 from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms

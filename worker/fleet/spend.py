@@ -9,7 +9,7 @@ from typing import Any, Literal
 import redis
 
 from api_client._constants import KEY_PREFIX, budget_key
-from api_client._wire import text_of
+from api_client._polling import text_of
 from worker.errors import BudgetExceeded
 from worker.fleet.scripts import ScriptCall
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, SecretStr
 
-from api_client._wire import redact_url
+from api_client._polling import redact_url
 from worker.settings import ModelLimits, load_settings, read_config_file
 
 MASK = "********"

@@ -18,8 +18,8 @@ from api_client._constants import (
     WORKERS_KEY,
 )
 from api_client._errors import BrokerUnavailable
+from api_client._polling import broker_errors, redact_url, text_of
 from api_client._schemas import JobStatus
-from api_client._wire import broker_errors, redact_url, text_of
 from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
 from worker.fleet.limiter import LimiterState, read_limiters
 from worker.fleet.parking import PARKED_KEY

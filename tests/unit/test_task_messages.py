@@ -1,4 +1,4 @@
-"""api_client._wire: the hand-built Celery message matches Celery's own, and the read side.
+"""api_client._task_messages: the hand-built Celery messages (a job's, a pack's) match Celery's own.
 
 Celery (and kombu) are used here only as the reference the light client must match; the
 client itself never imports them.
@@ -10,26 +10,16 @@ import base64
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from celery import Celery
 from kombu.transport.virtual import base as kombu_virtual
 
-from api_client import JobNotFound, JobStatus, JobTimeout
 from api_client._constants import PACK_TASK_NAME, QUEUE, TASK_NAME
-from api_client._schemas import ErrorKind, JobError, Outcome, PromptRequest, PromptResult, Usage
-from api_client._wire import (
-    Poller,
-    Submission,
-    pack_message,
-    poll_keys,
-    read_poll,
-    redact_url,
-    status_of,
-    task_message,
-)
+from api_client._requests import Submission
+from api_client._schemas import PromptRequest
+from api_client._task_messages import pack_message, task_message
 from worker.app.celery_app import celery_config
 from worker.settings import load_settings
 
@@ -172,125 +162,6 @@ def test_non_ascii_prompt_round_trips() -> None:
     body = json.loads(base64.b64decode(envelope["body"]).decode("utf-8"))
 
     assert PromptRequest.model_validate(body[0][0]) == request
-
-
-# --- reading outcomes -----------------------------------------------------------------------
-
-
-def _success() -> Outcome:
-    result = PromptResult(
-        id=JOB_ID,
-        model="test-model",
-        content="2, 3, 5",
-        message={"role": "assistant", "content": "2, 3, 5"},
-        finish_reason="stop",
-        usage=Usage(prompt_tokens=4, completion_tokens=5, total_tokens=9),
-        cost_usd=None,
-        attempts=1,
-        latency_s=0.2,
-        created=datetime(2024, 6, 1, tzinfo=UTC),
-    )
-    return Outcome(status=JobStatus.SUCCEEDED, result=result)
-
-
-def _failure() -> Outcome:
-    error = JobError(kind=ErrorKind.RATE_LIMITED, message="429", status_code=429, attempts=9)
-    return Outcome(status=JobStatus.FAILED, error=error)
-
-
-def test_poll_keys_are_outcome_then_state() -> None:
-    assert poll_keys(JOB_ID) == [f"promptq:result:{JOB_ID}", f"promptq:state:{JOB_ID}"]
-
-
-@pytest.mark.parametrize("state", [b"retrying", b"running", "queued", None])
-def test_a_stored_outcome_wins_over_any_state(state: bytes | str | None) -> None:
-    raw = _success().model_dump_json().encode()
-
-    assert status_of(JOB_ID, raw, state) is JobStatus.SUCCEEDED
-    assert read_poll([JOB_ID], [raw, state]) == {JOB_ID: _success()}
-
-
-@pytest.mark.parametrize(
-    ("raw_state", "status"),
-    [(b"queued", JobStatus.QUEUED), ("running", JobStatus.RUNNING), (b"retrying", "retrying")],
-)
-def test_status_without_an_outcome_is_the_state(raw_state: bytes | str, status: str) -> None:
-    assert status_of(JOB_ID, None, raw_state) == status
-
-
-def test_neither_outcome_nor_state_is_job_not_found() -> None:
-    with pytest.raises(JobNotFound) as raised:
-        status_of(JOB_ID, None, None)
-    assert raised.value.job_id == JOB_ID
-    assert isinstance(raised.value, LookupError)
-
-    with pytest.raises(JobNotFound) as raised_many:
-        read_poll(["a", JOB_ID], [None, b"queued", None, None])
-    assert raised_many.value.job_id == JOB_ID
-
-
-def test_read_poll_gives_outcomes_of_finished_jobs_and_states_of_the_rest() -> None:
-    raws = [
-        _success().model_dump_json(),
-        None,
-        None,
-        b"running",
-        _failure().model_dump_json().encode(),
-        b"retrying",
-    ]
-
-    polled = read_poll(["done", "busy", "failed"], raws)
-
-    assert polled == {"done": _success(), "busy": JobStatus.RUNNING, "failed": _failure()}
-
-
-# --- polling --------------------------------------------------------------------------------
-
-
-def test_poller_with_zero_timeout_times_out_at_once() -> None:
-    poller = Poller(0)
-
-    with pytest.raises(JobTimeout) as raised:
-        poller.sleep_s(3)
-
-    assert raised.value.timeout_s == 0
-    assert "3 job(s)" in str(raised.value)
-    assert isinstance(raised.value, TimeoutError)
-
-
-def test_poller_without_timeout_backs_off_to_its_ceiling() -> None:
-    poller = Poller(None)
-
-    delays = [poller.sleep_s(1) for _ in range(8)]
-
-    assert delays[0] == Poller.FIRST_S
-    assert delays == sorted(delays)
-    assert delays[-1] == Poller.CEILING_S
-    poller.progressed()
-    assert poller.sleep_s(1) == Poller.FIRST_S
-
-
-def test_poller_never_sleeps_past_its_deadline() -> None:
-    poller = Poller(0.05)
-
-    for _ in range(3):
-        assert poller.sleep_s(1) <= 0.05
-
-
-# --- URL redaction --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
-        ("redis://:pw@localhost:6379/0", "redis://:***@localhost:6379/0"),
-        ("redis://user:pw@localhost/0", "redis://user:***@localhost/0"),
-        ("rediss://default:pw@cache.example:6380", "rediss://default:***@cache.example:6380"),
-    ],
-)
-def test_redact_url(url: str, expected: str) -> None:
-    assert redact_url(url) == expected
 
 
 def test_a_pack_message_is_a_celery_task_message_with_one_argument() -> None:
