@@ -68,3 +68,19 @@ def held_key(process_id: str) -> str:
     """Messages delivered to a worker process and not yet acknowledged (delivery tag -> the
     message as it was taken): what goes back to the queue if the process dies."""
     return f"{KEY_PREFIX}worker:{process_id}:held"
+
+
+# The fleet's own state, kept by the workers.
+PARKED_KEY: Final = (
+    f"{KEY_PREFIX}parked"  # zset: message -> Redis ms when due (worker.fleet.parking)
+)
+LIMITER_PREFIX: Final = f"{KEY_PREFIX}limiter:"  # + a deployment's identity (worker.fleet.limiter)
+SPEND_PREFIX: Final = f"{KEY_PREFIX}spend:"  # + a period's name (worker.fleet.spend)
+STATE_PATTERN: Final = f"{KEY_PREFIX}state:*"  # every job's state key, for `promptq status`
+
+# kombu's Redis transport names these (kombu/transport/redis.py, Channel); promptq sets no
+# ``global_keyprefix``, so they are used as they are.
+UNACKED_KEY: Final = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing_key]
+UNACKED_INDEX_KEY: Final = "unacked_index"  # zset: delivery tag -> when it was delivered
+PRIORITY_SEP: Final = "\x06\x16"  # a message of priority n > 0 is queued in QUEUE + sep + n
+PRIORITY_LISTS: Final = tuple(f"{QUEUE}{PRIORITY_SEP}{step}" for step in (3, 6, 9))

@@ -20,11 +20,10 @@ from typing import Any
 
 import redis
 
-from api_client._constants import KEY_PREFIX, QUEUE
+from api_client._constants import KEY_PREFIX, PARKED_KEY, PRIORITY_LISTS, QUEUE, UNACKED_KEY
 from api_client._polling import text_of
 from worker.app.embedded import START_TIMEOUT_S, RedisServerProcess
-from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
-from worker.fleet.parking import PARKED_KEY
+from worker.fleet.custody import taken_keys
 
 # --- Redis -------------------------------------------------------------------------------------
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 
 from api_client import Client
+from api_client._constants import LIMITER_PREFIX
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.fleet.limiter import LIMITER_PREFIX
 
 # Used as the worker's API key through every end-to-end run; it must never surface in Redis,
 # a result, an error or a log line.

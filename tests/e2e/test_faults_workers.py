@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed, JobStatus
-from api_client._constants import QUEUE
+from api_client._constants import PARKED_KEY, QUEUE
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.fleet.parking import PARKED_KEY
 
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 from .test_core_loop import WAIT_S, wait_until

@@ -18,14 +18,19 @@ import pytest
 import redis
 
 from api_client import Client, ClientSettings, JobFailed, JobStatus
-from api_client._constants import QUEUE, RECOVERY_KEY, WORKERS_KEY, taken_key
+from api_client._constants import (
+    PARKED_KEY,
+    QUEUE,
+    RECOVERY_KEY,
+    UNACKED_KEY,
+    WORKERS_KEY,
+    taken_key,
+)
 from api_client._polling import text_of
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.fleet.custody import UNACKED_KEY
-from worker.fleet.parking import PARKED_KEY
 
 from .conftest import CANARY_KEY, worker_env
 from .test_core_loop import WAIT_S, wait_until

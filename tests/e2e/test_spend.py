@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, JobFailed, PromptResult
+from api_client._constants import SPEND_PREFIX
 from tests.e2e.conftest import worker_env
 from tests.e2e.test_cli import promptq
 from tests.support.metrics import summed, wait_for_total
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess, worker_fleet
-from worker.fleet.spend import SPEND_PREFIX
 from worker.ops.fleet_status import format_status, gather_status
 
 # A model LiteLLM prices ($0.15 / $0.60 per million tokens in and out), served locally.

@@ -10,9 +10,11 @@ import pytest
 
 from api_client import BrokerUnavailable, Client
 from api_client._constants import (
+    PRIORITY_SEP,
     QUEUE,
     RECOVERY_KEY,
     SUSPECTS_KEY,
+    UNACKED_KEY,
     WORKERS_KEY,
     state_key,
     taken_key,
@@ -20,7 +22,6 @@ from api_client._constants import (
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-from worker.fleet.custody import PRIORITY_SEP, UNACKED_KEY
 from worker.ops.fleet_status import (
     FleetStatus,
     format_status,

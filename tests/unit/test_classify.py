@@ -1,6 +1,6 @@
 """The classification table: real LiteLLM exceptions, from real HTTP, mapped to a Failure.
 
-Each case makes one call through worker.llm.call.complete to a scripted OpenAI-compatible server
+Each case makes one call through worker.llm.call.acall to a scripted OpenAI-compatible server
 on 127.0.0.1 and classifies what it raised, exactly as the task does.
 """
 
@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from api_client._schemas import ErrorKind, PromptRequest
+from tests.support.llm_calls import complete
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.threads import off_main_thread
 from worker.attempt.classify import MAX_MESSAGE_CHARS, Failure, classify, scrub
-from worker.llm import call as llm
 from worker.settings import LLMSettings, load_settings
 
 API_KEY = "sk-canary-4f1e2d3c4b5a69788796a5b4"
@@ -80,7 +80,7 @@ def _attempt(
         server.default = reply
     before = len(server.requests)
     try:
-        off_main_thread(lambda: llm.complete(settings, REQUEST))
+        off_main_thread(lambda: complete(settings, REQUEST))
     except Exception as exc:  # the task classifies every exception the same way
         secrets = (settings.api_key.get_secret_value(),) if settings.api_key else ()
         failure = classify(exc, secrets=secrets)
@@ -276,7 +276,7 @@ def test_request_model_overrides_a_missing_worker_model(server: ScriptedOpenAISe
     request = PromptRequest(messages=REQUEST.messages, model="openai/test-model")
     before = len(server.requests)
 
-    completion = off_main_thread(lambda: llm.complete(settings, request))
+    completion = off_main_thread(lambda: complete(settings, request))
 
     assert completion.content == "echo: Name three prime numbers."
     assert len(server.requests) - before == 1

@@ -6,18 +6,15 @@ import pytest
 import redis
 
 from api_client._constants import (
+    PRIORITY_LISTS,
     QUEUE,
     RECOVERY_KEY,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
     WORKERS_CLOCK_KEY,
     WORKERS_KEY,
 )
-from worker.fleet.custody import (
-    PRIORITY_LISTS,
-    UNACKED_INDEX_KEY,
-    UNACKED_KEY,
-    Heartbeat,
-    ProcessCustody,
-)
+from worker.fleet.custody import Heartbeat, ProcessCustody
 
 TIMEOUT_S = 5.0
 

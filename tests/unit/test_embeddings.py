@@ -18,6 +18,7 @@ from api_client._constants import EMBED_TASK_NAME
 from api_client._requests import build_embedding_request, check_size
 from api_client._schemas import Outcome
 from api_client._task_messages import task_message
+from tests.support.llm_calls import embed
 from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.threads import off_main_thread
 from worker.attempt.classify import classify
@@ -195,7 +196,7 @@ def test_openai_embedding_over_http(server: ScriptedOpenAIServer) -> None:
         embedding_model="openai/text-embedding-3-small", api_key=TEST_KEY, base_url=server.base_url
     )
 
-    answer = off_main_thread(lambda: llm.embed(settings, EmbeddingRequest(input=TEXTS)))
+    answer = off_main_thread(lambda: embed(settings, EmbeddingRequest(input=TEXTS)))
 
     [request] = server.requests
     assert request.path == "/v1/embeddings"
@@ -216,7 +217,7 @@ def test_azure_embedding_deployment_over_http(server: ScriptedOpenAIServer) -> N
         api_version="2024-10-21",
     )
 
-    answer = off_main_thread(lambda: llm.embed(settings, EmbeddingRequest(input=TEXTS)))
+    answer = off_main_thread(lambda: embed(settings, EmbeddingRequest(input=TEXTS)))
 
     [request] = server.requests
     assert request.path == "/openai/deployments/my-embeddings/embeddings"
@@ -236,9 +237,7 @@ def test_a_failed_embedding_is_one_http_request(server: ScriptedOpenAIServer, st
     settings = _settings(model="openai/e", api_key=TEST_KEY, base_url=server.base_url)
 
     with pytest.raises(Exception) as raised:
-        off_main_thread(
-            lambda: llm.embed(settings, EmbeddingRequest(input=TEXTS, model="openai/e"))
-        )
+        off_main_thread(lambda: embed(settings, EmbeddingRequest(input=TEXTS, model="openai/e")))
 
     assert classify(raised.value).status_code == status
     assert len(server.requests) == 1

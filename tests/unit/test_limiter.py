@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import redis
 
+from api_client._constants import LIMITER_PREFIX
 from worker.fleet.limiter import (
     BACKOFF_FACTOR,
     BACKOFF_MIN_CALLS,
     BURST_S,
-    LIMITER_PREFIX,
     TOKEN_MAX_AHEAD_S,
     Deployment,
     RateLimiter,

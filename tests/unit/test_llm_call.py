@@ -13,6 +13,7 @@ import pytest
 from litellm.exceptions import UnsupportedParamsError
 
 from api_client._schemas import ErrorKind, PromptRequest, PromptResult, Usage
+from tests.support.llm_calls import complete
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from worker.attempt.classify import classify
 from worker.errors import ConfigError
@@ -93,7 +94,7 @@ def test_a_parameter_the_provider_does_not_support_is_dropped(
     # LiteLLM knows Azure's chat completions take no service_tier.
     request = PromptRequest(messages=CONVERSATION.messages, params={"service_tier": "flex"})
 
-    llm.complete(_azure(server, drop_params=True), request)
+    complete(_azure(server, drop_params=True), request)
 
     [sent] = server.requests
     assert "service_tier" not in sent.body
@@ -106,7 +107,7 @@ def test_without_drop_params_it_fails_as_a_bad_request_before_any_request(
     request = PromptRequest(messages=CONVERSATION.messages, params={"service_tier": "flex"})
 
     with pytest.raises(UnsupportedParamsError) as raised:
-        llm.complete(_azure(server, drop_params=False), request)
+        complete(_azure(server, drop_params=False), request)
 
     failure = classify(raised.value, secrets=(TEST_KEY,))
     assert failure.kind is ErrorKind.BAD_REQUEST
@@ -127,7 +128,7 @@ VISION_REQUEST = PromptRequest(
 
 
 def test_disable_vision_sends_no_image(server: ScriptedOpenAIServer) -> None:
-    llm.complete(_settings(server, disable_vision=True), VISION_REQUEST)
+    complete(_settings(server, disable_vision=True), VISION_REQUEST)
 
     assert _sent_messages(server) == [
         {"role": "user", "content": "What is this?"},
@@ -137,7 +138,7 @@ def test_disable_vision_sends_no_image(server: ScriptedOpenAIServer) -> None:
 
 
 def test_images_are_sent_by_default(server: ScriptedOpenAIServer) -> None:
-    llm.complete(_settings(server), VISION_REQUEST)
+    complete(_settings(server), VISION_REQUEST)
 
     assert _sent_messages(server) == VISION_REQUEST.messages
 
@@ -154,7 +155,7 @@ def test_cache_marks_on_the_system_and_last_user_message_of_a_claude_model(
         base_url=server.base_url.removesuffix("/v1") + "/api/v1",
     )
 
-    llm.complete(settings, CONVERSATION)
+    complete(settings, CONVERSATION)
 
     assert _sent_messages(server) == [
         {
@@ -232,7 +233,7 @@ def test_cached_prompt_tokens_are_reported(server: ScriptedOpenAIServer) -> None
         )
     )
 
-    completion = llm.complete(_settings(server), CONVERSATION)
+    completion = complete(_settings(server), CONVERSATION)
 
     assert completion.usage == Usage(
         prompt_tokens=1200, completion_tokens=10, total_tokens=1210, cached_tokens=1024
@@ -248,7 +249,7 @@ def test_anthropic_cache_reads_are_reported() -> None:
 
 
 def test_no_cache_information_means_zero_cached_tokens(server: ScriptedOpenAIServer) -> None:
-    completion = llm.complete(_settings(server), CONVERSATION)
+    completion = complete(_settings(server), CONVERSATION)
 
     assert completion.usage.cached_tokens == 0
 
@@ -270,7 +271,7 @@ def _priced_call(server: ScriptedOpenAIServer, model: str, **prices: float) -> f
             model.split("/", 1)[1], prompt_tokens=1000, completion_tokens=500, total_tokens=1500
         )
     )
-    return llm.complete(_settings(server, model=model, **prices), CONVERSATION).cost_usd
+    return complete(_settings(server, model=model, **prices), CONVERSATION).cost_usd
 
 
 def test_a_model_litellm_does_not_price_has_no_cost(server: ScriptedOpenAIServer) -> None:

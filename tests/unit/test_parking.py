@@ -7,9 +7,9 @@ import time
 import pytest
 import redis
 
-from api_client._constants import QUEUE
+from api_client._constants import PARKED_KEY, QUEUE
 from worker.fleet import parking as parking_module
-from worker.fleet.parking import PARKED_KEY, Parking, ParkingMover
+from worker.fleet.parking import Parking, ParkingMover
 
 WAIT_S = 10.0
 

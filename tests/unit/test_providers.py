@@ -16,6 +16,7 @@ import pytest
 from litellm.exceptions import ModelNotMappedError
 
 from api_client._schemas import PromptRequest
+from tests.support.llm_calls import complete
 from tests.support.openai_server import RecordedRequest, Reply, ScriptedOpenAIServer
 from worker.errors import NotConfigured
 from worker.llm import call as llm
@@ -34,7 +35,7 @@ def _settings(**values: Any) -> LLMSettings:
 
 
 def _one_call(server: ScriptedOpenAIServer, settings: LLMSettings) -> tuple[RecordedRequest, str]:
-    completion = llm.complete(settings, REQUEST)
+    completion = complete(settings, REQUEST)
     [request] = server.requests
     assert completion.content is not None
     return request, completion.content
@@ -170,7 +171,7 @@ def test_vertex_ai_without_its_environment_is_a_configuration_error(
     settings = _settings(model="vertex_ai/gemini-2.5-pro")
 
     with pytest.raises(NotConfigured, match="VERTEXAI_PROJECT") as raised:
-        llm.complete(settings, REQUEST)
+        complete(settings, REQUEST)
 
     assert "environment" in raised.value.message
 

@@ -12,9 +12,11 @@ import redis
 
 from api_client._constants import (
     OPEN_JOBS_KEY,
+    PARKED_KEY,
     QUEUE,
     RECOVERY_KEY,
     SUSPECTS_KEY,
+    UNACKED_KEY,
     request_key,
     starts_key,
     state_key,
@@ -24,8 +26,7 @@ from api_client._requests import Submission, build_embedding_request, build_requ
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
 from api_client._task_messages import job_ids_of
 from tests.support.redis_server import RedisServer
-from worker.fleet.custody import UNACKED_KEY, ProcessCustody
-from worker.fleet.parking import PARKED_KEY
+from worker.fleet.custody import ProcessCustody
 from worker.fleet.reconcile import Reconciler
 from worker.fleet.store import JobStore
 from worker.ops.metrics import Metrics

@@ -15,12 +15,12 @@ from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.messaging import Consumer
 
-from api_client._constants import QUEUE, WORKERS_KEY
+from api_client._constants import QUEUE, UNACKED_KEY, WORKERS_KEY
 from api_client._requests import build_request
 from api_client._task_messages import task_message
 from tests.support.redis_server import RedisServer
 from worker.app.queue_guard import GuardedTransport
-from worker.fleet.custody import UNACKED_KEY, this_process
+from worker.fleet.custody import this_process
 
 QUEUES = [Queue(QUEUE, Exchange(""), routing_key=QUEUE)]  # type: ignore[no-untyped-call]  # kombu
 

@@ -212,6 +212,7 @@ class EmbeddedWorker:
         self._thread.join(START_TIMEOUT_S)
         # The worker has stopped: this process holds nothing more (its Redis goes next).
         self.app.heartbeat.stop()
+        self.app.runtime.close()
 
 
 class Embedded:

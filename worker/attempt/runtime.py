@@ -118,3 +118,14 @@ class Runtime:
         """Every API key this worker holds, to scrub from error messages."""
         configs = [self.settings.llm, *self.settings.named_llms.values()]
         return tuple({c.api_key.get_secret_value() for c in configs if c.api_key})
+
+    def close(self) -> None:
+        """Release what was made: the call loop's Redis clients, then the loop and its thread,
+        then the blocking pool. For a process that goes on without this worker (embedded)."""
+        made = self.__dict__
+        if "loop_redis" in made:
+            self.call_loop.run([self.loop_redis.close()])
+        if "call_loop" in made:
+            self.call_loop.stop()
+        if "redis" in made:
+            self.redis.close()

@@ -25,8 +25,11 @@ from collections.abc import Callable, Iterable
 import redis
 
 from api_client._constants import (
+    PRIORITY_LISTS,
     QUEUE,
     RECOVERY_KEY,
+    UNACKED_INDEX_KEY,
+    UNACKED_KEY,
     WORKERS_CLOCK_KEY,
     WORKERS_KEY,
     held_key,
@@ -37,12 +40,6 @@ from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms
 
 logger = logging.getLogger("promptq.worker")
 
-# kombu's Redis transport names these (kombu/transport/redis.py, Channel); promptq sets no
-# ``global_keyprefix``, so they are used as they are.
-UNACKED_KEY = "unacked"  # hash: delivery tag -> JSON [message, exchange, routing_key]
-UNACKED_INDEX_KEY = "unacked_index"  # zset: delivery tag -> when it was delivered
-PRIORITY_SEP = "\x06\x16"  # a message of priority n > 0 is queued in QUEUE + sep + n
-PRIORITY_LISTS = tuple(f"{QUEUE}{PRIORITY_SEP}{step}" for step in (3, 6, 9))
 
 # A process beats this many times per timeout, and looks for dead ones each time.
 BEATS_PER_TIMEOUT = 10

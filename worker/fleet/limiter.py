@@ -11,11 +11,9 @@ from urllib.parse import urlsplit
 
 import redis
 
-from api_client._constants import KEY_PREFIX
+from api_client._constants import LIMITER_PREFIX
 from api_client._polling import text_of
 from worker.fleet.scripts import ScriptCall
-
-LIMITER_PREFIX = f"{KEY_PREFIX}limiter:"
 
 # A deployment idle this long forgets its state (learned limits included).
 STATE_TTL_S = 3600.0

@@ -8,10 +8,9 @@ from typing import NamedTuple
 
 import redis
 
-from api_client._constants import KEY_PREFIX, QUEUE
+from api_client._constants import PARKED_KEY, QUEUE
 from worker.fleet.scripts import LUA_NOW_MS
 
-PARKED_KEY = f"{KEY_PREFIX}parked"
 # How often at most each worker moves due jobs back to the queue, how many at a time at most,
 # and how long it waits at most to look again when nothing parked is due sooner (it is woken
 # at once when it parks a job itself).

@@ -27,10 +27,13 @@ from redis.typing import EncodableT, FieldT
 
 from api_client._constants import (
     OPEN_JOBS_KEY,
+    PARKED_KEY,
+    PRIORITY_LISTS,
     QUEUE,
     RECONCILE_LOCK_KEY,
     RECOVERY_KEY,
     SUSPECTS_KEY,
+    UNACKED_KEY,
     request_key,
     result_key,
     starts_key,
@@ -39,8 +42,7 @@ from api_client._constants import (
 from api_client._polling import text_of
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
 from api_client._task_messages import REQUEST_TYPES, job_ids_of, task_message
-from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
-from worker.fleet.parking import PARKED_KEY
+from worker.fleet.custody import taken_keys
 from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms
 from worker.fleet.store import JobStore
 

@@ -8,13 +8,12 @@ from typing import Any, Literal
 
 import redis
 
-from api_client._constants import KEY_PREFIX, budget_key
+from api_client._constants import SPEND_PREFIX, budget_key
 from api_client._polling import text_of
 from worker.errors import BudgetExceeded
 from worker.fleet.scripts import ScriptCall
 
 Period = Literal["total", "day", "month"]
-SPEND_PREFIX = f"{KEY_PREFIX}spend:"
 # A day's or a month's counter outlives its period long enough to be read in `promptq status`.
 PERIOD_TTL_S = {"day": 3 * 86400, "month": 62 * 86400}
 

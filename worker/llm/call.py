@@ -254,21 +254,6 @@ async def warm_up() -> None:
         logging.getLogger("promptq.worker").debug("LiteLLM warm-up failed: %s", exc)
 
 
-def complete(settings: LLMSettings, request: PromptRequest) -> Completion:
-    """The blocking form of acall for a chat completion (for scripts and tests)."""
-    model = callable_model(settings, request)
-    with _mapped_errors():
-        response = litellm.completion(**call_arguments(settings, request, model))
-    return _completion_of(response, settings)
-
-
-def embed(settings: LLMSettings, request: EmbeddingRequest) -> Embedding:
-    """The blocking form of acall for an embeddings request (for scripts and tests)."""
-    model = callable_model(settings, request)
-    response = litellm.embedding(**embedding_arguments(settings, request, model))
-    return _embedding_of(response, settings, request, model)
-
-
 def callable_model(settings: LLMSettings, request: JobRequest) -> str:
     """The model a request goes to, once it is known the worker can call it (NotConfigured
     otherwise: no model, or no key where the provider needs one)."""

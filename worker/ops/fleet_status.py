@@ -11,21 +11,22 @@ from typing import Any
 import redis
 
 from api_client._constants import (
-    KEY_PREFIX,
+    PARKED_KEY,
+    PRIORITY_LISTS,
     QUEUE,
     RECOVERY_KEY,
+    STATE_PATTERN,
     SUSPECTS_KEY,
+    UNACKED_KEY,
     WORKERS_KEY,
 )
 from api_client._errors import BrokerUnavailable
 from api_client._polling import broker_errors, redact_url, text_of
 from api_client._schemas import JobStatus
-from worker.fleet.custody import PRIORITY_LISTS, UNACKED_KEY, taken_keys
+from worker.fleet.custody import taken_keys
 from worker.fleet.limiter import LimiterState, read_limiters
-from worker.fleet.parking import PARKED_KEY
 from worker.fleet.spend import SpendCounter, read_spend
 
-STATE_PATTERN = f"{KEY_PREFIX}state:*"
 SCAN_COUNT = 1000
 MAX_SCANNED_KEYS = 100_000  # beyond this, job counts (and held retries) are partial
 COUNTED_STATES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value, JobStatus.RETRYING.value)
