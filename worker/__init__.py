@@ -6,7 +6,7 @@ How a prompt flows, hop by hop:
    (``_publish``), queues a Celery task message (``_task_messages``) in the Redis list
    ``promptq`` with the job's state and a copy of its request (every key:
    ``api_client._constants``).
-2. ``promptq worker`` (``cli.main``; N processes under ``cli.supervisor``) runs the Celery
+2. ``promptq worker`` (``cli.worker_command``; N processes under ``cli.supervisor``) runs the Celery
    app (``app.celery_app``). Its transport (``app.queue_guard``) takes each message with one
    BLMOVE into the process's own list in Redis (``fleet.custody``), so a killed process
    loses nothing; what is not a promptq message is dropped there.

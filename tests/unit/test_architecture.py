@@ -4,6 +4,7 @@ packages beneath it (the layers worker/__init__.py draws)."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def test_the_probe_sees_imports(graph: dict[str, set[str]]) -> None:
     # A control: the graph is not empty, and it sees a known edge of each kind.
     assert "worker.fleet.store" in graph["worker.attempt.run"]  # module level
     assert "worker.attempt.runtime" in graph["worker.attempt.run"]  # under TYPE_CHECKING
-    assert "worker.cli.supervisor" in graph["worker.cli.main"]  # inside a function
+    assert "worker.cli.supervisor" in graph["worker.cli.worker_command"]  # in a function
 
 
 def test_no_worker_module_imports_itself_back(graph: dict[str, set[str]]) -> None:
@@ -98,3 +99,15 @@ def test_each_package_imports_only_the_layers_beneath_it(graph: dict[str, set[st
     )
     assert not wrong, wrong
     assert set(ALLOWED) == {_package_of(module) for module in graph}
+
+
+def test_every_package_is_installed() -> None:
+    # setuptools lists the packages by hand: one left out installs without its modules.
+    with (WORKER.parent / "pyproject.toml").open("rb") as file:
+        listed = set(tomllib.load(file)["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(WORKER.parent).parts)
+        for top in ("worker", "api_client")
+        for init in (WORKER.parent / top).rglob("__init__.py")
+    }
+    assert listed == found

@@ -1,4 +1,4 @@
-"""worker.batch.files: the JSONL input forms and their problems, and the OpenAI-format output."""
+"""worker.batch.input and .output: the JSONL input forms and problems, the OpenAI-format output."""
 
 from __future__ import annotations
 
@@ -23,15 +23,8 @@ from api_client import (
     PromptResult,
     Usage,
 )
-from worker.batch.files import (
-    KNOWN_PARAMS,
-    BatchItem,
-    LineProblem,
-    OutputWriter,
-    check_input,
-    read_done,
-    read_items,
-)
+from worker.batch.input import KNOWN_PARAMS, BatchItem, LineProblem, check_input, read_items
+from worker.batch.output import OutputWriter, read_done
 from worker.errors import OutputFormatError
 
 CHAT = "/v1/chat/completions"
@@ -835,9 +828,9 @@ def test_read_done_accepts_openai_batch_output(tmp_path: Path) -> None:
     assert read_done(path) == (set(), {"x"})
 
 
-def test_importing_batchfile_loads_neither_litellm_nor_celery() -> None:
+def test_importing_the_batch_file_formats_loads_neither_litellm_nor_celery() -> None:
     code = (
-        "import sys, worker.batch.files; "
+        "import sys, worker.batch.input, worker.batch.output; "
         "print(sorted(m for m in ('litellm', 'celery') if m in sys.modules))"
     )
     out = subprocess.run(

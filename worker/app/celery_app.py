@@ -227,8 +227,8 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
             self.server.start()
         except MetricsPortTaken as exc:
             self.server = None
-            # Celery has put a logger in place of sys.stderr by now: write to the real one,
-            # as a bad setting is reported (worker.cli.main), then stop the worker with status 2.
+            # Celery has put a logger in place of sys.stderr by now: write to the real one, as
+            # a bad setting is reported (worker.cli.worker_command), then exit with status 2.
             print(f"promptq worker: {exc}", file=sys.__stderr__, flush=True)
             app.exit_status = EXIT_USAGE
             raise SystemExit(EXIT_USAGE) from None

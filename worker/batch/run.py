@@ -20,7 +20,8 @@ from rich.progress import (
 
 from api_client import BrokerUnavailable, Client, ErrorKind, Job, JobError, JobFailed, JobStatus
 from api_client._polling import Poller
-from worker.batch.files import BatchItem, OutputWriter, read_done, read_items
+from worker.batch.input import BatchItem, read_items
+from worker.batch.output import OutputWriter, read_done
 
 SUBMIT_CHUNK = 200  # prompts per pipelined submit_many
 
