@@ -12,9 +12,10 @@ from celery.exceptions import Reject
 from api_client._constants import EMBED_TASK_NAME, PACK_TASK_NAME, TASK_NAME
 from api_client._schemas import EmbeddingRequest, JobRequest, PromptRequest
 from api_client._task_messages import REQUEST_TYPES
-from worker.attempt.delivery import Delivery, DeliveryState
+from worker.attempt.delivery import Delivery
 from worker.attempt.jobs import run_jobs
 from worker.errors import REDIS_UNAVAILABLE
+from worker.fleet.delivery_state import DeliveryState
 
 if TYPE_CHECKING:
     from celery import Celery, Task

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from worker.attempt.delivery import Delivery, DeliveryState
+from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
 from worker.attempt.run import Reschedule, Started, attempt, begin, fail_unexpectedly
 from worker.attempt.runtime import Runtime
 from worker.errors import REDIS_UNAVAILABLE
+from worker.fleet.delivery_state import DeliveryState
 
 logger = logging.getLogger("promptq.worker")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from api_client._schemas import JobRequest
 from api_client._task_messages import task_message
-from worker.attempt.delivery import DeliveryState
+from worker.fleet.delivery_state import DeliveryState
 from worker.fleet.parking import Parking
 
 

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from api_client._schemas import JobRequest
-from worker.attempt.delivery import DeliveryState
 from worker.attempt.later import come_back_later
+from worker.fleet.delivery_state import DeliveryState
 from worker.fleet.limiter import TOKEN_MAX_AHEAD_S
 from worker.llm import call as llm
 

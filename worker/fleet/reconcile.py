@@ -43,6 +43,7 @@ from api_client._polling import text_of
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
 from api_client._task_messages import REQUEST_TYPES, job_ids_of, task_message
 from worker.fleet.custody import taken_keys
+from worker.fleet.delivery_state import DeliveryState
 from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms
 from worker.fleet.store import JobStore
 
@@ -179,7 +180,8 @@ class Reconciler:
         except ValueError:  # pydantic's ValidationError among them
             return self._abandon(job_id, score)
         # The deliveries so far are the job's starts: the new one is no redelivery.
-        message = task_message(job_id, request, kwargs={"failures": failures}, retries=starts)
+        state = DeliveryState(failures).encode()
+        message = task_message(job_id, request, kwargs=state, retries=starts)
         keys = [
             result_key(job_id),
             state_key(job_id),
