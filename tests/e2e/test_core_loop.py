@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -23,19 +21,10 @@ from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 
 from .conftest import CANARY_KEY, NUM_RETRIES
-
-WAIT_S = 30.0  # bounds every wait; a healthy run takes a fraction of it
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.01)
 
 
 def test_success_carries_content_usage_and_one_attempt(

@@ -17,11 +17,11 @@ from api_client import Client, ClientSettings, Job, JobFailed
 from tests.support.invariants import Outcome, assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.status import gather_status
 
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 ATTEMPTS = NUM_RETRIES + 1  # every call a job may make
 

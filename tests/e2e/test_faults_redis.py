@@ -13,10 +13,10 @@ from api_client import Client, JobFailed, JobStatus
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess
 
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from .test_core_loop import wait_until
 
 JOBS = 50
 CALL_S = 0.4  # the provider's latency: the batch takes some 3 s on two workers of 3 threads

@@ -15,11 +15,11 @@ from api_client._constants import QUEUE
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.parking import PARKED_KEY
 
 from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 # A call must still be waiting for the provider when its worker is killed: a timeout would
 # make it a failed attempt instead, so the kill tests allow calls this long (the test kills

@@ -10,9 +10,8 @@ from api_client._constants import QUEUE
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .test_core_loop import WAIT_S, wait_until
 
 THREADS = 50
 

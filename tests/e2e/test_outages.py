@@ -20,11 +20,11 @@ from api_client import AsyncClient, BrokerUnavailable, Client, PromptResult
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.batch import run_batch
 
 from .conftest import CANARY_KEY, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 PASSWORD = "pw-never-shown-3c9d"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -14,6 +14,7 @@ from tests.e2e.conftest import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.metrics import summed
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess, worker_fleet
 from worker.limiter import BURST_S, Deployment, RateLimiter, read_limiters
 
@@ -53,13 +54,6 @@ def workers(
 def client(redis_server: RedisServer, workers: list[WorkerProcess]) -> Iterator[Client]:
     with Client(redis_server.url) as client:
         yield client
-
-
-def wait_until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -105,7 +99,7 @@ def test_a_retry_after_slows_the_whole_fleet(
     provider.script(Reply(status=429, headers=headers))
     first = client.submit("meets the 429")
     [refused] = provider.wait_for_requests(1, timeout_s=WAIT_S)
-    wait_until(lambda: any(s.paused_for_s > 0 for s in read_limiters(shared)))
+    wait_until(lambda: any(s.paused_for_s > 0 for s in read_limiters(shared)), WAIT_S)
 
     others = [client.submit(f"after the 429 {n}") for n in range(4)]
     for job in [first, *others]:

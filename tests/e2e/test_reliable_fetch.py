@@ -22,11 +22,11 @@ from api_client._wire import text_of
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.custody import UNACKED_KEY
 
 from .conftest import CANARY_KEY, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 HEARTBEAT_TIMEOUT_S = 2.0
 # The documented bound (1.1 x the timeout), and room for a poll, a call and a loaded machine.
