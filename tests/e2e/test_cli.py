@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 from tests.support.cli import promptq
+from tests.support.e2e_worker import CANARY_KEY
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY
 
 
 def test_help_lists_every_command() -> None:

@@ -17,14 +17,13 @@ from api_client import (
 )
 from api_client._constants import QUEUE, starts_key, state_key
 from api_client._wire import build_request, task_message
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES
 
 
 def test_success_carries_content_usage_and_one_attempt(

@@ -15,7 +15,7 @@ from api_client import (
     JobFailed,
     PromptResult,
 )
-from tests.e2e.conftest import CANARY_KEY, worker_env
+from tests.support.e2e_worker import CANARY_KEY, worker_env
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.redis_server import RedisServer

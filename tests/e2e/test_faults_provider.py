@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.invariants import Outcome, assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.status import gather_status
-
-from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 
 ATTEMPTS = NUM_RETRIES + 1  # every call a job may make
 

@@ -10,13 +10,12 @@ from collections.abc import Iterator
 import pytest
 
 from api_client import Client, JobFailed, JobStatus
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 
 JOBS = 50
 CALL_S = 0.4  # the provider's latency: the batch takes some 3 s on two workers of 3 threads

@@ -10,13 +10,12 @@ from typing import Any
 import pytest
 
 from api_client import Client, JobFailed
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 
 # How providers echo a key they reject, and a log-style header line that carries it.
 ECHOED = f"Incorrect API key provided: {CANARY_KEY}. (Authorization: Bearer {CANARY_KEY})"

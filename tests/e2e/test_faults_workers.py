@@ -12,14 +12,13 @@ import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed, JobStatus
 from api_client._constants import QUEUE
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.parking import PARKED_KEY
-
-from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
 
 # A call must still be waiting for the provider when its worker is killed: a timeout would
 # make it a failed attempt instead, so the kill tests allow calls this long (the test kills

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, JobFailed, PromptResult
+from tests.support.e2e_worker import CANARY_KEY, worker_env
 from tests.support.metrics import Samples, metrics_url, sample, scrape
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 from worker.embedded import free_port
-
-from .conftest import CANARY_KEY, worker_env
 
 WAIT_S = 30.0
 MODEL = "openai/test-model"

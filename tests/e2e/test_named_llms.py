@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from api_client import Client, InvalidRequest, JobFailed
-from tests.e2e.conftest import worker_env
+from tests.support.e2e_worker import worker_env
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess

@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 
 from api_client import AsyncClient, BrokerUnavailable, Client, PromptResult
+from tests.support.e2e_worker import CANARY_KEY, worker_env
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.batch import run_batch
-
-from .conftest import CANARY_KEY, worker_env
 
 PASSWORD = "pw-never-shown-3c9d"
 

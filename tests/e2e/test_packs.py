@@ -11,7 +11,7 @@ import pytest
 from api_client import Client, ClientSettings, JobFailed, PromptResult
 from api_client._constants import QUEUE, state_key
 from api_client._wire import Submission, build_request, pack_message
-from tests.e2e.conftest import NUM_RETRIES
+from tests.support.e2e_worker import NUM_RETRIES
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess

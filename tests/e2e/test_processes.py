@@ -16,12 +16,11 @@ import pytest
 
 from api_client import Client, ClientSettings, Job, JobStatus
 from api_client._constants import QUEUE
+from tests.support.e2e_worker import worker_env
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import worker_env
 
 # A killed process's jobs come back after this long; it must fit twice LLM_RETRY_MAX_WAIT +
 # LLM_TIMEOUT (see the kill tests in test_faults_workers).

@@ -17,13 +17,12 @@ import pytest
 from api_client import Client
 from api_client._constants import QUEUE
 from api_client._wire import build_request, task_message
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES
 
 MARKER = "MARKER-secret-prompt-5e1f0c"
 REFUSED = "refused a message from the queue"

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from api_client import Client
-from tests.e2e.conftest import CANARY_KEY, NUM_RETRIES, worker_env
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.metrics import summed
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer

@@ -19,14 +19,13 @@ import redis
 from api_client import Client, ClientSettings, JobFailed, JobStatus
 from api_client._constants import QUEUE, RECOVERY_KEY, WORKERS_KEY, taken_key
 from api_client._wire import text_of
+from tests.support.e2e_worker import CANARY_KEY, worker_env
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.custody import UNACKED_KEY
-
-from .conftest import CANARY_KEY, worker_env
 
 HEARTBEAT_TIMEOUT_S = 2.0
 # The documented bound (1.1 x the timeout), and room for a poll, a call and a loaded machine.
