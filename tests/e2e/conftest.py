@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from api_client import Client
-from tests.support.e2e_worker import worker_env
+from tests.support.e2e_worker import module_worker
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -35,16 +35,8 @@ def provider() -> Iterator[ScriptedOpenAIServer]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def worker(
-    redis_server: RedisServer,
-    provider: ScriptedOpenAIServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[WorkerProcess]:
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = worker_env(redis_server.url, provider.base_url)
-    with WorkerProcess(env, log_path, args=("--concurrency", "16")) as process:
-        yield process
+# The module's worker; a module may run its own instead (module_worker, or a fixture of its own).
+worker = module_worker(args=("--concurrency", "16"))
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed
-from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, e2e_worker
 from tests.support.invariants import Outcome, assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
@@ -189,7 +189,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def storm_worker(
     own_redis: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> Iterator[WorkerProcess]:
-    env = worker_env(own_redis.url, provider.base_url) | {
+    env = {
         "LLM_NUM_RETRIES": str(STORM_RETRIES),
         # Waits longer than the worker takes to go through the queue, so that the retries
         # come back before they are due and are held in memory (shorter ones wait in Redis).
@@ -198,7 +198,7 @@ def storm_worker(
         "PROMPTQ_ETA_TASK_LIMIT": str(ETA_TASK_LIMIT),
     }
     args = ("--concurrency", str(STORM_CONCURRENCY))
-    with WorkerProcess(env, tmp_path / "storm.log", args=args) as process:
+    with e2e_worker(own_redis, provider, tmp_path, name="storm", env=env, args=args) as process:
         yield process
 
 
@@ -260,7 +260,7 @@ def test_retries_held_in_memory_do_not_take_the_workers_threads(
 ) -> None:
     """PROMPTQ_ETA_TASK_LIMIT bounds the retries held, on top of the calls in flight."""
     concurrency, eta_task_limit = 4, 2
-    env = worker_env(own_redis.url, provider.base_url) | {
+    env = {
         "LLM_RETRY_MIN_WAIT": "4",  # the retries stay held while the test looks
         "LLM_RETRY_MAX_WAIT": "4",
         "LLM_TIMEOUT": "4",  # and the calls beside them wait at the gate without timing out
@@ -271,7 +271,7 @@ def test_retries_held_in_memory_do_not_take_the_workers_threads(
     provider.script(*[Reply(status=503)] * eta_task_limit)
     provider.default = Reply(gate=gate)
     with (
-        WorkerProcess(env, tmp_path / "worker.log", args=args) as process,
+        e2e_worker(own_redis, provider, tmp_path, env=env, args=args) as process,
         _one_job_per_message(own_redis) as client,
     ):
         try:

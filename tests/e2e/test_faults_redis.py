@@ -15,7 +15,7 @@ from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
-from tests.support.worker_process import WorkerProcess
+from tests.support.worker_process import WorkerProcess, worker_fleet
 
 JOBS = 50
 CALL_S = 0.4  # the provider's latency: the batch takes some 3 s on two workers of 3 threads
@@ -48,17 +48,8 @@ def workers(
         # Calls held through the outage must not time out (and become retries) meanwhile.
         "LLM_TIMEOUT": "2.5",
     }
-    processes = [
-        WorkerProcess(env, directory / f"worker-{n}.log", args=("--concurrency", "3")).start()
-        for n in range(2)
-    ]
-    try:
-        for process in processes:
-            process.wait_ready()
+    with worker_fleet(env, directory, count=2, concurrency=3) as processes:
         yield processes
-    finally:
-        for process in processes:
-            process.stop()
 
 
 def crash_mid_batch(

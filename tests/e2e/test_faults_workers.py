@@ -12,7 +12,7 @@ import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed, JobStatus
 from api_client._constants import QUEUE
-from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, e2e_worker
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
@@ -46,9 +46,18 @@ def client(redis_server: RedisServer) -> Iterator[Client]:
 
 
 class Fleet:
-    """The workers a scenario starts, each with its own log; all stopped at the end."""
+    """The workers a scenario starts (e2e workers of 4 threads, ``env`` on top), each with
+    its own log; all stopped at the end."""
 
-    def __init__(self, env: Mapping[str, str], directory: Path) -> None:
+    def __init__(
+        self,
+        redis_server: RedisServer,
+        provider: ScriptedOpenAIServer,
+        env: Mapping[str, str],
+        directory: Path,
+    ) -> None:
+        self.redis_server = redis_server
+        self.provider = provider
         self.env = dict(env)
         self.directory = directory
         self.started: list[WorkerProcess] = []
@@ -58,8 +67,14 @@ class Fleet:
         """Start n workers at once and wait until all consume."""
         new = []
         for _ in range(n):
-            log_path = self.directory / f"worker-{len(self.started)}.log"
-            process = WorkerProcess(self.env, log_path, args=("--concurrency", "4"))
+            process = e2e_worker(
+                self.redis_server,
+                self.provider,
+                self.directory,
+                name=f"worker-{len(self.started)}",
+                env=self.env,
+                args=("--concurrency", "4"),
+            )
             self.started.append(process.start())
             new.append(process)
         for process in new:
@@ -86,11 +101,13 @@ MakeFleet = Callable[[Mapping[str, str]], Fleet]
 
 
 @pytest.fixture
-def make_fleet(tmp_path: Path) -> Iterator[MakeFleet]:
+def make_fleet(
+    redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
+) -> Iterator[MakeFleet]:
     fleets: list[Fleet] = []
 
     def make(env: Mapping[str, str]) -> Fleet:
-        fleets.append(Fleet(env, tmp_path))
+        fleets.append(Fleet(redis_server, provider, env, tmp_path))
         return fleets[-1]
 
     yield make
@@ -108,11 +125,10 @@ def received_by(process: WorkerProcess, job_id: str) -> bool:
     return f"Task promptq.complete[{job_id}] received" in process.log()
 
 
-def kill_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
-    return worker_env(redis_server.url, provider.base_url) | {
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
-        "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
-    }
+KILL_ENV = {
+    "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
+    "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
+}
 
 
 # --- 1. SIGKILL mid-call ----------------------------------------------------------------------
@@ -124,7 +140,7 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
     provider: ScriptedOpenAIServer,
     make_fleet: MakeFleet,
 ) -> None:
-    fleet = make_fleet(kill_env(redis_server, provider))
+    fleet = make_fleet(KILL_ENV)
     doomed, survivor = fleet.start(2)
     gate = threading.Event()  # the first 8 calls hang until the kill
     provider.script(*[Reply(gate=gate)] * 8)
@@ -172,7 +188,7 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
 def test_a_killed_workers_pack_finishes_on_another_worker(
     redis_server: RedisServer, provider: ScriptedOpenAIServer, make_fleet: MakeFleet
 ) -> None:
-    fleet = make_fleet(kill_env(redis_server, provider))
+    fleet = make_fleet(KILL_ENV)
     [doomed] = fleet.start(1)
     gate = threading.Event()
     provider.script(Reply(), Reply(), *[Reply(gate=gate)] * 4)  # two answer, four hang
@@ -214,7 +230,7 @@ def test_a_job_that_kills_every_worker_fails_as_worker_lost(
     make_fleet: MakeFleet,
 ) -> None:
     max_redeliveries = 1
-    env = kill_env(redis_server, provider) | {"PROMPTQ_MAX_REDELIVERIES": str(max_redeliveries)}
+    env = KILL_ENV | {"PROMPTQ_MAX_REDELIVERIES": str(max_redeliveries)}
     fleet = make_fleet(env)
     fleet.start(2)
     never = threading.Event()
@@ -250,16 +266,15 @@ def test_a_job_that_kills_every_worker_fails_as_worker_lost(
 # --- 2. Warm shutdown (SIGTERM) ---------------------------------------------------------------
 
 
-def stop_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
-    # Long retry waits, so that a retry is still held in worker memory at the shutdown; calls
-    # allowed to wait for the provider through the shutdown; and a long visibility timeout
-    # that nothing below may wait for.
-    return worker_env(redis_server.url, provider.base_url) | {
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
-        "LLM_TIMEOUT": "10",
-        "LLM_RETRY_MIN_WAIT": "5",
-        "LLM_RETRY_MAX_WAIT": "5",
-    }
+# Long retry waits, so that a retry is still held in worker memory at the shutdown; calls
+# allowed to wait for the provider through the shutdown; and a long visibility timeout that
+# nothing below may wait for.
+STOP_ENV = {
+    "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
+    "LLM_TIMEOUT": "10",
+    "LLM_RETRY_MIN_WAIT": "5",
+    "LLM_RETRY_MAX_WAIT": "5",
+}
 
 
 def test_warm_shutdown_finishes_calls_in_flight_and_requeues_held_retries(
@@ -268,7 +283,7 @@ def test_warm_shutdown_finishes_calls_in_flight_and_requeues_held_retries(
     provider: ScriptedOpenAIServer,
     make_fleet: MakeFleet,
 ) -> None:
-    fleet = make_fleet(stop_env(redis_server, provider))
+    fleet = make_fleet(STOP_ENV)
     [stopping] = fleet.start()
     redis = redis_server.client()
     provider.script(Reply(status=503))
@@ -316,7 +331,7 @@ def test_a_job_parked_for_the_rate_limit_survives_every_worker_stopping(
     provider: ScriptedOpenAIServer,
     make_fleet: MakeFleet,
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url) | {
+    env = {
         "LLM_RPM": "20",  # one call every 3 s for the fleet
         "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
     }

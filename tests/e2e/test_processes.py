@@ -9,14 +9,14 @@ import socket
 import threading
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from api_client import Client, ClientSettings, Job, JobStatus
 from api_client._constants import QUEUE
-from tests.support.e2e_worker import worker_env
+from tests.support.e2e_worker import e2e_worker
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S, wait_until
@@ -38,6 +38,16 @@ def client(redis_server: RedisServer) -> Iterator[Client]:
         yield client
 
 
+def supervised(
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    directory: Path,
+    env: Mapping[str, str] | None = None,
+) -> WorkerProcess:
+    """`promptq worker --processes 2 -c 2` (not started yet): two processes of two threads."""
+    return e2e_worker(redis_server, provider, directory, env=env, processes=2, args=("-c", "2"))
+
+
 def submit(client: Client, n: int, label: str) -> dict[str, Job]:
     prompts = [f"{label} {i} {uuid.uuid4().hex[:8]}" for i in range(n)]
     return dict(zip(prompts, client.submit_many(prompts), strict=True))
@@ -51,10 +61,9 @@ def taken_by(worker: WorkerProcess, index: int, job: Job) -> bool:
 def test_every_process_takes_calls_under_its_own_node_name(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url)
     gate = threading.Event()
     provider.script(*[Reply(gate=gate)] * 4)
-    worker = WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2"))
+    worker = supervised(redis_server, provider, tmp_path)
     with worker:
         try:
             jobs = submit(client, 4, "spread")
@@ -76,10 +85,9 @@ def test_every_process_takes_calls_under_its_own_node_name(
 def test_sigterm_drains_calls_in_flight_and_leaves_the_rest_queued(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url) | {"LLM_TIMEOUT": "10"}
     gate = threading.Event()
     provider.script(*[Reply(gate=gate)] * 4)
-    worker = WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2"))
+    worker = supervised(redis_server, provider, tmp_path, {"LLM_TIMEOUT": "10"})
     worker.start().wait_ready()
     redis = redis_server.client()
     try:
@@ -109,13 +117,13 @@ def test_sigterm_drains_calls_in_flight_and_leaves_the_rest_queued(
 def test_a_killed_process_is_replaced_and_its_jobs_come_back(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url) | {
+    env = {
         "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
         "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
     }
     gate = threading.Event()
     provider.script(*[Reply(gate=gate)] * 4)
-    worker = WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2"))
+    worker = supervised(redis_server, provider, tmp_path, env)
     with worker:
         try:
             jobs = submit(client, 4, "killed")
@@ -164,8 +172,8 @@ def test_each_process_serves_metrics_on_its_own_port(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
     port = two_free_ports()
-    env = worker_env(redis_server.url, provider.base_url) | {"PROMPTQ_METRICS_PORT": str(port)}
-    with WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2")) as worker:
+    env = {"PROMPTQ_METRICS_PORT": str(port)}
+    with supervised(redis_server, provider, tmp_path, env) as worker:
         pages = []
         for each in (port, port + 1):
             assert f"metrics at http://127.0.0.1:{each}/metrics" in worker.log()
