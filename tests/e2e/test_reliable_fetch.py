@@ -137,8 +137,10 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
     """Running jobs (held by the worker, unacknowledged) come back too, once the worker has
     been silent for the timeout: not at the kill, and not after the visibility timeout."""
     # The gated calls hang until the kill, and the survivor may take many seconds to start on a
-    # loaded machine: a call that timed out first would be retried by the doomed worker.
-    env = {"LLM_TIMEOUT": "120"}
+    # loaded machine: a call that timed out first would be retried by the doomed worker. The
+    # worker refuses a visibility timeout under twice the call timeout (and the retry wait):
+    # this one is longer still, and the jobs must come back well before it.
+    env = {"LLM_TIMEOUT": "120", "PROMPTQ_VISIBILITY_TIMEOUT_S": "300"}
     doomed = _worker(redis_server, provider, tmp_path, "doomed", env)
     survivor = _worker(redis_server, provider, tmp_path, "survivor", env)
     gate = threading.Event()  # the calls hang until the kill
