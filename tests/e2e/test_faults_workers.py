@@ -12,6 +12,7 @@ import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed, JobStatus
 from api_client._constants import QUEUE
+from tests.support.broker import consuming, held_jobs
 from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, e2e_worker
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
@@ -39,8 +40,8 @@ pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[Client]:
-    """One message per job (no packs): these scenarios follow each job's own message in the
-    worker logs. A pack's are in test_a_killed_workers_pack_finishes_on_another_worker."""
+    """One message per job (no packs): these scenarios follow each job's own message to the
+    worker holding it. A pack's are in test_a_killed_workers_pack_finishes_on_another_worker."""
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         yield client
 
@@ -83,8 +84,12 @@ class Fleet:
         return new
 
     def holder(self, job_id: str) -> WorkerProcess:
-        """The live worker that received the job."""
-        [holder] = [p for p in self.alive if received_by(p, job_id)]
+        """The live worker holding the job (delivered to it, not acknowledged yet)."""
+        broker = self.redis_server.client()
+        try:
+            [holder] = [p for p in self.alive if job_id in held_jobs(broker, p.pid)]
+        finally:
+            broker.close()
         return holder
 
     def kill(self, process: WorkerProcess) -> None:
@@ -121,10 +126,6 @@ def submit(client: Client, n: int, label: str) -> dict[str, Job]:
     return dict(zip(prompts, client.submit_many(prompts), strict=True))
 
 
-def received_by(process: WorkerProcess, job_id: str) -> bool:
-    return f"Task promptq.complete[{job_id}] received" in process.log()
-
-
 KILL_ENV = {
     "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
     "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
@@ -144,10 +145,14 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
     doomed, survivor = fleet.start(2)
     gate = threading.Event()  # the first 8 calls hang until the kill
     provider.script(*[Reply(gate=gate)] * 8)
+    broker = redis_server.client()
     try:
         jobs = submit(client, 8, "killed mid-call")
         provider.wait_for_requests(8, timeout_s=WAIT_S)
-        lost = [job for job in jobs.values() if received_by(doomed, job.id)]
+        # The calls hang: every job is still held (unacknowledged) by the worker calling.
+        held = held_jobs(broker, doomed.pid)
+        assert sorted(held + held_jobs(broker, survivor.pid)) == sorted(j.id for j in jobs.values())
+        lost = [job for job in jobs.values() if job.id in held]
         assert lost, "the doomed worker took no job"  # 4 each: -c 4, one prefetched per slot
         fleet.kill(doomed)
         killed_at = time.monotonic()
@@ -172,9 +177,9 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
         assert not isinstance(outcome, JobFailed), outcome
         assert outcome.attempts == 1  # a call cut short by a dead worker is no provider failure
         if job in lost:
-            assert received_by(survivor, job.id)
             assert calls[prompt] == 2
             first, again = arrivals[prompt]
+            assert again > killed_at  # made by the survivor: the doomed worker was dead
             # Redelivered once the visibility timeout passed, not at the kill. The timeout runs
             # from when the worker fetched the message, which on a loaded machine can be a
             # second or more before its call reached the provider (a CI run saw 4.9 s against
@@ -294,10 +299,11 @@ def test_warm_shutdown_finishes_calls_in_flight_and_requeues_held_retries(
     provider.script(*[Reply(gate=gate)] * 3)
     in_flight = submit(client, 3, "in flight at the shutdown")
     provider.wait_for_requests(4, timeout_s=WAIT_S)
+    assert consuming(redis) == 1
     started = time.monotonic()
     try:
         stopping.terminate()
-        wait_until(lambda: "Warm shutdown" in stopping.log())
+        wait_until(lambda: consuming(redis) == 0)  # its warm shutdown has begun
     finally:
         gate.set()  # the provider answers the calls the stopping worker is waiting for
     assert stopping.stop(timeout_s=WAIT_S) == 0

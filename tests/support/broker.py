@@ -43,6 +43,14 @@ def held_jobs(client: redis.Redis, pid: int) -> list[str]:
     return [job_id for message in messages for job_id in job_ids_of(json.loads(message))]
 
 
+def consuming(client: redis.Redis) -> int:
+    """How many worker processes listen for Celery's broadcasts (the ping, remote control):
+    Redis' count of connections with a pattern subscription, one per consuming process. A
+    worker drops it when it stops consuming, at the start of a warm shutdown."""
+    connections: list[dict[str, str]] = client.client_list()
+    return sum(int(connection.get("psub", 0)) > 0 for connection in connections)
+
+
 def answering(redis_url: str, timeout_s: float = 1.0) -> list[str]:
     """The Celery node names of the workers answering a ping within ``timeout_s`` (as
     `promptq status` lists them): a worker answers while it consumes, not once it stops."""
