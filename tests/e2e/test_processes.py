@@ -16,6 +16,7 @@ import pytest
 
 from api_client import Client, ClientSettings, Job, JobStatus
 from api_client._constants import QUEUE
+from tests.support.broker import answering, consuming, held_jobs
 from tests.support.e2e_worker import e2e_worker
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
@@ -53,9 +54,22 @@ def submit(client: Client, n: int, label: str) -> dict[str, Job]:
     return dict(zip(prompts, client.submit_many(prompts), strict=True))
 
 
-def taken_by(worker: WorkerProcess, index: int, job: Job) -> bool:
-    """Whether worker process ``index`` (its log lines name it worker-INDEX) took the job."""
-    return f"/worker-{index}] Task promptq.complete[{job.id}] received" in worker.log()
+def by_index(worker: WorkerProcess) -> dict[int, int]:
+    """The pid of each worker process the supervisor runs, by its --process-index."""
+    found = {}
+    for pid in worker.children():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        found[int(argv[argv.index(b"--process-index") + 1])] = pid
+    return found
+
+
+def held_by(redis_server: RedisServer, worker: WorkerProcess) -> dict[int, set[str]]:
+    """The jobs each worker process holds (delivered, not acknowledged), by its index."""
+    broker = redis_server.client()
+    try:
+        return {index: set(held_jobs(broker, pid)) for index, pid in by_index(worker).items()}
+    finally:
+        broker.close()
 
 
 def test_every_process_takes_calls_under_its_own_node_name(
@@ -69,17 +83,21 @@ def test_every_process_takes_calls_under_its_own_node_name(
             jobs = submit(client, 4, "spread")
             # Two threads a process: four calls at once need both processes.
             provider.wait_for_requests(4, timeout_s=WAIT_S)
+            held = held_by(redis_server, worker)  # while the calls hang
         finally:
             gate.set()
         for job in jobs.values():
             assert job.wait(timeout=WAIT_S).attempts == 1
         children = worker.children()
         supervisor = worker.pid
+        # Distinct Celery node names: each process answers the ping under its own.
+        nodes = [f"promptq-{supervisor}-{index}" for index in (1, 2)]
+        wait_until(lambda: sorted(n.split("@")[0] for n in answering(redis_server.url)) == nodes)
 
     assert len(children) == 2
-    for index in (1, 2):
-        assert sum(taken_by(worker, index, job) for job in jobs.values()) == 2
-        assert f"promptq-{supervisor}-{index}@" in worker.log()  # distinct Celery node names
+    assert sorted(held) == [1, 2]
+    assert all(len(jobs_held) == 2 for jobs_held in held.values()), held
+    assert set.union(*held.values()) == {job.id for job in jobs.values()}
 
 
 def test_sigterm_drains_calls_in_flight_and_leaves_the_rest_queued(
@@ -95,12 +113,14 @@ def test_sigterm_drains_calls_in_flight_and_leaves_the_rest_queued(
         provider.wait_for_requests(4, timeout_s=WAIT_S)
         waiting = submit(client, 3, "still queued")
         children = worker.children()
+        assert consuming(redis) == 2
         try:
             worker.terminate()
-            wait_until(lambda: worker.log().count("Warm shutdown") == 2)
+            wait_until(lambda: consuming(redis) == 0)  # both processes' warm shutdowns began
         finally:
             gate.set()  # the calls the stopping processes wait for are answered
-        assert worker.stop(timeout_s=WAIT_S) == 0
+        # No second signal: the supervisor would take it for a cold shutdown.
+        assert worker.wait_exit(timeout_s=WAIT_S) == 0
     finally:
         worker.stop()
 
@@ -128,10 +148,10 @@ def test_a_killed_process_is_replaced_and_its_jobs_come_back(
         try:
             jobs = submit(client, 4, "killed")
             provider.wait_for_requests(4, timeout_s=WAIT_S)
-            lost = [job for job in jobs.values() if taken_by(worker, 1, job)]
-            [doomed] = [pid for pid in worker.children() if "-1@" in _node_of(worker, pid)]
+            lost = [job for job in jobs.values() if job.id in held_by(redis_server, worker)[1]]
+            doomed = by_index(worker)[1]
             os.kill(doomed, signal.SIGKILL)
-            wait_until(lambda: f"(pid {doomed}) was killed by signal 9; restarting" in worker.log())
+            wait_until(lambda: doomed not in worker.children())  # reaped by the supervisor
         finally:
             gate.set()
         worker.wait_ready(timeout_s=WAIT_S, count=3)  # the replacement consumes too
@@ -142,13 +162,6 @@ def test_a_killed_process_is_replaced_and_its_jobs_come_back(
     calls = provider.calls_by_prompt()
     for prompt, job in jobs.items():
         assert calls[prompt] == (2 if job in lost else 1)
-
-
-def _node_of(worker: WorkerProcess, pid: int) -> str:
-    """The worker process's command line (it carries --process-index)."""
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    index = argv[argv.index(b"--process-index") + 1].decode()
-    return f"promptq-{worker.pid}-{index}@"
 
 
 def two_free_ports() -> int:
