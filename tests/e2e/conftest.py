@@ -8,15 +8,10 @@ import pytest
 
 from api_client import Client
 from api_client._constants import LIMITER_PREFIX
+from tests.support.e2e_worker import module_worker
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-
-# Used as the worker's API key through every end-to-end run; it must never surface in Redis,
-# a result, an error or a log line.
-CANARY_KEY = "sk-canary-7f3a9c2e51d84b06"
-
-NUM_RETRIES = 3
 
 
 @pytest.fixture(scope="module")
@@ -40,32 +35,8 @@ def provider() -> Iterator[ScriptedOpenAIServer]:
         yield server
 
 
-def worker_env(redis_url: str, base_url: str) -> dict[str, str]:
-    """The scaled-down configuration every end-to-end worker runs with."""
-    return {
-        "PROMPTQ_REDIS_URL": redis_url,
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": "60",
-        "LLM_MODEL": "openai/test-model",
-        "LLM_API_KEY": CANARY_KEY,
-        "LLM_BASE_URL": base_url,
-        "LLM_NUM_RETRIES": str(NUM_RETRIES),
-        "LLM_RETRY_MIN_WAIT": "0.05",
-        "LLM_RETRY_MAX_WAIT": "0.2",
-        "LLM_RETRY_MULTIPLIER": "0.01",
-        "LLM_TIMEOUT": "1",
-    }
-
-
-@pytest.fixture(scope="module")
-def worker(
-    redis_server: RedisServer,
-    provider: ScriptedOpenAIServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[WorkerProcess]:
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = worker_env(redis_server.url, provider.base_url)
-    with WorkerProcess(env, log_path, args=("--concurrency", "16")) as process:
-        yield process
+# The module's worker; a module may run its own instead (module_worker, or a fixture of its own).
+worker = module_worker(args=("--concurrency", "16"))
 
 
 @pytest.fixture

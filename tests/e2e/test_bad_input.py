@@ -10,12 +10,11 @@ import pytest
 
 from api_client import Client, InvalidRequest, JobFailed
 from api_client._constants import QUEUE
+from tests.support.e2e_worker import CANARY_KEY
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY
-from .test_core_loop import WAIT_S
 
 BAD_SUBMISSIONS: dict[str, tuple[dict[str, Any], str]] = {
     "oversize prompt": ({"prompt": "x" * 2001}, "PROMPTQ_MAX_PROMPT_CHARS"),

@@ -17,11 +17,10 @@ from typing import Any
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
+from tests.support.e2e_worker import CANARY_KEY
 from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY
 
 WAIT_S = 60.0
 

@@ -3,27 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Mapping
 
+from tests.support.cli import promptq
+from tests.support.e2e_worker import CANARY_KEY
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY
-
-
-def promptq(*args: str, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_"))}
-    return subprocess.run(
-        [sys.executable, "-m", "worker", *args],
-        env={**clean, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_help_lists_every_command() -> None:

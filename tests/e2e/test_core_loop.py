@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -20,23 +18,14 @@ from api_client import (
 from api_client._constants import QUEUE, starts_key, state_key
 from api_client._requests import build_request
 from api_client._task_messages import task_message
+from tests.support.broker import settled
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES
-
-WAIT_S = 30.0  # bounds every wait; a healthy run takes a fraction of it
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        time.sleep(0.01)
 
 
 def test_success_carries_content_usage_and_one_attempt(
@@ -207,14 +196,16 @@ def test_a_job_redelivered_too_often_fails_as_worker_lost(
 
 
 def test_a_duplicate_delivery_of_a_finished_job_is_dropped(
-    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer, worker: WorkerProcess
+    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
 ) -> None:
     request = build_request("only once", None, None, {})
     first = client.submit_many([request])[0].wait(timeout=WAIT_S)
     # Deliver the same job again, as a redelivery after a lost acknowledgement would.
-    redis_server.client().lpush(QUEUE, task_message(first.id, request))
+    redis = redis_server.client()
+    redis.lpush(QUEUE, task_message(first.id, request))
 
-    wait_until(lambda: f"job {first.id} already has an outcome" in worker.log())
+    # The worker took the duplicate and acknowledged it (a call it made would come first).
+    wait_until(lambda: settled(redis))
     assert len(provider.requests) == 1
     assert client.job(first.id).wait(timeout=WAIT_S) == first
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,7 +14,7 @@ from api_client import (
     JobFailed,
     PromptResult,
 )
-from tests.e2e.conftest import CANARY_KEY, worker_env
+from tests.support.e2e_worker import CANARY_KEY, module_worker
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer, echo_vectors, same_vectors
 from tests.support.redis_server import RedisServer
@@ -29,16 +28,11 @@ PRICE_PER_TOKEN = 2e-8  # LiteLLM's price of text-embedding-3-small
 WAIT_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def worker(
-    redis_server: RedisServer,
-    provider: ScriptedOpenAIServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[WorkerProcess]:
-    env = worker_env(redis_server.url, provider.base_url) | {"LLM_EMBEDDING_MODEL": EMBEDDING_MODEL}
-    log_path = tmp_path_factory.mktemp("embeddings") / "worker.log"
-    with WorkerProcess(env, log_path, args=("--concurrency", "8")) as process:
-        yield process
+worker = module_worker(
+    env={"LLM_EMBEDDING_MODEL": EMBEDDING_MODEL},
+    args=("--concurrency", "8"),
+    directory="embeddings",
+)
 
 
 def test_embed_returns_one_vector_per_text_with_usage_and_cost(

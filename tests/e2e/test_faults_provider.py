@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, e2e_worker
 from tests.support.invariants import Outcome, assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.ops.fleet_status import gather_status
-
-from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 ATTEMPTS = NUM_RETRIES + 1  # every call a job may make
 
@@ -188,7 +187,7 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def storm_worker(
     own_redis: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> Iterator[WorkerProcess]:
-    env = worker_env(own_redis.url, provider.base_url) | {
+    env = {
         "LLM_NUM_RETRIES": str(STORM_RETRIES),
         # Waits longer than the worker takes to go through the queue, so that many retries
         # wait at once (in Redis: the worker holds none in memory).
@@ -196,7 +195,7 @@ def storm_worker(
         "LLM_RETRY_MAX_WAIT": "4.5",
     }
     args = ("--concurrency", str(STORM_CONCURRENCY))
-    with WorkerProcess(env, tmp_path / "storm.log", args=args) as process:
+    with e2e_worker(own_redis, provider, tmp_path, name="storm", env=env, args=args) as process:
         yield process
 
 
@@ -259,8 +258,8 @@ def test_retries_waiting_do_not_take_the_workers_threads(
 ) -> None:
     """Retries wait parked in Redis: every thread of the worker takes new jobs meanwhile."""
     concurrency, retrying = 4, 2
-    env = worker_env(own_redis.url, provider.base_url) | {
-        "LLM_RETRY_MIN_WAIT": "4",  # the retries stay held while the test looks
+    env = {
+        "LLM_RETRY_MIN_WAIT": "4",  # the retries stay parked while the test looks
         "LLM_RETRY_MAX_WAIT": "4",
         "LLM_TIMEOUT": "4",  # and the calls beside them wait at the gate without timing out
     }
@@ -269,7 +268,7 @@ def test_retries_waiting_do_not_take_the_workers_threads(
     provider.script(*[Reply(status=503)] * retrying)
     provider.default = Reply(gate=gate)
     with (
-        WorkerProcess(env, tmp_path / "worker.log", args=args) as process,
+        e2e_worker(own_redis, provider, tmp_path, env=env, args=args) as process,
         _one_job_per_message(own_redis) as client,
     ):
         try:

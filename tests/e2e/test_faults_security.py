@@ -4,35 +4,24 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from api_client import Client, JobFailed
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, module_worker
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 # How providers echo a key they reject, and a log-style header line that carries it.
 ECHOED = f"Incorrect API key provided: {CANARY_KEY}. (Authorization: Bearer {CANARY_KEY})"
 
 
-@pytest.fixture(scope="module")
-def worker(
-    redis_server: RedisServer,
-    provider: ScriptedOpenAIServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[WorkerProcess]:
-    """This module's worker runs at the default log level: no --loglevel given."""
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = worker_env(redis_server.url, provider.base_url)
-    with WorkerProcess(env, log_path, args=("--concurrency", "4"), loglevel=None) as process:
-        yield process
+# This module's worker runs at the default log level: no --loglevel given.
+worker = module_worker(args=("--concurrency", "4"), loglevel=None)
 
 
 def completion(content: str) -> dict[str, Any]:

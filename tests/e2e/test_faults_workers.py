@@ -12,13 +12,13 @@ import pytest
 
 from api_client import Client, ClientSettings, Job, JobFailed, JobStatus
 from api_client._constants import PARKED_KEY, QUEUE
+from tests.support.broker import consuming, held_jobs
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, e2e_worker
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 # A call must still be waiting for the provider when its worker is killed: a timeout would
 # make it a failed attempt instead, so the kill tests allow calls this long (the test kills
@@ -39,16 +39,25 @@ pytestmark = pytest.mark.usefixtures("flushed_redis")
 
 @pytest.fixture
 def client(redis_server: RedisServer) -> Iterator[Client]:
-    """One message per job (no packs): these scenarios follow each job's own message in the
-    worker logs. A pack's are in test_a_killed_workers_pack_finishes_on_another_worker."""
+    """One message per job (no packs): these scenarios follow each job's own message to the
+    worker holding it. A pack's are in test_a_killed_workers_pack_finishes_on_another_worker."""
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         yield client
 
 
 class Fleet:
-    """The workers a scenario starts, each with its own log; all stopped at the end."""
+    """The workers a scenario starts (e2e workers of 4 threads, ``env`` on top), each with
+    its own log; all stopped at the end."""
 
-    def __init__(self, env: Mapping[str, str], directory: Path) -> None:
+    def __init__(
+        self,
+        redis_server: RedisServer,
+        provider: ScriptedOpenAIServer,
+        env: Mapping[str, str],
+        directory: Path,
+    ) -> None:
+        self.redis_server = redis_server
+        self.provider = provider
         self.env = dict(env)
         self.directory = directory
         self.started: list[WorkerProcess] = []
@@ -58,8 +67,14 @@ class Fleet:
         """Start n workers at once and wait until all consume."""
         new = []
         for _ in range(n):
-            log_path = self.directory / f"worker-{len(self.started)}.log"
-            process = WorkerProcess(self.env, log_path, args=("--concurrency", "4"))
+            process = e2e_worker(
+                self.redis_server,
+                self.provider,
+                self.directory,
+                name=f"worker-{len(self.started)}",
+                env=self.env,
+                args=("--concurrency", "4"),
+            )
             self.started.append(process.start())
             new.append(process)
         for process in new:
@@ -68,8 +83,12 @@ class Fleet:
         return new
 
     def holder(self, job_id: str) -> WorkerProcess:
-        """The live worker that received the job."""
-        [holder] = [p for p in self.alive if received_by(p, job_id)]
+        """The live worker holding the job (delivered to it, not acknowledged yet)."""
+        broker = self.redis_server.client()
+        try:
+            [holder] = [p for p in self.alive if job_id in held_jobs(broker, p.pid)]
+        finally:
+            broker.close()
         return holder
 
     def kill(self, process: WorkerProcess) -> None:
@@ -86,11 +105,13 @@ MakeFleet = Callable[[Mapping[str, str]], Fleet]
 
 
 @pytest.fixture
-def make_fleet(tmp_path: Path) -> Iterator[MakeFleet]:
+def make_fleet(
+    redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
+) -> Iterator[MakeFleet]:
     fleets: list[Fleet] = []
 
     def make(env: Mapping[str, str]) -> Fleet:
-        fleets.append(Fleet(env, tmp_path))
+        fleets.append(Fleet(redis_server, provider, env, tmp_path))
         return fleets[-1]
 
     yield make
@@ -104,15 +125,10 @@ def submit(client: Client, n: int, label: str) -> dict[str, Job]:
     return dict(zip(prompts, client.submit_many(prompts), strict=True))
 
 
-def received_by(process: WorkerProcess, job_id: str) -> bool:
-    return f"Task promptq.complete[{job_id}] received" in process.log()
-
-
-def kill_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
-    return worker_env(redis_server.url, provider.base_url) | {
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
-        "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
-    }
+KILL_ENV = {
+    "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
+    "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
+}
 
 
 # --- 1. SIGKILL mid-call ----------------------------------------------------------------------
@@ -124,14 +140,18 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
     provider: ScriptedOpenAIServer,
     make_fleet: MakeFleet,
 ) -> None:
-    fleet = make_fleet(kill_env(redis_server, provider))
+    fleet = make_fleet(KILL_ENV)
     doomed, survivor = fleet.start(2)
     gate = threading.Event()  # the first 8 calls hang until the kill
     provider.script(*[Reply(gate=gate)] * 8)
+    broker = redis_server.client()
     try:
         jobs = submit(client, 8, "killed mid-call")
         provider.wait_for_requests(8, timeout_s=WAIT_S)
-        lost = [job for job in jobs.values() if received_by(doomed, job.id)]
+        # The calls hang: every job is still held (unacknowledged) by the worker calling.
+        held = held_jobs(broker, doomed.pid)
+        assert sorted(held + held_jobs(broker, survivor.pid)) == sorted(j.id for j in jobs.values())
+        lost = [job for job in jobs.values() if job.id in held]
         assert lost, "the doomed worker took no job"  # 4 each: -c 4, one prefetched per slot
         fleet.kill(doomed)
         killed_at = time.monotonic()
@@ -156,9 +176,9 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
         assert not isinstance(outcome, JobFailed), outcome
         assert outcome.attempts == 1  # a call cut short by a dead worker is no provider failure
         if job in lost:
-            assert received_by(survivor, job.id)
             assert calls[prompt] == 2
             first, again = arrivals[prompt]
+            assert again > killed_at  # made by the survivor: the doomed worker was dead
             # Redelivered once the visibility timeout passed, not at the kill. The timeout runs
             # from when the worker fetched the message, which on a loaded machine can be a
             # second or more before its call reached the provider (a CI run saw 4.9 s against
@@ -172,7 +192,7 @@ def test_a_killed_workers_jobs_finish_on_another_worker(
 def test_a_killed_workers_pack_finishes_on_another_worker(
     redis_server: RedisServer, provider: ScriptedOpenAIServer, make_fleet: MakeFleet
 ) -> None:
-    fleet = make_fleet(kill_env(redis_server, provider))
+    fleet = make_fleet(KILL_ENV)
     [doomed] = fleet.start(1)
     gate = threading.Event()
     provider.script(Reply(), Reply(), *[Reply(gate=gate)] * 4)  # two answer, four hang
@@ -214,7 +234,7 @@ def test_a_job_that_kills_every_worker_fails_as_worker_lost(
     make_fleet: MakeFleet,
 ) -> None:
     max_redeliveries = 1
-    env = kill_env(redis_server, provider) | {"PROMPTQ_MAX_REDELIVERIES": str(max_redeliveries)}
+    env = KILL_ENV | {"PROMPTQ_MAX_REDELIVERIES": str(max_redeliveries)}
     fleet = make_fleet(env)
     fleet.start(2)
     never = threading.Event()
@@ -250,16 +270,15 @@ def test_a_job_that_kills_every_worker_fails_as_worker_lost(
 # --- 2. Warm shutdown (SIGTERM) ---------------------------------------------------------------
 
 
-def stop_env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
-    # Long retry waits, so that a retry is still held in worker memory at the shutdown; calls
-    # allowed to wait for the provider through the shutdown; and a long visibility timeout
-    # that nothing below may wait for.
-    return worker_env(redis_server.url, provider.base_url) | {
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
-        "LLM_TIMEOUT": "10",
-        "LLM_RETRY_MIN_WAIT": "5",
-        "LLM_RETRY_MAX_WAIT": "5",
-    }
+# Long retry waits, so that a retry still waits (parked) at the shutdown; calls
+# allowed to wait for the provider through the shutdown; and a long visibility timeout that
+# nothing below may wait for.
+STOP_ENV = {
+    "PROMPTQ_VISIBILITY_TIMEOUT_S": str(STOP_VISIBILITY_S),
+    "LLM_TIMEOUT": "10",
+    "LLM_RETRY_MIN_WAIT": "5",
+    "LLM_RETRY_MAX_WAIT": "5",
+}
 
 
 def test_warm_shutdown_finishes_calls_in_flight_and_leaves_retries_parked(
@@ -268,7 +287,7 @@ def test_warm_shutdown_finishes_calls_in_flight_and_leaves_retries_parked(
     provider: ScriptedOpenAIServer,
     make_fleet: MakeFleet,
 ) -> None:
-    fleet = make_fleet(stop_env(redis_server, provider))
+    fleet = make_fleet(STOP_ENV)
     [stopping] = fleet.start()
     redis = redis_server.client()
     provider.script(Reply(status=503))
@@ -279,10 +298,11 @@ def test_warm_shutdown_finishes_calls_in_flight_and_leaves_retries_parked(
     provider.script(*[Reply(gate=gate)] * 3)
     in_flight = submit(client, 3, "in flight at the shutdown")
     provider.wait_for_requests(4, timeout_s=WAIT_S)
+    assert consuming(redis) == 1
     started = time.monotonic()
     try:
         stopping.terminate()
-        wait_until(lambda: "Warm shutdown" in stopping.log())
+        wait_until(lambda: consuming(redis) == 0)  # its warm shutdown has begun
     finally:
         gate.set()  # the provider answers the calls the stopping worker is waiting for
     assert stopping.stop(timeout_s=WAIT_S) == 0
@@ -316,7 +336,7 @@ def test_a_job_parked_for_the_rate_limit_survives_every_worker_stopping(
     provider: ScriptedOpenAIServer,
     make_fleet: MakeFleet,
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url) | {
+    env = {
         "LLM_RPM": "20",  # one call every 3 s for the fleet
         "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
     }

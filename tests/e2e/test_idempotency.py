@@ -7,33 +7,24 @@ import threading
 
 from api_client import AsyncClient, Client, PromptResult
 from api_client._constants import QUEUE
+from tests.support.broker import settled
 from tests.support.openai_server import ScriptedOpenAIServer
+from tests.support.queue_events import QueueEvents
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .test_core_loop import WAIT_S, wait_until
 
 THREADS = 50
 
 
 def _settled(redis_server: RedisServer) -> bool:
-    """Nothing queued and nothing delivered but unacknowledged: no call can still come."""
-    redis = redis_server.client()
-    return redis.llen(QUEUE) == 0 and redis.hlen("unacked") == 0
-
-
-def _assert_delivered_once(worker: WorkerProcess, job_id: str) -> None:
-    log = worker.log()
-    assert log.count(f"promptq.complete[{job_id}] received") == 1
-    assert f"job {job_id} already has an outcome" not in log
+    """No message queued, taken or delivered but unacknowledged: no call can still come."""
+    return settled(redis_server.client())
 
 
 def test_one_key_from_50_threads_is_one_job_and_one_call(
-    client: Client,
-    provider: ScriptedOpenAIServer,
-    redis_server: RedisServer,
-    worker: WorkerProcess,
+    client: Client, provider: ScriptedOpenAIServer, redis_server: RedisServer
 ) -> None:
     barrier = threading.Barrier(THREADS)
     job_ids: list[str] = []
@@ -55,19 +46,21 @@ def test_one_key_from_50_threads_is_one_job_and_one_call(
             results.append(result)
 
     threads = [threading.Thread(target=agent) for _ in range(THREADS)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(WAIT_S)
+    with QueueEvents(redis_server.client()) as queue:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
 
-    assert errors == []
-    assert len(job_ids) == THREADS
-    assert len(set(job_ids)) == 1
-    assert all(result == results[0] for result in results)
-    assert results[0].content == "echo: summarise the report"
-    wait_until(lambda: _settled(redis_server))
+        assert errors == []
+        assert len(job_ids) == THREADS
+        assert len(set(job_ids)) == 1
+        assert all(result == results[0] for result in results)
+        assert results[0].content == "echo: summarise the report"
+        wait_until(lambda: _settled(redis_server))
+        # One message was queued and taken once: no duplicate was published or delivered.
+        assert (queue.pushes(), queue.takes()) == (1, 1)
     assert len(provider.requests) == 1
-    _assert_delivered_once(worker, job_ids[0])
 
 
 def test_one_key_from_50_coroutines_is_one_job_and_one_call(
@@ -81,13 +74,15 @@ def test_one_key_from_50_coroutines_is_one_job_and_one_call(
             results = await asyncio.gather(*(job.wait(timeout=WAIT_S) for job in jobs))
             return {job.id for job in jobs}, [result.content for result in results]
 
-    job_ids, contents = off_main_thread(lambda: asyncio.run(run()))
+    with QueueEvents(redis_server.client()) as queue:
+        job_ids, contents = off_main_thread(lambda: asyncio.run(run()))
 
-    assert len(job_ids) == 1
-    assert contents == ["echo: async once"] * 50
-    wait_until(lambda: _settled(redis_server))
+        assert len(job_ids) == 1
+        assert contents == ["echo: async once"] * 50
+        wait_until(lambda: _settled(redis_server))
+        # One message was queued and taken once: no duplicate was published or delivered.
+        assert (queue.pushes(), queue.takes()) == (1, 1)
     assert len(provider.requests) == 1
-    _assert_delivered_once(worker, job_ids.pop())
 
 
 def test_submit_many_takes_keys_per_item(

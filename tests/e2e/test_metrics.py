@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, JobFailed, PromptResult
+from tests.support.e2e_worker import CANARY_KEY, e2e_worker
 from tests.support.metrics import Samples, metrics_url, sample, scrape
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
 from worker.app.embedded import free_port
-
-from .conftest import CANARY_KEY, worker_env
 
 WAIT_S = 30.0
 MODEL = "openai/test-model"
@@ -31,13 +30,14 @@ def metrics_worker(
 ) -> Iterator[tuple[WorkerProcess, str]]:
     port = free_port()
     env = {
-        **worker_env(redis_server.url, provider.base_url),
         "PROMPTQ_METRICS_PORT": str(port),
         "LLM_INPUT_COST_PER_TOKEN": str(INPUT_COST),
         "LLM_OUTPUT_COST_PER_TOKEN": str(OUTPUT_COST),
     }
-    log_path = tmp_path_factory.mktemp("metrics-worker") / "worker.log"
-    with WorkerProcess(env, log_path, args=("--concurrency", "4")) as process:
+    directory = tmp_path_factory.mktemp("metrics-worker")
+    with e2e_worker(
+        redis_server, provider, directory, env=env, args=("--concurrency", "4")
+    ) as process:
         yield process, f"http://127.0.0.1:{port}/metrics"
 
 
@@ -110,8 +110,8 @@ def test_a_batch_is_counted_exactly(
 def test_port_0_serves_on_a_free_port_logged_at_start_and_released_at_stop(
     redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
-    env = {**worker_env(redis_server.url, provider.base_url), "PROMPTQ_METRICS_PORT": "0"}
-    process = WorkerProcess(env, tmp_path / "worker.log").start().wait_ready()
+    env = {"PROMPTQ_METRICS_PORT": "0"}
+    process = e2e_worker(redis_server, provider, tmp_path, env=env).start().wait_ready()
     try:
         url = metrics_url(process)
         assert url.startswith("http://127.0.0.1:")

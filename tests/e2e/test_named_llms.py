@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from api_client import Client, InvalidRequest, JobFailed
-from tests.e2e.conftest import worker_env
+from tests.support.e2e_worker import e2e_worker
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -36,8 +36,8 @@ def named_worker(
         f'[llm.other]\nmodel = "openai/other-model"\napi_key = "{OTHER_KEY}"\n'
         f'base_url = "{other_provider.base_url}"\n'
     )
-    env = worker_env(redis_server.url, provider.base_url) | {"PROMPTQ_CONFIG": str(config)}
-    with WorkerProcess(env, directory / "worker.log") as process:
+    env = {"PROMPTQ_CONFIG": str(config)}
+    with e2e_worker(redis_server, provider, directory, env=env) as process:
         yield process
 
 

@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 
 from api_client import AsyncClient, BrokerUnavailable, Client, PromptResult
+from tests.support.e2e_worker import CANARY_KEY, e2e_worker, module_worker
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
 from worker.batch.run import run_batch
-
-from .conftest import CANARY_KEY, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 PASSWORD = "pw-never-shown-3c9d"
 
@@ -35,26 +34,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
 
 
-def outage_worker_env(redis_url: str, base_url: str) -> dict[str, str]:
-    # A provider call has to outlast the outage: a longer call timeout (and a visibility
-    # timeout that fits it) than the other end-to-end workers use.
-    return {
-        **worker_env(redis_url, base_url),
-        "LLM_TIMEOUT": "30",
-        "PROMPTQ_VISIBILITY_TIMEOUT_S": "120",
-    }
-
-
-@pytest.fixture(scope="module")
-def worker(
-    redis_server: RedisServer,
-    provider: ScriptedOpenAIServer,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[WorkerProcess]:
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = outage_worker_env(redis_server.url, provider.base_url)
-    with WorkerProcess(env, log_path) as process:
-        yield process
+# A provider call has to outlast the outage: a longer call timeout (and a visibility timeout
+# that fits it) than the other end-to-end workers use.
+worker = module_worker(env={"LLM_TIMEOUT": "30", "PROMPTQ_VISIBILITY_TIMEOUT_S": "120"})
 
 
 @pytest.fixture
@@ -212,11 +194,11 @@ def test_waiting_rides_out_a_redis_restart(
     assert outcome["result"].content == "echo: through the outage"
     assert "Redis is reachable again" in caplog.text
     # The worker lived through the outage (kombu 5.7 alone stops it when Redis goes away with
-    # a job in flight): it reconnects and takes new work.
+    # a job in flight): the same process reconnects and takes new work.
     assert client.submit("after the restart").wait(timeout=WAIT_S).content == (
         "echo: after the restart"
     )
-    assert "Unrecoverable error" not in worker.log()
+    assert worker.running()
     assert CANARY_KEY not in worker.log()
 
 
@@ -266,8 +248,7 @@ def test_a_worker_started_before_redis_consumes_once_it_is_up(
     tmp_path: Path, provider: ScriptedOpenAIServer
 ) -> None:
     server = RedisServer(tmp_path / "redis")  # a free port, nothing listening on it yet
-    env = worker_env(server.url, provider.base_url)
-    process = WorkerProcess(env, tmp_path / "worker.log").start()
+    process = e2e_worker(server, provider, tmp_path).start()
     try:
         refused = f"Error 111 connecting to 127.0.0.1:{server.port}"
         wait_until(lambda: refused in process.log())

@@ -12,7 +12,7 @@ from api_client import Client, ClientSettings, JobFailed, PromptResult
 from api_client._constants import QUEUE, state_key
 from api_client._requests import Submission, build_request
 from api_client._task_messages import pack_message
-from tests.e2e.conftest import NUM_RETRIES
+from tests.support.e2e_worker import NUM_RETRIES
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess

@@ -9,19 +9,19 @@ import socket
 import threading
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from api_client import Client, ClientSettings, Job, JobStatus
 from api_client._constants import QUEUE
+from tests.support.broker import answering, consuming, held_jobs
+from tests.support.e2e_worker import e2e_worker
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 # A killed process's jobs come back after this long; it must fit twice LLM_RETRY_MAX_WAIT +
 # LLM_TIMEOUT (see the kill tests in test_faults_workers).
@@ -39,48 +39,73 @@ def client(redis_server: RedisServer) -> Iterator[Client]:
         yield client
 
 
+def supervised(
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    directory: Path,
+    env: Mapping[str, str] | None = None,
+) -> WorkerProcess:
+    """`promptq worker --processes 2 -c 2` (not started yet): two processes of two threads."""
+    return e2e_worker(redis_server, provider, directory, env=env, processes=2, args=("-c", "2"))
+
+
 def submit(client: Client, n: int, label: str) -> dict[str, Job]:
     prompts = [f"{label} {i} {uuid.uuid4().hex[:8]}" for i in range(n)]
     return dict(zip(prompts, client.submit_many(prompts), strict=True))
 
 
-def taken_by(worker: WorkerProcess, index: int, job: Job) -> bool:
-    """Whether worker process ``index`` (its log lines name it worker-INDEX) took the job."""
-    return f"/worker-{index}] Task promptq.complete[{job.id}] received" in worker.log()
+def by_index(worker: WorkerProcess) -> dict[int, int]:
+    """The pid of each worker process the supervisor runs, by its --process-index."""
+    found = {}
+    for pid in worker.children():
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        found[int(argv[argv.index(b"--process-index") + 1])] = pid
+    return found
+
+
+def held_by(redis_server: RedisServer, worker: WorkerProcess) -> dict[int, set[str]]:
+    """The jobs each worker process holds (delivered, not acknowledged), by its index."""
+    broker = redis_server.client()
+    try:
+        return {index: set(held_jobs(broker, pid)) for index, pid in by_index(worker).items()}
+    finally:
+        broker.close()
 
 
 def test_every_process_takes_calls_under_its_own_node_name(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url)
     gate = threading.Event()
     provider.script(*[Reply(gate=gate)] * 4)
-    worker = WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2"))
+    worker = supervised(redis_server, provider, tmp_path)
     with worker:
         try:
             jobs = submit(client, 4, "spread")
             # Two threads a process: four calls at once need both processes.
             provider.wait_for_requests(4, timeout_s=WAIT_S)
+            held = held_by(redis_server, worker)  # while the calls hang
         finally:
             gate.set()
         for job in jobs.values():
             assert job.wait(timeout=WAIT_S).attempts == 1
         children = worker.children()
         supervisor = worker.pid
+        # Distinct Celery node names: each process answers the ping under its own.
+        nodes = [f"promptq-{supervisor}-{index}" for index in (1, 2)]
+        wait_until(lambda: sorted(n.split("@")[0] for n in answering(redis_server.url)) == nodes)
 
     assert len(children) == 2
-    for index in (1, 2):
-        assert sum(taken_by(worker, index, job) for job in jobs.values()) == 2
-        assert f"promptq-{supervisor}-{index}@" in worker.log()  # distinct Celery node names
+    assert sorted(held) == [1, 2]
+    assert all(len(jobs_held) == 2 for jobs_held in held.values()), held
+    assert set.union(*held.values()) == {job.id for job in jobs.values()}
 
 
 def test_sigterm_drains_calls_in_flight_and_leaves_the_rest_queued(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url) | {"LLM_TIMEOUT": "10"}
     gate = threading.Event()
     provider.script(*[Reply(gate=gate)] * 4)
-    worker = WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2"))
+    worker = supervised(redis_server, provider, tmp_path, {"LLM_TIMEOUT": "10"})
     worker.start().wait_ready()
     redis = redis_server.client()
     try:
@@ -88,12 +113,14 @@ def test_sigterm_drains_calls_in_flight_and_leaves_the_rest_queued(
         provider.wait_for_requests(4, timeout_s=WAIT_S)
         waiting = submit(client, 3, "still queued")
         children = worker.children()
+        assert consuming(redis) == 2
         try:
             worker.terminate()
-            wait_until(lambda: worker.log().count("Warm shutdown") == 2)
+            wait_until(lambda: consuming(redis) == 0)  # both processes' warm shutdowns began
         finally:
             gate.set()  # the calls the stopping processes wait for are answered
-        assert worker.stop(timeout_s=WAIT_S) == 0
+        # No second signal: the supervisor would take it for a cold shutdown.
+        assert worker.wait_exit(timeout_s=WAIT_S) == 0
     finally:
         worker.stop()
 
@@ -110,21 +137,21 @@ def test_sigterm_drains_calls_in_flight_and_leaves_the_rest_queued(
 def test_a_killed_process_is_replaced_and_its_jobs_come_back(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
-    env = worker_env(redis_server.url, provider.base_url) | {
+    env = {
         "PROMPTQ_VISIBILITY_TIMEOUT_S": str(KILL_VISIBILITY_S),
         "LLM_TIMEOUT": str(KILL_CALL_TIMEOUT_S),
     }
     gate = threading.Event()
     provider.script(*[Reply(gate=gate)] * 4)
-    worker = WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2"))
+    worker = supervised(redis_server, provider, tmp_path, env)
     with worker:
         try:
             jobs = submit(client, 4, "killed")
             provider.wait_for_requests(4, timeout_s=WAIT_S)
-            lost = [job for job in jobs.values() if taken_by(worker, 1, job)]
-            [doomed] = [pid for pid in worker.children() if "-1@" in _node_of(worker, pid)]
+            lost = [job for job in jobs.values() if job.id in held_by(redis_server, worker)[1]]
+            doomed = by_index(worker)[1]
             os.kill(doomed, signal.SIGKILL)
-            wait_until(lambda: f"(pid {doomed}) was killed by signal 9; restarting" in worker.log())
+            wait_until(lambda: doomed not in worker.children())  # reaped by the supervisor
         finally:
             gate.set()
         worker.wait_ready(timeout_s=WAIT_S, count=3)  # the replacement consumes too
@@ -135,13 +162,6 @@ def test_a_killed_process_is_replaced_and_its_jobs_come_back(
     calls = provider.calls_by_prompt()
     for prompt, job in jobs.items():
         assert calls[prompt] == (2 if job in lost else 1)
-
-
-def _node_of(worker: WorkerProcess, pid: int) -> str:
-    """The worker process's command line (it carries --process-index)."""
-    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    index = argv[argv.index(b"--process-index") + 1].decode()
-    return f"promptq-{worker.pid}-{index}@"
 
 
 def two_free_ports() -> int:
@@ -165,8 +185,8 @@ def test_each_process_serves_metrics_on_its_own_port(
     client: Client, redis_server: RedisServer, provider: ScriptedOpenAIServer, tmp_path: Path
 ) -> None:
     port = two_free_ports()
-    env = worker_env(redis_server.url, provider.base_url) | {"PROMPTQ_METRICS_PORT": str(port)}
-    with WorkerProcess(env, tmp_path / "worker.log", processes=2, args=("-c", "2")) as worker:
+    env = {"PROMPTQ_METRICS_PORT": str(port)}
+    with supervised(redis_server, provider, tmp_path, env) as worker:
         pages = []
         for each in (port, port + 1):
             assert f"metrics at http://127.0.0.1:{each}/metrics" in worker.log()

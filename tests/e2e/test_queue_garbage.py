@@ -18,13 +18,13 @@ from api_client import Client
 from api_client._constants import QUEUE
 from api_client._requests import build_request
 from api_client._task_messages import task_message
+from tests.support.broker import settled
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, NUM_RETRIES
-from .test_core_loop import WAIT_S, wait_until
 
 MARKER = "MARKER-secret-prompt-5e1f0c"
 REFUSED = "refused a message from the queue"
@@ -118,9 +118,10 @@ def test_garbage_is_dropped_and_logged_without_its_body(
     refusals_before = worker.log().count(REFUSED)
 
     redis.lpush(QUEUE, make())
-    wait_until(lambda: worker.log().count(REFUSED) > refusals_before)
+    wait_until(lambda: settled(redis))  # taken and dropped: in no queue, taken or unacked
 
-    # The worker goes on: a good job pushed after the garbage is answered.
+    # The worker goes on: a good job pushed after the garbage is answered (by then the refusal
+    # was logged: the worker takes the next message once it is done with the last).
     assert client.submit("a good job after the garbage").wait(timeout=WAIT_S).content == (
         "echo: a good job after the garbage"
     )
@@ -168,7 +169,7 @@ def test_a_pickle_is_never_unpickled(
     redis = redis_server.client()
 
     redis.lpush(QUEUE, _pickle(_MakeDirectory(proof)))
-    wait_until(lambda: worker.log().count(REFUSED) > refusals_before)
+    wait_until(lambda: settled(redis))  # taken and dropped
     prompts = [f"after a hostile pickle {n} {uuid.uuid4().hex[:8]}" for n in range(3)]
     assert_invariants(
         client,
@@ -182,5 +183,6 @@ def test_a_pickle_is_never_unpickled(
     )
 
     assert not proof.exists()
-    assert "ContentDisallowed" in worker.log().split(REFUSED)[-1]
+    [refusal] = [line for line in worker.log().splitlines() if REFUSED in line][refusals_before:]
+    assert "ContentDisallowed" in refusal
     wait_until(lambda: redis.llen(QUEUE) == 0 and redis.hlen("unacked") == 0)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
 
 from api_client import Client
-from tests.e2e.conftest import CANARY_KEY, NUM_RETRIES, worker_env
-from tests.support.metrics import summed
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
+from tests.support.metrics import metrics_url, sample, scrape, summed
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess, worker_fleet
 from worker.fleet.limiter import BURST_S, Deployment, RateLimiter, read_limiters
 
@@ -55,13 +55,6 @@ def client(redis_server: RedisServer, workers: list[WorkerProcess]) -> Iterator[
         yield client
 
 
-def wait_until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def shared(redis_server: RedisServer) -> Iterator[redis.Redis]:
     """A connection to the fleet's Redis, to read or push the limiters' shared state."""
@@ -75,9 +68,16 @@ def fleet_limiter(shared: redis.Redis) -> RateLimiter:
     return RateLimiter(shared, max_ahead_s=MAX_AHEAD_S, adaptive=True)
 
 
+def calls_made(process: WorkerProcess) -> float:
+    """The successful calls one worker has made (its own metrics)."""
+    samples = scrape(metrics_url(process))
+    return sample(samples, "promptq_calls_total", model="openai/test-model", outcome="ok")
+
+
 def test_two_workers_together_keep_to_the_configured_rate(
     client: Client, provider: ScriptedOpenAIServer, workers: list[WorkerProcess]
 ) -> None:
+    calls_before = [calls_made(process) for process in workers]
     jobs = client.submit_many(f"paced {n}" for n in range(16))
     results = [job.wait(timeout=WAIT_S) for job in jobs]
 
@@ -92,9 +92,14 @@ def test_two_workers_together_keep_to_the_configured_rate(
             window_s = arrivals[j] - first
             allowed = (window_s + ARRIVAL_SLACK_S) / interval_s + burst
             assert j - i + 1 <= allowed + 1e-6, (i, j, arrivals)
-    # Both workers ran calls: the limit held for the fleet, not per worker.
-    for process in workers:
-        assert re.search(r"Task promptq\.complete\[[^\]]+\] succeeded", process.log())
+
+    # Both workers ran calls: the limit held for the fleet, not per worker. (A worker counts a
+    # call just after storing its job's outcome: wait for the last counts.)
+    def ran() -> list[float]:
+        return [calls_made(p) - n for p, n in zip(workers, calls_before, strict=True)]
+
+    wait_until(lambda: sum(ran()) == 16, WAIT_S)
+    assert all(calls > 0 for calls in ran()), ran()
 
 
 def test_a_retry_after_slows_the_whole_fleet(
@@ -105,7 +110,7 @@ def test_a_retry_after_slows_the_whole_fleet(
     provider.script(Reply(status=429, headers=headers))
     first = client.submit("meets the 429")
     [refused] = provider.wait_for_requests(1, timeout_s=WAIT_S)
-    wait_until(lambda: any(s.paused_for_s > 0 for s in read_limiters(shared)))
+    wait_until(lambda: any(s.paused_for_s > 0 for s in read_limiters(shared)), WAIT_S)
 
     others = [client.submit(f"after the 429 {n}") for n in range(4)]
     for job in [first, *others]:
@@ -138,11 +143,17 @@ def test_waiting_for_capacity_spends_no_retry(
             headers={"x-ratelimit-limit-requests": "100000"},
         ).run()
 
+    model = "openai/test-model"
+
+    def parked(name: str) -> float:  # over the fleet: this job is the only one running
+        return summed(workers, name, model=model, how="parked")
+
+    waits_before = parked("promptq_limiter_waits_total")
+    seconds_before = parked("promptq_limiter_wait_seconds_total")
     hold_the_fleet()
     job = client.submit("patient")
-    waits = re.compile(rf"job {job.id} parked")
     deadline = time.monotonic() + WAIT_S
-    while sum(len(waits.findall(p.log())) for p in workers) < 5:
+    while parked("promptq_limiter_waits_total") - waits_before < 5:
         assert time.monotonic() < deadline, "the job did not wait five times"
         assert not provider.requests, "a call started while the fleet was held"
         hold_the_fleet()
@@ -151,9 +162,7 @@ def test_waiting_for_capacity_spends_no_retry(
     result = job.wait(timeout=WAIT_S)
     assert result.attempts == NUM_RETRIES + 1
     assert len(provider.requests) == NUM_RETRIES + 1
-    model = "openai/test-model"
-    assert summed(workers, "promptq_limiter_waits_total", model=model, how="parked") >= 5
-    assert summed(workers, "promptq_limiter_wait_seconds_total", model=model, how="parked") > 0
+    assert parked("promptq_limiter_wait_seconds_total") > seconds_before
 
 
 def test_token_reservations_are_reconciled(

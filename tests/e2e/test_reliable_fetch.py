@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,13 +27,12 @@ from api_client._constants import (
     taken_key,
 )
 from api_client._polling import text_of
+from tests.support.e2e_worker import CANARY_KEY, e2e_worker
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import WorkerProcess
-
-from .conftest import CANARY_KEY, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 HEARTBEAT_TIMEOUT_S = 2.0
 # The documented bound (1.1 x the timeout), and room for a poll, a call and a loaded machine.
@@ -58,11 +57,27 @@ def broker(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _env(redis_server: RedisServer, provider: ScriptedOpenAIServer) -> dict[str, str]:
-    return worker_env(redis_server.url, provider.base_url) | {
+def _worker(
+    redis_server: RedisServer,
+    provider: ScriptedOpenAIServer,
+    directory: Path,
+    name: str,
+    env: Mapping[str, str] | None = None,
+) -> WorkerProcess:
+    """A worker of 4 threads (not started yet) with this module's heartbeat and visibility
+    timeouts, and ``env`` on top."""
+    timeouts = {
         "PROMPTQ_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
         "PROMPTQ_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),
     }
+    return e2e_worker(
+        redis_server,
+        provider,
+        directory,
+        name=name,
+        env=timeouts | dict(env or {}),
+        args=("-c", "4"),
+    )
 
 
 def _taken_key_of(broker: redis.Redis, process: WorkerProcess) -> str:
@@ -78,9 +93,8 @@ def test_a_worker_killed_with_a_message_on_its_way_loses_nothing(
     broker: redis.Redis,
     tmp_path: Path,
 ) -> None:
-    env = _env(redis_server, provider)
-    doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4"))
-    successor = WorkerProcess(env, tmp_path / "successor.log", args=("-c", "4"))
+    doomed = _worker(redis_server, provider, tmp_path, "doomed")
+    successor = _worker(redis_server, provider, tmp_path, "successor")
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         try:
             doomed.start().wait_ready()
@@ -132,9 +146,9 @@ def test_jobs_running_on_a_killed_worker_come_back_after_the_heartbeat_timeout(
     # The gated calls hang until the kill, and the survivor may take many seconds to start on a
     # loaded machine: a call that timed out first would be retried by the doomed worker. (The
     # timeout must fit in half the visibility timeout: the worker refuses to start otherwise.)
-    env = _env(redis_server, provider) | {"LLM_TIMEOUT": "29"}
-    doomed = WorkerProcess(env, tmp_path / "doomed.log", args=("-c", "4"))
-    survivor = WorkerProcess(env, tmp_path / "survivor.log", args=("-c", "4"))
+    env = {"LLM_TIMEOUT": "29"}
+    doomed = _worker(redis_server, provider, tmp_path, "doomed", env)
+    survivor = _worker(redis_server, provider, tmp_path, "survivor", env)
     gate = threading.Event()  # the calls hang until the kill
     provider.script(*[Reply(gate=gate)] * 3)
     prompts = [f"running {n}" for n in range(3)]
@@ -196,8 +210,7 @@ def test_a_message_held_for_its_eta_through_a_redis_restart_comes_back_at_once(
     """Celery forgets the messages it holds for their ETA when its connection to Redis drops;
     they went back to the queue only after the visibility timeout (an hour by default). They
     go back as soon as the worker reconnects."""
-    env = _env(redis_server, provider)
-    worker = WorkerProcess(env, tmp_path / "worker.log", args=("-c", "4"))
+    worker = _worker(redis_server, provider, tmp_path, "worker")
     prompt = f"held through a restart {uuid.uuid4().hex[:8]}"
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         try:
@@ -226,8 +239,8 @@ def test_a_retry_parked_through_a_redis_restart_comes_back_when_due(
 ) -> None:
     """A retry waits in Redis (the parked set), not in the worker: a Redis restart that keeps
     its data (AOF) keeps it, and it runs when due."""
-    env = _env(redis_server, provider) | {"LLM_RETRY_MIN_WAIT": "2", "LLM_RETRY_MAX_WAIT": "2"}
-    worker = WorkerProcess(env, tmp_path / "worker.log", args=("-c", "4"))
+    env = {"LLM_RETRY_MIN_WAIT": "2", "LLM_RETRY_MAX_WAIT": "2"}
+    worker = _worker(redis_server, provider, tmp_path, "worker", env)
     provider.script(Reply(status=503))
     prompt = f"parked through a restart {uuid.uuid4().hex[:8]}"
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
@@ -235,8 +248,13 @@ def test_a_retry_parked_through_a_redis_restart_comes_back_when_due(
             worker.start().wait_ready()
             broker.config_set("appendfsync", "always")  # the kill loses no write
             job = client.submit(prompt)
-            wait_until(lambda: job.status() is JobStatus.RETRYING and broker.zcard(PARKED_KEY) == 1)
-            assert broker.hlen(UNACKED_KEY) == 0  # the worker holds nothing
+            wait_until(  # parked, and the worker holds nothing
+                lambda: (
+                    job.status() is JobStatus.RETRYING
+                    and broker.zcard(PARKED_KEY) == 1
+                    and broker.hlen(UNACKED_KEY) == 0
+                )
+            )
             redis_server.kill()
             redis_server.start()
             result = job.wait(timeout=VISIBILITY_S / 2)

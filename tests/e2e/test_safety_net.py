@@ -11,13 +11,12 @@ import pytest
 
 from api_client import Client, ClientSettings, JobFailed
 from api_client._constants import OPEN_JOBS_KEY, QUEUE, RECOVERY_KEY
+from tests.support.e2e_worker import CANARY_KEY, worker_env
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import WAIT_S, wait_until
 from tests.support.worker_process import worker_fleet
-
-from .conftest import CANARY_KEY, worker_env
-from .test_core_loop import WAIT_S, wait_until
 
 INTERVAL_S = 0.3
 

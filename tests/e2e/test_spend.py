@@ -10,8 +10,8 @@ import pytest
 
 from api_client import Client, JobFailed, PromptResult
 from api_client._constants import SPEND_PREFIX
-from tests.e2e.conftest import worker_env
-from tests.e2e.test_cli import promptq
+from tests.support.cli import promptq
+from tests.support.e2e_worker import worker_env
 from tests.support.metrics import summed, wait_for_total
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer

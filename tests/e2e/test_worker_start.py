@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CANARY_KEY
+from tests.support.e2e_worker import CANARY_KEY
 
 # (environment, config.toml text or None, what the message must name)
 BAD_CONFIGURATIONS: dict[str, tuple[dict[str, str], str | None, tuple[str, ...]]] = {

@@ -64,6 +64,10 @@ class WorkerProcess:
             time.sleep(0.05)
         return self
 
+    def running(self) -> bool:
+        """Whether the process was started and has not exited (nor been stopped) since."""
+        return self._process is not None and self._process.poll() is None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
@@ -104,6 +108,20 @@ class WorkerProcess:
         if process is not None:
             process.kill()
             process.wait()
+
+    def wait_exit(self, timeout_s: float = 20.0) -> int:
+        """Wait for the process to exit by itself (after terminate(), say) and return its exit
+        status, sending no signal: a supervisor (``processes`` > 1) takes a second SIGTERM, as
+        stop() sends, for a cold shutdown. Kills it and fails if it runs on past the timeout."""
+        process = self._process
+        assert process is not None, "not running"
+        try:
+            status = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"worker still running after {timeout_s} s") from None
+        self._process = None
+        return status
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """Warm shutdown (SIGTERM), killing the process if it does not exit in time."""
