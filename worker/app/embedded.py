@@ -176,8 +176,8 @@ class _WorkController(WorkController):  # type: ignore[misc]  # Celery is untype
 class EmbeddedWorker:
     """The promptq Celery worker running in threads of this process.
 
-    Same app, task, retry policy and classification as ``promptq worker``; countdown retries
-    go through the broker as they do on Redis.
+    Same app, task, retry policy and classification as ``promptq worker``; retries wait parked
+    in the embedded Redis as they do on a fleet's.
     """
 
     def __init__(self, settings: Settings, *, concurrency: int | None = None) -> None:

@@ -278,7 +278,7 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]  # Celery is untyped
     """
 
     def on_close(self) -> None:
-        # Celery forgets the messages it had reserved or held for a retry's countdown when its
+        # Celery forgets the messages it had reserved or held for their ETA when its
         # connection closes (a Redis restart, say); unacknowledged, they came back only after
         # the visibility timeout (an hour by default). They go back to the queue before this
         # process's next take instead. Calls in flight go on and are acknowledged as usual.

@@ -1,4 +1,4 @@
-"""Jobs waiting for rate-limit capacity: parked in Redis until due, then queued again."""
+"""Jobs waiting to come back (retries, rate-limit slots): parked in Redis until due, then queued."""
 
 from __future__ import annotations
 
