@@ -1,5 +1,5 @@
 """Fixtures shared by the unit tests: a clean environment, a scratch working directory, Redis
-for Lua scripts and a scripted OpenAI-compatible server."""
+for Lua scripts, a scripted OpenAI-compatible server and the in-process pipeline over both."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import fakeredis
 import pytest
@@ -14,6 +15,9 @@ import redis
 
 from tests.support.openai_server import ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
+
+if TYPE_CHECKING:  # the pipeline imports LiteLLM: only its tests pay for that
+    from tests.support.pipeline import MakePipeline, Pipeline
 
 _OWNED_PREFIXES = ("LLM_", "PROMPTQ_")
 
@@ -78,3 +82,29 @@ def server(_module_server: ScriptedOpenAIServer) -> ScriptedOpenAIServer:
     recorded requests cleared for each test."""
     _module_server.reset()
     return _module_server
+
+
+@pytest.fixture
+def make_pipeline(real_redis: RedisServer, server: ScriptedOpenAIServer) -> Iterator[MakePipeline]:
+    """Makes in-process pipelines (tests/support/pipeline.py; keyword arguments: its settings
+    overrides) on the session's redis-server, emptied first, and the module's provider."""
+    from tests.support.pipeline import Pipeline  # noqa: PLC0415  (LiteLLM: paid here only)
+
+    client = real_redis.client()
+    client.flushall()
+    client.close()
+    made: list[Pipeline] = []
+
+    def make(**overrides: Any) -> Pipeline:
+        made.append(Pipeline(real_redis.url, server.base_url, **overrides))
+        return made[-1]
+
+    yield make
+    for pipeline in made:
+        pipeline.close()
+
+
+@pytest.fixture
+def pipeline(make_pipeline: MakePipeline) -> Pipeline:
+    """An in-process pipeline with the default test settings."""
+    return make_pipeline()

@@ -4,13 +4,12 @@ them (promptq.pack, from submit_many), turned here into deliveries for worker.at
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from celery.exceptions import Reject
 
 from api_client._constants import EMBED_TASK_NAME, PACK_TASK_NAME, TASK_NAME
-from api_client._schemas import EmbeddingRequest, JobRequest, PromptRequest
 from api_client._task_messages import REQUEST_TYPES
 from worker.attempt.delivery import Delivery
 from worker.attempt.jobs import run_jobs
@@ -41,18 +40,43 @@ def register(app: Celery) -> None:
 
 def complete(task: Task, request: dict[str, Any], **state: Any) -> None:
     """Run one attempt of a chat-completion job; ``state`` is its DeliveryState, encoded."""
-    _run(task, [_single(task, PromptRequest, request, state)])
+    _run(task, _deliveries(task, [request], state))
 
 
 def embed(task: Task, request: dict[str, Any], **state: Any) -> None:
     """Run one attempt of an embeddings job; ``state`` is its DeliveryState, encoded."""
-    _run(task, [_single(task, EmbeddingRequest, request, state)])
+    _run(task, _deliveries(task, [request], state))
 
 
 def pack(task: Task, jobs: list[Any]) -> None:
     """Run one attempt of each job of a pack, concurrently; a job to retry is parked as a
     message of its own. See api_client._task_messages.pack_message for the format."""
-    _run(task, [d for d in (_unpacked(entry) for entry in jobs) if d is not None])
+    _run(task, _deliveries(task, [jobs], {}))
+
+
+def deliveries_of(
+    task_name: str, message_id: str, retries: int, args: Sequence[Any], kwargs: Mapping[str, Any]
+) -> list[Delivery]:
+    """The deliveries a message carries, from its task's name, id and ``retries`` header (the
+    job's deliveries before this one) and its arguments. Pure: the tasks above use it, and so
+    does the tests' in-process pipeline (tests/support/pipeline.py)."""
+    if task_name == PACK_TASK_NAME:
+        (jobs,) = args
+        return [d for d in (_unpacked(entry) for entry in jobs) if d is not None]
+    (request,) = args
+    delivery = Delivery(
+        job_id=message_id,
+        request_type=REQUEST_TYPES.get(task_name),
+        request=request,
+        state=DeliveryState.decode(kwargs),
+        deliveries=retries + 1,  # a parked job comes back as a new delivery
+        task_name=task_name,
+    )
+    return [delivery]
+
+
+def _deliveries(task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Delivery]:
+    return deliveries_of(task.name, task.request.id, task.request.retries, args, kwargs)
 
 
 def _run(task: Task, deliveries: Sequence[Delivery]) -> None:
@@ -64,19 +88,6 @@ def _run(task: Task, deliveries: Sequence[Delivery]) -> None:
         run_jobs(runtime, deliveries)
     except REDIS_UNAVAILABLE as exc:
         _requeue(task, exc)
-
-
-def _single(
-    task: Task, request_type: type[JobRequest], request: Any, state: dict[str, Any]
-) -> Delivery:
-    return Delivery(
-        job_id=task.request.id,
-        request_type=request_type,
-        request=request,
-        state=DeliveryState.decode(state),
-        deliveries=task.request.retries + 1,  # a parked job comes back as a new delivery
-        task_name=task.name,
-    )
 
 
 def _requeue(task: Task, exc: BaseException) -> NoReturn:

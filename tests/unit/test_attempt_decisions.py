@@ -1,0 +1,324 @@
+"""What an attempt decides (store, retry, park, fail, drop), through the in-process pipeline."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from api_client import JobFailed, JobStatus
+from api_client._constants import OPEN_JOBS_KEY, QUEUE, starts_key
+from tests.support.openai_server import Reply, ScriptedOpenAIServer
+from tests.support.pipeline import MakePipeline, Pipeline
+from tests.support.redis_server import RedisServer
+from worker.attempt.delivery import DeliveryState
+from worker.attempt.jobs import run_jobs
+from worker.attempt.retry import JITTER
+from worker.attempt.run import begin
+from worker.errors import REDIS_UNAVAILABLE
+from worker.fleet.limiter import LIMITER_PREFIX
+from worker.fleet.parking import PARKED_KEY
+
+MODEL = "openai/test-model"  # the deployment's model, as metrics label it
+
+
+def metric(p: Pipeline, name: str, **labels: str) -> float:
+    """A sample of the pipeline's worker metrics (0 when not counted yet)."""
+    return p.rt.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def failure(p: Pipeline, job_id: str) -> JobFailed:
+    """The job's stored failure, as the client raises it."""
+    with pytest.raises(JobFailed) as failed:
+        p.client.job(job_id).result()
+    return failed.value
+
+
+def limiter_state(p: Pipeline) -> dict[bytes, bytes]:
+    """The one deployment's rate-limiter hash."""
+    [key] = p.rt.redis.keys(f"{LIMITER_PREFIX}*")
+    state: dict[bytes, bytes] = p.rt.redis.hgetall(key)  # type: ignore[assignment]
+    return state
+
+
+def test_a_success_is_stored_after_one_attempt(
+    pipeline: Pipeline, server: ScriptedOpenAIServer
+) -> None:
+    job = pipeline.client.submit("hello")
+    assert pipeline.step()
+    result = job.result()
+    assert result is not None
+    assert (result.content, result.attempts) == ("echo: hello", 1)
+    assert not pipeline.step()  # nothing left: no retry, nothing parked
+    assert pipeline.parked() == []
+    assert len(server.requests) == 1
+    assert metric(pipeline, "promptq_calls_total", model=MODEL, outcome="ok") == 1
+    assert metric(pipeline, "promptq_jobs_succeeded_total", model=MODEL) == 1
+    # An outcome leaves none of the job's working keys behind.
+    assert not pipeline.rt.redis.exists(starts_key(job.id))
+    assert pipeline.rt.redis.zcard(OPEN_JOBS_KEY) == 0
+
+
+def test_a_503_is_parked_within_the_backoff_then_succeeds_on_attempt_two(
+    make_pipeline: MakePipeline, server: ScriptedOpenAIServer
+) -> None:
+    p = make_pipeline(llm={"retry_min_wait": 2, "retry_max_wait": 4, "retry_multiplier": 1})
+    server.script(Reply(status=503))
+    job = p.client.submit("flaky")
+    assert p.step()
+    [parked] = p.parked()
+    assert parked.message.id == job.id
+    assert parked.message.retries == 1  # this delivery, counted by the next one
+    assert parked.state == DeliveryState(failures=1)
+    policy = p.rt.retry_policy(None)
+    base = policy.base_wait_s(0)
+    low, high = max(policy.min_wait_s, base * (1 - JITTER)), base * (1 + JITTER)
+    assert low - 0.5 < parked.due_in_s <= high  # less the time since it was parked
+    assert job.status() is JobStatus.RETRYING
+    assert p.queued() == []
+    assert metric(p, "promptq_retries_total", model=MODEL, kind="provider_unavailable") == 1
+
+    assert p.advance().moved == 1
+    assert p.step()
+    result = job.result()
+    assert result is not None and result.attempts == 2
+    assert p.parked() == [] and len(server.requests) == 2
+    assert metric(p, "promptq_calls_total", model=MODEL, outcome="provider_unavailable") == 1
+    assert metric(p, "promptq_calls_total", model=MODEL, outcome="ok") == 1
+
+
+def test_exhausted_retries_fail_the_job_with_the_providers_kind_and_status(
+    pipeline: Pipeline, server: ScriptedOpenAIServer
+) -> None:
+    retries = pipeline.rt.settings.llm.num_retries
+    server.script(*[Reply(status=503)] * (retries + 1), Reply())
+    job = pipeline.client.submit("doomed")
+    assert pipeline.drain() == retries + 1
+    failed = failure(pipeline, job.id)
+    assert (failed.kind, failed.status_code, failed.attempts) == (
+        "provider_unavailable",
+        503,
+        retries + 1,
+    )
+    assert len(server.requests) == retries + 1  # the last scripted reply is never asked for
+    assert metric(pipeline, "promptq_retries_total", model=MODEL, kind="provider_unavailable") == 3
+    assert metric(pipeline, "promptq_jobs_failed_total", kind="provider_unavailable") == 1
+
+
+def test_a_429_with_retry_after_parks_for_about_the_retry_after(
+    pipeline: Pipeline, server: ScriptedOpenAIServer
+) -> None:
+    server.script(Reply(status=429, headers={"Retry-After": "10"}))
+    job = pipeline.client.submit("too fast")
+    assert pipeline.step()
+    [parked] = pipeline.parked()
+    assert parked.state == DeliveryState(failures=1)
+    assert 9.0 < parked.due_in_s <= 10.0  # not the backoff's 0.05 to 0.2 s
+    assert pipeline.advance(8).moved == 0  # still 1 to 2 s to go
+    assert pipeline.advance(2).moved == 1 and [m.id for m in pipeline.queued()] == [job.id]
+    assert job.status() is JobStatus.RETRYING
+    assert metric(pipeline, "promptq_rate_limited_total", model=MODEL) == 1
+    assert metric(pipeline, "promptq_retries_total", model=MODEL, kind="rate_limited") == 1
+    # The whole fleet pauses this deployment as long (Redis microseconds).
+    seconds, micros = pipeline.rt.redis.time()
+    now_us = int(seconds) * 1_000_000 + int(micros)
+    pause_s = (float(limiter_state(pipeline)[b"pause_until"]) - now_us) / 1e6
+    assert 9.0 < pause_s <= 10.0
+
+
+def test_a_permanent_400_fails_at_once(pipeline: Pipeline, server: ScriptedOpenAIServer) -> None:
+    server.script(Reply(status=400), Reply())
+    job = pipeline.client.submit("malformed")
+    assert pipeline.drain() == 1
+    failed = failure(pipeline, job.id)
+    assert (failed.kind, failed.status_code, failed.attempts) == ("bad_request", 400, 1)
+    assert len(server.requests) == 1
+    assert metric(pipeline, "promptq_retries_total", model=MODEL, kind="bad_request") == 0
+    assert metric(pipeline, "promptq_jobs_failed_total", kind="bad_request") == 1
+
+
+def test_a_far_rate_limit_slot_is_reserved_and_parked_and_taken_without_asking_again(
+    make_pipeline: MakePipeline, server: ScriptedOpenAIServer
+) -> None:
+    # 6 requests a minute: a slot every 10 s, the next one 9 s away (1 s of burst).
+    p = make_pipeline(llm={"rpm": 6}, queue={"limiter_max_sleep_s": 0})
+    first = p.client.submit("first")
+    assert p.step() and first.status() is JobStatus.SUCCEEDED
+    second = p.client.submit("second")
+    started = time.time()
+    assert p.step()
+    [parked] = p.parked()
+    assert parked.message.id == second.id
+    assert second.status() is JobStatus.QUEUED  # waiting, not retrying: no attempt spent
+    state = parked.state
+    assert (state.failures, state.reserved_tokens) == (0, 0)  # no token limit: charged 0
+    assert state.slot_at is not None and 8.0 < state.slot_at - started < 10.0
+    assert 8.0 < parked.due_in_s <= 9.0
+    assert metric(p, "promptq_limiter_waits_total", model=MODEL, how="parked") == 1
+    assert len(server.requests) == 1
+
+    reserved_until = limiter_state(p)[b"r_tat"]
+    assert p.advance().moved == 1
+    assert p.step()
+    result = second.result()
+    assert result is not None and result.attempts == 1
+    assert limiter_state(p)[b"r_tat"] == reserved_until  # no second acquire moved it on
+    assert metric(p, "promptq_limiter_waits_total", model=MODEL, how="parked") == 1
+    assert len(server.requests) == 2
+
+
+def test_a_spending_cap_with_no_room_fails_the_job_without_a_call(
+    make_pipeline: MakePipeline, server: ScriptedOpenAIServer
+) -> None:
+    prices = {"input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6}
+    p = make_pipeline(llm=prices, queue={"max_spend_usd": 0})
+    job = p.client.submit("costly")
+    assert p.drain() == 1
+    failed = failure(p, job.id)
+    assert (failed.kind, failed.attempts) == ("budget_exceeded", 0)
+    assert server.requests == []
+    assert metric(p, "promptq_budget_refusals_total", model=MODEL) == 1
+
+
+def _renamed_task(raw: bytes, index: int, task: str) -> bytes:
+    """A pack message with the task of its entry ``index`` renamed."""
+    envelope = json.loads(raw)
+    body = json.loads(base64.b64decode(envelope["body"]))
+    body[0][0][index]["task"] = task
+    envelope["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    return json.dumps(envelope).encode()
+
+
+def test_an_unknown_task_in_a_pack_fails_that_job_and_the_others_run(
+    pipeline: Pipeline, server: ScriptedOpenAIServer
+) -> None:
+    jobs = pipeline.client.submit_many(["one", "two", "three"])
+    [message] = pipeline.queued()
+    assert message.task == "promptq.pack"
+    broker = pipeline.rt.redis
+    raw: bytes = broker.rpop(QUEUE)  # type: ignore[assignment]
+    broker.rpush(QUEUE, _renamed_task(raw, 1, "promptq.nope"))
+    assert pipeline.drain() == 1
+    failed = failure(pipeline, jobs[1].id)
+    assert (failed.kind, failed.attempts) == ("bad_request", 0)
+    assert [job.status() for job in jobs] == [
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.SUCCEEDED,
+    ]
+    assert sorted(server.calls_by_prompt()) == ["one", "three"]
+    assert metric(pipeline, "promptq_jobs_failed_total", kind="bad_request") == 1
+
+
+def test_a_duplicate_delivery_of_a_finished_job_is_dropped(
+    pipeline: Pipeline, server: ScriptedOpenAIServer
+) -> None:
+    job = pipeline.client.submit("once")
+    assert pipeline.step()
+    first = job.result()
+    pipeline.rt.redis.rpush(QUEUE, pipeline.taken[0])  # delivered again (a lost ack, say)
+    assert pipeline.step()
+    assert pipeline.client.job(job.id).result() == first
+    assert len(server.requests) == 1
+    assert metric(pipeline, "promptq_calls_total", model=MODEL, outcome="ok") == 1
+    assert not pipeline.rt.redis.exists(starts_key(job.id))
+    assert pipeline.parked() == [] and pipeline.queued() == []
+
+
+@pytest.mark.parametrize("deaths", [2, 3])
+def test_a_job_redelivered_too_often_fails_as_worker_lost(
+    pipeline: Pipeline, server: ScriptedOpenAIServer, deaths: int
+) -> None:
+    allowed = pipeline.rt.settings.queue.max_redeliveries
+    assert allowed == 2
+    job = pipeline.client.submit("cursed")
+    deliveries = pipeline.take()
+    assert deliveries is not None
+    for _ in range(deaths):  # a worker marked it running, then died holding the message
+        begin(pipeline.rt, deliveries)
+    run_jobs(pipeline.rt, deliveries)  # the same message, back from the dead worker
+    if deaths <= allowed:
+        assert job.status() is JobStatus.SUCCEEDED
+        assert len(server.requests) == 1
+        return
+    failed = failure(pipeline, job.id)
+    assert (failed.kind, failed.attempts) == ("worker_lost", 0)
+    assert server.requests == []
+    assert metric(pipeline, "promptq_jobs_failed_total", kind="worker_lost") == 1
+
+
+def test_retries_do_not_count_as_redeliveries(
+    make_pipeline: MakePipeline, server: ScriptedOpenAIServer
+) -> None:
+    p = make_pipeline(queue={"max_redeliveries": 0})
+    server.script(Reply(status=503), Reply(status=502))
+    job = p.client.submit("persistent")
+    assert p.drain() == 3
+    result = job.result()
+    assert result is not None and result.attempts == 3
+
+
+def test_redis_down_during_an_attempt_makes_run_jobs_raise(
+    tmp_path: Path, server: ScriptedOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis stops while one job of a pack waits for its reply (the other already scheduled
+    for retry): recording the failure fails, run_jobs raises, and nothing was parked."""
+    gate = threading.Event()
+    server.script(Reply(status=503), Reply(status=503, gate=gate))
+    with (
+        RedisServer(tmp_path / "redis", appendonly=True) as redis_server,
+        Pipeline(redis_server.url, server.base_url) as p,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        marked, mark_retrying = threading.Event(), p.rt.store.mark_retrying
+
+        def mark_and_tell(job_id: str, failures: int) -> None:
+            mark_retrying(job_id, failures)
+            marked.set()
+
+        monkeypatch.setattr(p.rt.store, "mark_retrying", mark_and_tell)
+        jobs = p.client.submit_many(["a", "b"])
+        deliveries = p.take()
+        assert deliveries is not None
+        running = pool.submit(run_jobs, p.rt, deliveries)
+        try:
+            server.wait_for_requests(2, timeout_s=10)  # the second one waits at the gate
+            assert marked.wait(10)  # the first one's retry is recorded
+            redis_server.stop()
+        finally:
+            gate.set()  # the second reply: a 503 too, which can no longer be recorded
+        with pytest.raises(REDIS_UNAVAILABLE):
+            running.result(timeout=30)
+        redis_server.start()  # its append-only file brings the data back
+        assert p.rt.redis.zcard(PARKED_KEY) == 0
+        statuses = sorted(job.status() for job in jobs)
+        assert statuses == [JobStatus.RETRYING, JobStatus.RUNNING]
+
+
+def test_a_sibling_meeting_redis_down_keeps_a_retry_from_being_parked(
+    pipeline: Pipeline, server: ScriptedOpenAIServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, with Redis back by the time run_jobs would park: the message brings both
+    jobs back, so parking the retry as well would run that job twice."""
+    server.script(Reply(status=503), Reply(status=503))
+    first, second = pipeline.client.submit_many(["a", "b"])
+    store = pipeline.rt.store
+    mark_retrying = store.mark_retrying
+
+    def down_for_the_second(job_id: str, failures: int) -> None:
+        if job_id == second.id:
+            raise redis.ConnectionError("Redis went away for a moment")
+        mark_retrying(job_id, failures)
+
+    monkeypatch.setattr(store, "mark_retrying", down_for_the_second)
+    with pytest.raises(redis.ConnectionError):
+        pipeline.step()
+    assert pipeline.parked() == [] and pipeline.queued() == []
+    assert (first.status(), second.status()) == (JobStatus.RETRYING, JobStatus.RUNNING)
+    assert len(server.requests) == 2
