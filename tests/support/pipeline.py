@@ -12,12 +12,13 @@ from types import TracebackType
 from typing import Any
 
 from api_client import Client
-from api_client._constants import QUEUE
+from api_client._constants import PARKED_KEY, QUEUE
 from worker.app.tasks import deliveries_of
-from worker.attempt.delivery import Delivery, DeliveryState
+from worker.attempt.delivery import Delivery
 from worker.attempt.jobs import run_jobs
 from worker.attempt.runtime import Runtime
-from worker.fleet.parking import PARKED_KEY, Moved
+from worker.fleet.delivery_state import DeliveryState
+from worker.fleet.parking import Moved
 from worker.fleet.scripts import redis_now_ms
 from worker.settings import load_settings
 

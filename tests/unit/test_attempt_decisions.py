@@ -13,17 +13,15 @@ import pytest
 import redis
 
 from api_client import JobFailed, JobStatus
-from api_client._constants import OPEN_JOBS_KEY, QUEUE, starts_key
+from api_client._constants import LIMITER_PREFIX, OPEN_JOBS_KEY, PARKED_KEY, QUEUE, starts_key
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.pipeline import MakePipeline, Pipeline
 from tests.support.redis_server import RedisServer
-from worker.attempt.delivery import DeliveryState
 from worker.attempt.jobs import run_jobs
 from worker.attempt.retry import JITTER
 from worker.attempt.run import begin
 from worker.errors import REDIS_UNAVAILABLE
-from worker.fleet.limiter import LIMITER_PREFIX
-from worker.fleet.parking import PARKED_KEY
+from worker.fleet.delivery_state import DeliveryState
 
 MODEL = "openai/test-model"  # the deployment's model, as metrics label it
 

@@ -9,7 +9,7 @@ import pytest
 from api_client._constants import EMBED_TASK_NAME, PACK_TASK_NAME, TASK_NAME
 from api_client._schemas import EmbeddingRequest, PromptRequest
 from worker.app.tasks import deliveries_of
-from worker.attempt.delivery import DeliveryState
+from worker.fleet.delivery_state import DeliveryState
 
 
 @pytest.mark.parametrize(
@@ -38,6 +38,8 @@ def test_no_slot_is_encoded_as_no_slot_keys() -> None:
         ({"failures": 1, "reserved_tokens": 10}, DeliveryState(1, 10, None)),
         ({"failures": 1, "slot_at": 5.0}, DeliveryState(1)),  # a slot_at alone holds nothing
         ({"failures": 1, "other": "ignored"}, DeliveryState(1)),
+        ({"failures": float("inf")}, DeliveryState()),  # JSON reads 1e400 so
+        ({"failures": 1, "reserved_tokens": float("inf"), "slot_at": 5.0}, DeliveryState()),
     ],
 )
 def test_values_of_the_wrong_type_count_as_absent(

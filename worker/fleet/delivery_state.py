@@ -40,6 +40,6 @@ class DeliveryState:
             if reserved is None:
                 return cls(failures)
             return cls(failures, int(reserved), None if slot_at is None else float(slot_at))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(float("inf"))
             logger.warning("ignored a message's delivery state of the wrong type")
             return cls()
