@@ -172,10 +172,8 @@ class Pipeline:
         if "call_loop" in rt.__dict__:
             [loop] = rt.call_loop.run([_running_loop()])
             assert isinstance(loop, asyncio.AbstractEventLoop)
-            asyncio.run_coroutine_threadsafe(_wind_down(rt), loop).result(timeout=10)
-            rt.call_loop.stop()
-        if "redis" in rt.__dict__:
-            rt.redis.close()
+            asyncio.run_coroutine_threadsafe(_cancel_leftovers(), loop).result(timeout=10)
+        rt.close()
         self.client.close()
 
     def __enter__(self) -> Pipeline:
@@ -194,9 +192,7 @@ async def _running_loop() -> asyncio.AbstractEventLoop:
     return asyncio.get_running_loop()
 
 
-async def _wind_down(rt: Runtime) -> None:
-    if "loop_redis" in rt.__dict__:
-        await rt.loop_redis.close()
+async def _cancel_leftovers() -> None:
     others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
     for task in others:
         task.cancel()
