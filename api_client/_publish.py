@@ -5,93 +5,121 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._constants import OPEN_JOBS_KEY, QUEUE, request_key, result_key, state_key
+from ._constants import OPEN_JOBS_KEY, request_key, result_key, state_key
 from ._requests import Submission, new_job_id
+from ._schedule import LANE_NAMES_KEY, LUA_READY, Route, entry, route_of
 from ._schemas import JobStatus
 from ._task_messages import _pack_envelope, _task_envelope, request_json, task_name_of
 
-# KEYS[1] the job's result, KEYS[2] its state, KEYS[3] the queue, KEYS[4] the open jobs,
-# KEYS[5] the job's request copy; ARGV[1] the task message, ARGV[2] the queued state's value,
-# ARGV[3] its ttl in ms, ARGV[4] the job id, ARGV[5] its task name, ARGV[6] its request JSON.
-# Queues a job once: the state, the open-jobs entry, the request copy and the message are
-# written together, or nothing when the job id already has a result or a state. So a pipeline
-# that redis-py sends again after a lost reply, or a second submit with the same idempotency
-# key, never queues the job twice, and a crash cannot leave a state without its message.
-# Returns 1 when queued, 0 when it existed.
-_PUBLISH = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[4])
-redis.call('HSET', KEYS[5], 'task', ARGV[5], 'request', ARGV[6])
-redis.call('PEXPIRE', KEYS[5], ARGV[3])
-redis.call('LPUSH', KEYS[3], ARGV[1])
+# Both scripts end by queueing the message into the scheduler's waiting structure
+# (api_client._schedule): ARGV[1..5] are the entry (cost|message), the lane, the priority's
+# rank, the tenant and what the lane calls.
+_QUEUE_IT = """
+ready_push(ARGV[2], ARGV[3], ARGV[4], ARGV[1], false)
+redis.call('HSETNX', KEYS[#KEYS], ARGV[2], ARGV[5])
+wake()
 return 1
 """
 
+# KEYS[1] the job's result, KEYS[2] its state, KEYS[3] the open jobs, KEYS[4] the job's
+# request copy, KEYS[5] the lane names; ARGV[1..5] the entry and its route (see _QUEUE_IT),
+# ARGV[6] the queued state's value, ARGV[7] its ttl in ms, ARGV[8] the job id, ARGV[9] its task
+# name, ARGV[10] its request JSON. Queues a job once: the state, the open-jobs entry, the
+# request copy and the message are written together, or nothing when the job id already has a
+# result or a state. So a pipeline that redis-py sends again after a lost reply, or a second
+# submit with the same idempotency key, never queues the job twice, and a crash cannot leave a
+# state without its message. Returns 1 when queued, 0 when it existed.
+_PUBLISH = (
+    LUA_READY
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if not redis.call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[7]) then return 0 end
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[8])
+redis.call('HSET', KEYS[4], 'task', ARGV[9], 'request', ARGV[10])
+redis.call('PEXPIRE', KEYS[4], ARGV[7])
+"""
+    + _QUEUE_IT
+)
 
-# KEYS[1] the queue, KEYS[2] the open jobs, then each job's state and request copy; ARGV[1] the
-# pack's message, ARGV[2] the queued state's value, ARGV[3] its ttl in ms, then each job's id,
-# task name and request JSON. The jobs of a pack have new ids: the first one's state guards
-# the whole pack, so a pipeline re-sent after a lost reply pushes it once.
-_PUBLISH_PACK = """
-if not redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[3]) then return 0 end
+
+# KEYS[1] the open jobs, then each job's state and request copy, and last the lane names;
+# ARGV[1..5] the pack's entry and its route (see _QUEUE_IT), ARGV[6] the queued state's value,
+# ARGV[7] its ttl in ms, then each job's id, task name and request JSON. The jobs of a pack
+# have new ids and one route: the first one's state guards the whole pack, so a pipeline
+# re-sent after a lost reply queues it once.
+_PUBLISH_PACK = (
+    LUA_READY
+    + """
+if not redis.call('SET', KEYS[2], ARGV[6], 'NX', 'PX', ARGV[7]) then return 0 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 for i = 0, (#KEYS - 2) / 2 - 1 do
-  local state, copy, at = KEYS[3 + 2 * i], KEYS[4 + 2 * i], 4 + 3 * i
-  redis.call('SET', state, ARGV[2], 'PX', ARGV[3])
+  local state, copy, at = KEYS[2 + 2 * i], KEYS[3 + 2 * i], 8 + 3 * i
+  redis.call('SET', state, ARGV[6], 'PX', ARGV[7])
   redis.call('HSET', copy, 'task', ARGV[at + 1], 'request', ARGV[at + 2])
-  redis.call('PEXPIRE', copy, ARGV[3])
-  redis.call('ZADD', KEYS[2], now_ms, ARGV[at])
+  redis.call('PEXPIRE', copy, ARGV[7])
+  redis.call('ZADD', KEYS[1], now_ms, ARGV[at])
 end
-redis.call('LPUSH', KEYS[1], ARGV[1])
-return 1
 """
+    + _QUEUE_IT
+)
 
 
 def enqueue(pipe: Any, jobs: Sequence[Submission], ttl_s: float, pack_size: int = 1) -> None:
     """Add each job's publish (its queued state, request copy and task message) to a Redis
-    pipeline; the packable jobs go in packs of up to ``pack_size`` per message."""
+    pipeline; the packable jobs go in packs of up to ``pack_size`` per message, each pack's
+    jobs sharing one route (lane, priority and tenant)."""
     ttl_ms = int(ttl_s * 1000)
-    packable = [job for job in jobs if job.packable]
+    routes = {job.job_id: route_of(job.request) for job in jobs}
     singles = [job for job in jobs if not job.packable]
-    for start in range(0, len(packable), pack_size):
-        chunk = packable[start : start + pack_size]
-        if len(chunk) == 1:
-            singles.append(chunk[0])
-            continue
-        requests = [request_json(job.request) for job in chunk]
-        copies = [
-            part
-            for job, request in zip(chunk, requests, strict=True)
-            for part in (job.job_id, task_name_of(job.request), request)
-        ]
-        pipe.eval(
-            _PUBLISH_PACK,
-            2 + 2 * len(chunk),
-            QUEUE,
-            OPEN_JOBS_KEY,
-            *(key for job in chunk for key in (state_key(job.job_id), request_key(job.job_id))),
-            _pack_envelope(new_job_id(), chunk, requests),
-            JobStatus.QUEUED.value,
-            ttl_ms,
-            *copies,
-        )
+    by_route: dict[Route, list[Submission]] = {}
+    for job in jobs:
+        if job.packable:
+            by_route.setdefault(routes[job.job_id], []).append(job)
+    for route, packable in by_route.items():
+        for start in range(0, len(packable), pack_size):
+            chunk = packable[start : start + pack_size]
+            if len(chunk) == 1:
+                singles.append(chunk[0])
+                continue
+            requests = [request_json(job.request) for job in chunk]
+            copies = [
+                part
+                for job, request in zip(chunk, requests, strict=True)
+                for part in (job.job_id, task_name_of(job.request), request)
+            ]
+            pipe.eval(
+                _PUBLISH_PACK,
+                2 + 2 * len(chunk),
+                OPEN_JOBS_KEY,
+                *(key for job in chunk for key in (state_key(job.job_id), request_key(job.job_id))),
+                LANE_NAMES_KEY,
+                *_queued(route, _pack_envelope(new_job_id(), chunk, requests), len(chunk)),
+                JobStatus.QUEUED.value,
+                ttl_ms,
+                *copies,
+            )
     for job in singles:
         request = request_json(job.request)
+        message = _task_envelope(job.job_id, job.request, request, {}, retries=0)
         pipe.eval(
             _PUBLISH,
             5,
             result_key(job.job_id),
             state_key(job.job_id),
-            QUEUE,
             OPEN_JOBS_KEY,
             request_key(job.job_id),
-            _task_envelope(job.job_id, job.request, request, {}, retries=0),
+            LANE_NAMES_KEY,
+            *_queued(routes[job.job_id], message, 1),
             JobStatus.QUEUED.value,
             ttl_ms,
             job.job_id,
             task_name_of(job.request),
             request,
         )
+
+
+def _queued(route: Route, message: bytes, cost: int) -> list[Any]:
+    """The arguments that queue a message on its route (ARGV[1..5] of _QUEUE_IT)."""
+    return [entry(cost, message), *route.args(), route.lane_name]

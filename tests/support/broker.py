@@ -9,8 +9,10 @@ import redis
 
 from api_client._constants import PRIORITY_LISTS, QUEUE, UNACKED_KEY, WORKERS_KEY, held_key
 from api_client._polling import text_of
+from api_client._schedule import WAKE
 from api_client._task_messages import job_ids_of
 from worker.fleet.custody import taken_keys
+from worker.fleet.schedule import Scheduler, queued_count, ready_messages
 from worker.ops.fleet_status import gather_status
 
 
@@ -18,11 +20,33 @@ def settled(client: redis.Redis) -> bool:
     """No message is queued, taken by a worker process or delivered and unacknowledged: every
     message pushed so far was run and acknowledged, or dropped (a message is always in one of
     those places until then, worker.fleet.custody)."""
+    if queued_count(client):
+        return False
     pipe = client.pipeline(transaction=False)
-    for key in (QUEUE, *PRIORITY_LISTS, *taken_keys(client)):
+    for key in (*PRIORITY_LISTS, *taken_keys(client)):
         pipe.llen(key)
     pipe.hlen(UNACKED_KEY)
     return not any(int(n) for n in pipe.execute())
+
+
+SCRATCH_TAKEN_KEY = "promptq:worker:test-scratch:taken"
+
+
+def take_all(client: redis.Redis) -> list[bytes]:
+    """Take every message waiting (the scheduler's structure and the queue list), in the order
+    workers would take them; they are gone from Redis after."""
+    scheduler, taken = Scheduler(client), []
+    while (message := scheduler.claim(SCRATCH_TAKEN_KEY)) is not None:
+        taken.append(message)
+    client.delete(SCRATCH_TAKEN_KEY)
+    return taken
+
+
+def queued_messages(client: redis.Redis) -> list[bytes]:
+    """The messages waiting, left where they are: those pushed on the queue list (next first),
+    then those in the scheduler's structure."""
+    pushed: list[bytes] = client.lrange(QUEUE, 0, -1)  # type: ignore[assignment]
+    return [raw for raw in reversed(pushed) if raw != WAKE] + list(ready_messages(client))
 
 
 def process_id(client: redis.Redis, pid: int) -> str | None:

@@ -13,12 +13,14 @@ from typing import Any
 
 from api_client import Client
 from api_client._constants import PARKED_KEY, QUEUE
+from api_client._schedule import LANES_KEY, WAKE
 from worker.app.tasks import deliveries_of
 from worker.attempt.delivery import Delivery
 from worker.attempt.jobs import run_jobs
 from worker.attempt.runtime import Runtime
 from worker.fleet.delivery_state import DeliveryState
-from worker.fleet.parking import Moved
+from worker.fleet.parking import Moved, message_of_member
+from worker.fleet.schedule import ready_messages
 from worker.fleet.scripts import redis_now_ms
 from worker.settings import load_settings
 
@@ -34,6 +36,7 @@ LLM_DEFAULTS: dict[str, Any] = {
     "timeout": 5,
 }
 QUEUE_DEFAULTS: dict[str, Any] = {"visibility_timeout_s": 60, "concurrency": 16}
+TAKEN_KEY = "promptq:worker:pipeline:taken"  # where the harness's takes land for a moment
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,12 @@ class Pipeline:
         self._closed = False
 
     def take(self) -> list[Delivery] | None:
-        """Take the next message as a worker would (kombu pops the list's right end) and
-        return its deliveries; None when the queue is empty."""
-        raw: bytes | None = self.rt.redis.rpop(QUEUE)  # type: ignore[assignment]
+        """Take the next message as a worker would (the scheduler's claim) and return its
+        deliveries; None when nothing can be taken now."""
+        raw = self.rt.scheduler.claim(TAKEN_KEY)
         if raw is None:
             return None
+        self.rt.redis.delete(TAKEN_KEY)  # delivered and acknowledged at once
         self.taken.append(raw)
         return Message.decode(raw).deliveries()
 
@@ -122,16 +126,17 @@ class Pipeline:
         stays where it is in real time: a job back early sleeps for it, up to
         PROMPTQ_LIMITER_MAX_SLEEP_S (0 for none)."""
         redis = self.rt.redis
-        parked: list[tuple[bytes, float]] = redis.zrange(  # type: ignore[assignment]
-            PARKED_KEY, 0, -1, withscores=True
-        )
-        if parked:
-            now_ms = redis_now_ms(redis)
+        now_ms = redis_now_ms(redis)
+        for key in (PARKED_KEY, LANES_KEY):  # closed lanes open sooner too
+            waiting: list[tuple[bytes, float]] = redis.zrange(  # type: ignore[assignment]
+                key, 0, -1, withscores=True
+            )
             scores = {
-                member: now_ms if seconds is None else score - seconds * 1000
-                for member, score in parked
+                member: min(score, now_ms) if seconds is None else score - seconds * 1000
+                for member, score in waiting
             }
-            redis.zadd(PARKED_KEY, scores)
+            if scores:
+                redis.zadd(key, scores)
         return self.rt.parking.move_due()
 
     def drain(self, timeout_s: float = 10.0, *, skip_waits: bool = True) -> int:
@@ -157,11 +162,18 @@ class Pipeline:
             PARKED_KEY, 0, -1, withscores=True
         )
         now_ms = redis_now_ms(self.rt.redis)
-        return [Parked(Message.decode(raw), (score - now_ms) / 1000) for raw, score in parked]
+        return [
+            Parked(Message.decode(message), (score - now_ms) / 1000)
+            for member, score in parked
+            if (message := message_of_member(member)) is not None
+        ]
 
     def queued(self) -> list[Message]:
-        """The queued messages, next to be taken first."""
-        return [Message.decode(raw) for raw in reversed(self.rt.redis.lrange(QUEUE, 0, -1))]
+        """The messages waiting to be taken: pushed on the queue list (next first), then those
+        in the scheduler's structure."""
+        pushed = [raw for raw in reversed(self.rt.redis.lrange(QUEUE, 0, -1)) if raw != WAKE]
+        waiting = [*pushed, *ready_messages(self.rt.redis)]
+        return [Message.decode(raw) for raw in waiting]
 
     def close(self) -> None:
         """Close the clients and stop the call loop, cancelling what LiteLLM left on it (its

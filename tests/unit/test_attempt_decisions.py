@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,14 +13,16 @@ import redis
 
 from api_client import JobFailed, JobStatus
 from api_client._constants import LIMITER_PREFIX, OPEN_JOBS_KEY, PARKED_KEY, QUEUE, starts_key
+from api_client._schedule import LANES_KEY
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
-from tests.support.pipeline import MakePipeline, Pipeline
+from tests.support.pipeline import TAKEN_KEY, MakePipeline, Pipeline
 from tests.support.redis_server import RedisServer
 from worker.attempt.jobs import run_jobs
 from worker.attempt.retry import JITTER
 from worker.attempt.run import begin
 from worker.errors import REDIS_UNAVAILABLE
 from worker.fleet.delivery_state import DeliveryState
+from worker.fleet.scripts import redis_now_ms
 
 MODEL = "openai/test-model"  # the deployment's model, as metrics label it
 
@@ -141,33 +142,35 @@ def test_a_permanent_400_fails_at_once(pipeline: Pipeline, server: ScriptedOpenA
     assert metric(pipeline, "promptq_jobs_failed_total", kind="bad_request") == 1
 
 
-def test_a_far_rate_limit_slot_is_reserved_and_parked_and_taken_without_asking_again(
+def test_a_job_with_no_slot_soon_waits_in_line_with_its_lane_closed_until_a_slot_is_near(
     make_pipeline: MakePipeline, server: ScriptedOpenAIServer
 ) -> None:
-    # 6 requests a minute: a slot every 10 s, the next one 9 s away (1 s of burst).
-    p = make_pipeline(llm={"rpm": 6}, queue={"limiter_max_sleep_s": 0})
+    # 30 requests a minute: a slot every 2 s, the next one 1 s away (1 s of burst); no sleep
+    # in the worker at all.
+    p = make_pipeline(llm={"rpm": 30}, queue={"limiter_max_sleep_s": 0})
     first = p.client.submit("first")
     assert p.step() and first.status() is JobStatus.SUCCEEDED
-    second = p.client.submit("second")
-    started = time.time()
-    assert p.step()
-    [parked] = p.parked()
-    assert parked.message.id == second.id
-    assert second.status() is JobStatus.QUEUED  # waiting, not retrying: no attempt spent
-    state = parked.state
-    assert (state.failures, state.reserved_tokens) == (0, 0)  # no token limit: charged 0
-    assert state.slot_at is not None and 8.0 < state.slot_at - started < 10.0
-    assert 8.0 < parked.due_in_s <= 9.0
-    assert metric(p, "promptq_limiter_waits_total", model=MODEL, how="parked") == 1
-    assert len(server.requests) == 1
-
     reserved_until = limiter_state(p)[b"r_tat"]
-    assert p.advance().moved == 1
+    second = p.client.submit("second")
     assert p.step()
+
+    assert p.parked() == []  # no job parked: it waits in the scheduler, first in line
+    [waiting] = p.queued()
+    assert waiting.id == second.id and waiting.retries == 1
+    assert DeliveryState.decode(waiting.kwargs) == DeliveryState(0)  # no slot held
+    assert second.status() is JobStatus.QUEUED  # waiting, not retrying: no attempt spent
+    assert limiter_state(p)[b"r_tat"] == reserved_until  # nothing reserved for it
+    lanes: list[tuple[bytes, float]] = p.rt.redis.zrange(LANES_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
+    [(lane, opens_at_ms)] = lanes
+    assert 0.5 < (opens_at_ms - redis_now_ms(p.rt.redis)) / 1000 <= 1.0
+    parked: list[tuple[bytes, float]] = p.rt.redis.zrange(PARKED_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
+    assert parked == [(b"W|" + lane, opens_at_ms)]  # a worker comes back for it then
+    assert not p.step()  # its lane is closed: nothing to take meanwhile
+    assert metric(p, "promptq_limiter_waits_total", model=MODEL, how="parked") == 1
+
+    p.drain(timeout_s=10, skip_waits=False)  # in real time: the lane opens, the job runs
     result = second.result()
     assert result is not None and result.attempts == 1
-    assert limiter_state(p)[b"r_tat"] == reserved_until  # no second acquire moved it on
-    assert metric(p, "promptq_limiter_waits_total", model=MODEL, how="parked") == 1
     assert len(server.requests) == 2
 
 
@@ -200,8 +203,10 @@ def test_an_unknown_task_in_a_pack_fails_that_job_and_the_others_run(
     [message] = pipeline.queued()
     assert message.task == "promptq.pack"
     broker = pipeline.rt.redis
-    raw: bytes = broker.rpop(QUEUE)  # type: ignore[assignment]
-    broker.rpush(QUEUE, _renamed_task(raw, 1, "promptq.nope"))
+    raw = pipeline.rt.scheduler.claim(TAKEN_KEY)
+    assert raw is not None
+    broker.delete(TAKEN_KEY)
+    broker.rpush(QUEUE, _renamed_task(raw, 1, "promptq.nope"))  # a message pushed as it is
     assert pipeline.drain() == 1
     failed = failure(pipeline, jobs[1].id)
     assert (failed.kind, failed.attempts) == ("bad_request", 0)

@@ -1,4 +1,4 @@
-"""worker.fleet.parking: parked jobs come back to the queue when due, once, at the end taken nex."""
+"""worker.fleet.parking: parked jobs come back to the scheduler when due, once, first in line."""
 
 from __future__ import annotations
 
@@ -8,22 +8,31 @@ import pytest
 import redis
 
 from api_client._constants import PARKED_KEY, QUEUE
+from api_client._schedule import WAKE, Route
 from worker.fleet import parking as parking_module
 from worker.fleet.parking import Parking, ParkingMover
+from worker.fleet.schedule import Scheduler, queued_count
 
 WAIT_S = 10.0
+ROUTE = Route(lane="lane-a", rank=1, tenant="default", lane_name="chat test")
 
 
-def test_a_job_is_queued_only_once_due(lua_redis: redis.Redis) -> None:
+def taken_next(client: redis.Redis) -> bytes | None:
+    """The message a worker would take next (and takes)."""
+    return Scheduler(client).claim("promptq:worker:test:taken")
+
+
+def test_a_job_is_scheduled_only_once_due(lua_redis: redis.Redis) -> None:
     parking = Parking(lua_redis)
-    parking.park(b"later", delay_s=30)
-    parking.park(b"now", delay_s=0)
+    parking.park(ROUTE, b"later", delay_s=30)
+    parking.park(ROUTE, b"now", delay_s=0)
 
     moved = parking.move_due()
     assert moved.moved == 1
     assert moved.next_due_s == pytest.approx(30, abs=1)  # "later" is due in 30 s
-    assert lua_redis.lrange(QUEUE, 0, -1) == [b"now"]
-    assert lua_redis.zrange(PARKED_KEY, 0, -1) == [b"later"]
+    assert taken_next(lua_redis) == b"now"
+    assert taken_next(lua_redis) is None
+    assert lua_redis.zcard(PARKED_KEY) == 1
     assert parking.move_due().moved == 0  # nothing moves twice
 
 
@@ -31,24 +40,48 @@ def test_an_empty_parked_set_has_nothing_due(lua_redis: redis.Redis) -> None:
     assert Parking(lua_redis).move_due() == (0, None)
 
 
-def test_due_jobs_go_where_workers_take_next(lua_redis: redis.Redis) -> None:
-    """kombu takes from the right end (BRPOP): a due job overtakes the backlog."""
-    lua_redis.lpush(QUEUE, b"backlog-1", b"backlog-2")
+def test_a_due_job_wakes_a_worker(lua_redis: redis.Redis) -> None:
+    """Idle workers block on the queue list: a job coming due pushes a wake-up there."""
     parking = Parking(lua_redis)
-    parking.park(b"due", delay_s=0)
+    parking.park(ROUTE, b"due", delay_s=0)
     parking.move_due()
 
-    assert lua_redis.rpop(QUEUE) == b"due"
+    assert lua_redis.lrange(QUEUE, 0, -1) == [WAKE]
+    assert queued_count(lua_redis) == 1  # the wake-up is not a message
+
+
+def test_a_due_job_goes_first_in_its_line(lua_redis: redis.Redis) -> None:
+    """A retry coming due was admitted before what its tenant queued since."""
+    lua_redis.eval(
+        "redis.call('RPUSH', KEYS[1], '1|queued-later')", 1, "promptq:ready:lane-a:1:default"
+    )
+    lua_redis.zadd("promptq:sched:lane-a:1", {"default": 0})
+    lua_redis.zadd("promptq:lanes", {"lane-a": 0})
+    parking = Parking(lua_redis)
+    parking.park(ROUTE, b"due", delay_s=0)
+    parking.move_due()
+
+    assert taken_next(lua_redis) == b"due"
+    assert taken_next(lua_redis) == b"queued-later"
+
+
+def test_an_older_parked_message_goes_to_the_queue_list(lua_redis: redis.Redis) -> None:
+    """A message parked by an older promptq (no route) is pushed where workers take next."""
+    lua_redis.lpush(QUEUE, b"backlog")
+    lua_redis.zadd(PARKED_KEY, {b'{"old": 1}': 0})
+    Parking(lua_redis).move_due()
+
+    assert lua_redis.rpop(QUEUE) == b'{"old": 1}'
 
 
 def test_move_due_takes_at_most_its_limit(lua_redis: redis.Redis) -> None:
     parking = Parking(lua_redis)
     for n in range(5):
-        parking.park(f"job-{n}".encode(), delay_s=0)
+        parking.park(ROUTE, f"job-{n}".encode(), delay_s=0)
 
     assert parking.move_due(limit=3) == (3, 0.0)  # two more are due
     assert parking.move_due(limit=3) == (2, None)
-    assert lua_redis.llen(QUEUE) == 5
+    assert queued_count(lua_redis) == 5
 
 
 def test_the_mover_requeues_a_job_when_it_is_due(lua_redis: redis.Redis) -> None:
@@ -57,9 +90,9 @@ def test_the_mover_requeues_a_job_when_it_is_due(lua_redis: redis.Redis) -> None
     mover.start()
     try:
         parked_at = time.monotonic()
-        parking.park(b"soon", delay_s=0.3)
+        parking.park(ROUTE, b"soon", delay_s=0.3)
         deadline = parked_at + WAIT_S
-        while lua_redis.llen(QUEUE) == 0:
+        while queued_count(lua_redis) == 0:
             assert time.monotonic() < deadline, "the parked job never came back"
             time.sleep(0.01)
         assert time.monotonic() - parked_at >= 0.3 - 0.01  # Redis time is in milliseconds
@@ -79,9 +112,9 @@ def test_parking_a_job_wakes_the_mover_at_once(
     try:
         wait_for_idle = parking.move_due()  # nothing parked: the mover sleeps 600 s
         assert wait_for_idle == (0, None)
-        parking.park(b"now", delay_s=0)
+        parking.park(ROUTE, b"now", delay_s=0)
         deadline = time.monotonic() + WAIT_S
-        while lua_redis.llen(QUEUE) == 0:
+        while queued_count(lua_redis) == 0:
             assert time.monotonic() < deadline, "the mover slept through the park"
             time.sleep(0.01)
     finally:

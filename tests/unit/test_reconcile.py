@@ -25,6 +25,7 @@ from api_client._publish import enqueue
 from api_client._requests import Submission, build_embedding_request, build_request
 from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
 from api_client._task_messages import job_ids_of
+from tests.support.broker import queued_messages, take_all
 from tests.support.redis_server import RedisServer
 from worker.fleet.custody import ProcessCustody
 from worker.fleet.reconcile import Reconciler
@@ -42,9 +43,7 @@ def _submit(client: redis.Redis, *jobs: Submission, pack_size: int = 1) -> list[
     pipe = client.pipeline(transaction=False)
     enqueue(pipe, jobs, TTL_S, pack_size)
     pipe.execute()
-    messages: list[bytes] = client.lrange(QUEUE, 0, -1)  # type: ignore[assignment]
-    client.delete(QUEUE)
-    return messages
+    return take_all(client)
 
 
 def _job(job_id: str, prompt: str = "hello", packable: bool = False) -> Submission:
@@ -57,7 +56,7 @@ def _reconciler(client: redis.Redis) -> Reconciler:
 
 
 def _queued(client: redis.Redis) -> list[dict[str, Any]]:
-    return [json.loads(raw) for raw in client.lrange(QUEUE, 0, -1)]
+    return [json.loads(raw) for raw in queued_messages(client)]
 
 
 def _body(message: dict[str, Any]) -> list[Any]:

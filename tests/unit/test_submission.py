@@ -16,7 +16,7 @@ import fakeredis
 import pytest
 
 from api_client import BrokerUnavailable, Client, ClientSettings, InvalidRequest, PromptRequest
-from api_client._constants import QUEUE, result_key, state_key
+from api_client._constants import result_key, state_key
 from api_client._publish import enqueue
 from api_client._requests import (
     Submission,
@@ -26,6 +26,7 @@ from api_client._requests import (
     prompt_chars,
     submission,
 )
+from tests.support.broker import queued_messages, take_all
 
 TTL_S = 60.0
 
@@ -154,7 +155,7 @@ def _job(job_id: str, prompt: str = "hello") -> Submission:
 
 
 def _queued_ids(redis_client: fakeredis.FakeRedis) -> list[str]:
-    return [json.loads(raw)["headers"]["id"] for raw in redis_client.lrange(QUEUE, 0, -1)]
+    return [json.loads(raw)["headers"]["id"] for raw in queued_messages(redis_client)]
 
 
 def test_publish_sets_the_state_and_pushes_the_message(redis_client: fakeredis.FakeRedis) -> None:
@@ -178,7 +179,7 @@ def test_a_job_with_a_result_is_not_published_again(redis_client: fakeredis.Fake
     redis_client.set(result_key("a"), b"{}")
 
     assert _publish(redis_client, _job("a")) == [0]
-    assert redis_client.llen(QUEUE) == 0
+    assert queued_messages(redis_client) == []
     assert redis_client.get(state_key("a")) is None
 
 
@@ -198,7 +199,7 @@ def _publish_packed(redis_client: fakeredis.FakeRedis, pack_size: int, *jobs: Su
 def _messages(redis_client: fakeredis.FakeRedis) -> list[dict[str, Any]]:
     """The queue's messages in the order workers take them, each with its decoded body."""
     found = []
-    for raw in reversed(redis_client.lrange(QUEUE, 0, -1)):
+    for raw in take_all(redis_client):
         envelope = json.loads(raw)
         envelope["args"] = json.loads(base64.b64decode(envelope["body"]))[0]
         found.append(envelope)
@@ -228,15 +229,35 @@ def test_new_jobs_go_in_packs_of_pack_size(redis_client: fakeredis.FakeRedis) ->
 
 
 def test_a_pack_carries_each_jobs_own_task(redis_client: fakeredis.FakeRedis) -> None:
-    embedding = Submission("e", build_embedding_request(["text"], None, {}), packable=True)
+    embeddings = [
+        Submission(f"e{n}", build_embedding_request(["text"], None, {}), packable=True)
+        for n in range(2)
+    ]
 
-    _publish_packed(redis_client, 16, _packable("p"), embedding)
+    _publish_packed(redis_client, 16, *embeddings)
 
     [message] = _messages(redis_client)
     assert [(e["task"], e["id"]) for e in message["args"][0]] == [
-        ("promptq.complete", "p"),
-        ("promptq.embed", "e"),
+        ("promptq.embed", "e0"),
+        ("promptq.embed", "e1"),
     ]
+
+
+def test_jobs_that_wait_in_different_lines_never_share_a_pack(
+    redis_client: fakeredis.FakeRedis,
+) -> None:
+    """A pack waits on one route: chat and embeddings calls (different lanes) go apart."""
+    embeddings = [
+        Submission(f"e{n}", build_embedding_request(["text"], None, {}), packable=True)
+        for n in range(2)
+    ]
+
+    _publish_packed(
+        redis_client, 16, _packable("p0"), embeddings[0], _packable("p1"), embeddings[1]
+    )
+
+    packs = sorted([e["id"] for e in m["args"][0]] for m in _messages(redis_client))
+    assert packs == [["e0", "e1"], ["p0", "p1"]]
 
 
 def test_a_pack_of_one_and_idempotent_jobs_are_single_messages(
@@ -258,7 +279,7 @@ def test_a_pack_published_again_is_pushed_once(redis_client: fakeredis.FakeRedis
     _publish_packed(redis_client, 16, *jobs)
     _publish_packed(redis_client, 16, *jobs)  # as a pipeline re-sent after a lost reply
 
-    assert redis_client.llen(QUEUE) == 1
+    assert len(queued_messages(redis_client)) == 1
 
 
 def test_pack_size_one_publishes_a_message_per_job(redis_client: fakeredis.FakeRedis) -> None:

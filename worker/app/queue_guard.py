@@ -35,7 +35,10 @@ from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.transport.virtual.base import Base64
 
+from api_client._constants import QUEUE
+from api_client._schedule import WAKE
 from worker.fleet.custody import this_process
+from worker.fleet.schedule import CLAIM_SCRIPT, CLAIM_SHA, claim_keys
 
 logger = logging.getLogger("promptq.worker")
 
@@ -149,6 +152,9 @@ class GuardedChannel(kombu_redis.Channel):
     QoS = CustodyQoS
     _shared_client: Any = None  # (the pool it was made for, the client)
     _taking_from: str | None = None  # the queue of the take in flight
+    _take_command = "BLMOVE"  # the command of that take: BLMOVE, or EVALSHA for a claim
+    _claim_next = True  # the next take from promptq's queue claims from the scheduler
+    _drop_wake = False  # the last take moved a wake-up into the taken list: remove it
 
     @contextmanager
     def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
@@ -167,34 +173,54 @@ class GuardedChannel(kombu_redis.Channel):
         yield shared[1]
 
     def _brpop_start(self, timeout: float | None = None) -> None:
+        # A take from promptq's queue claims the next job from the scheduler's structure
+        # (worker.fleet.schedule) while there is one; when none can be taken, the next take
+        # blocks on the queue list (a BLMOVE into the process's custody, as for any other
+        # queue) until a wake-up, a message pushed there, or its timeout; then it claims again.
         # One queue per take (BLMOVE has one source): promptq workers consume one queue, and
-        # messages queued with a Celery priority are folded into it (worker.fleet.custody). With
-        # several queues, each gets the next take in turn.
+        # messages queued with a Celery priority are folded into it (worker.fleet.custody).
+        # With several queues, each gets the next take in turn.
         if timeout is None:
             timeout = self.brpop_timeout
         queues = self._queue_cycle.consume(1)
         if not queues:
             return
         custody = this_process()
+        claim = queues[0] == QUEUE and self._claim_next
         with self.conn_or_acquire() as client:
-            custody.before_take(client, timeout or 0)
+            custody.before_take(client, 0 if claim else timeout or 0)
         self._taking_from = queues[0]
         self._in_poll = self.client.connection
         self._brpop_sent_at = monotonic()  # type: ignore[assignment]  # kombu's None default
-        self.client.connection.send_command(
-            "BLMOVE", queues[0], custody.taken_key, "RIGHT", "LEFT", timeout or 0
-        )
+        if claim:
+            self._take_command = "EVALSHA"
+            keys = claim_keys(custody.taken_key)
+            drop = WAKE if self._drop_wake else b""
+            self.client.connection.send_command("EVALSHA", CLAIM_SHA, len(keys), *keys, drop)
+        else:
+            self._take_command = "BLMOVE"
+            self.client.connection.send_command(
+                "BLMOVE", queues[0], custody.taken_key, "RIGHT", "LEFT", timeout or 0
+            )
 
     def _brpop_read(self, **options: Any) -> Any:
-        source = self._taking_from
+        source, command = self._taking_from, self._take_command
         try:
             try:
-                taken = self.client.parse_response(self.client.connection, "BLMOVE", **options)
+                taken = self.client.parse_response(self.client.connection, command, **options)
+            except redis.ResponseError as exc:  # the claim script failed
+                self._claim_failed(exc)
             except self.connection_errors:
                 # The next take returns to the queue whatever this one may have moved.
                 self.client.connection.disconnect()
                 raise
-            if taken is None or source is None:
+            if command == "EVALSHA":
+                self._drop_wake = False
+                self._claim_next = taken is not None  # none now: block until woken
+            else:
+                self._claim_next = True  # woken, timed out, or a message: claim next
+                self._drop_wake = taken == WAKE
+            if taken is None or source is None or taken == WAKE:
                 this_process().answered()
                 if source is not None:
                     self._queue_cycle.rotate(source)
@@ -204,6 +230,16 @@ class GuardedChannel(kombu_redis.Channel):
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu's False default
             self._flush_brpop_reauth()  # type: ignore[no-untyped-call]  # kombu, untyped
+
+    def _claim_failed(self, exc: redis.ResponseError) -> NoReturn:
+        if isinstance(exc, redis.exceptions.NoScriptError):  # a new or restarted Redis
+            with self.conn_or_acquire() as client:
+                client.script_load(CLAIM_SCRIPT)
+        else:  # a bug: take from the queue list meanwhile, and say so
+            logger.error("cannot take from the scheduler: %s", exc)
+            self._claim_next = False
+        this_process().answered()
+        raise Empty() from None
 
     def _deliver_taken(self, source: str, taken: bytes) -> None:
         """Deliver a message this process took from ``source``, or drop it from its custody

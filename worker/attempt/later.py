@@ -22,6 +22,7 @@ Two returns to the queue are not waits, and stay outside this path:
 
 from __future__ import annotations
 
+from api_client._schedule import route_of
 from api_client._schemas import JobRequest
 from api_client._task_messages import task_message
 from worker.fleet.delivery_state import DeliveryState
@@ -40,4 +41,4 @@ def come_back_later(
     """Park the job as a message of its own, due in ``delay_s``, carrying ``state``, after
     ``deliveries`` deliveries of the job (blocking Redis call)."""
     message = task_message(job_id, request, kwargs=state.encode(), retries=deliveries)
-    parking.park(message, delay_s)
+    parking.park(route_of(request), message, delay_s)

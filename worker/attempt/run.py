@@ -24,7 +24,7 @@ from api_client._schemas import (
 from worker.attempt.classify import Failure, classify, response_headers
 from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
-from worker.attempt.throttle import Slot, park_for_slot, slot_now, tokens_to_charge, until_slot_s
+from worker.attempt.throttle import Slot, slot_now, tokens_to_charge, until_slot_s, wait_in_line
 from worker.errors import REDIS_DOWN, REDIS_UNAVAILABLE, BudgetExceeded, NotConfigured
 from worker.fleet.scripts import ScriptCall, patiently, patiently_on_loop
 from worker.fleet.spend import Reservation
@@ -169,7 +169,7 @@ async def _prepare(
     rt: Runtime, delivery: Delivery, request: JobRequest, model: str
 ) -> _Call | None:
     """Take a rate-limit slot (unless the delivery holds one) and set money aside under a
-    spending cap; None when the job was parked or refused."""
+    spending cap; None when the job went back in line or was refused."""
     job_id, offload = delivery.job_id, rt.call_loop.offload
     llm_settings = rt.llm_settings(request.llm)
     deployment = rt.deployment(model, request.llm)
@@ -177,14 +177,13 @@ async def _prepare(
         tokens = tokens_to_charge(rt, deployment, request)
         grant = await rt.loop_redis.run_one(rt.limiter.acquire(deployment, tokens))
         slot = slot_now(rt, deployment, grant, tokens)
-        if slot is None:  # parked: it comes back for its slot
+        if slot is None:  # no slot soon: back in line, for the next one
             await offload(
-                park_for_slot,
+                wait_in_line,
                 rt,
                 deployment,
                 request,
                 grant,
-                tokens,
                 job_id=job_id,
                 deliveries=delivery.deliveries,
                 failures=delivery.state.failures,

@@ -13,6 +13,7 @@ from worker.attempt.retry import RetryPolicy
 from worker.errors import NotConfigured
 from worker.fleet.limiter import Deployment, RateLimiter
 from worker.fleet.parking import Parking
+from worker.fleet.schedule import Scheduler
 from worker.fleet.scripts import LoopRedis
 from worker.fleet.spend import SpendLedger
 from worker.fleet.store import JobStore
@@ -60,7 +61,9 @@ class Runtime:
         settings = self.settings
         return RateLimiter(
             self.redis,
-            max_ahead_s=settings.limiter_max_ahead_s,
+            # Slots are reserved only as far ahead as a call waits for one in the worker:
+            # a job that would wait longer waits in the scheduler, in order (throttle).
+            max_ahead_s=settings.queue.limiter_max_sleep_s,
             adaptive=settings.queue.limiter_adaptive,
         )
 
@@ -68,6 +71,10 @@ class Runtime:
     def spend(self) -> SpendLedger:
         queue = self.settings.queue
         return SpendLedger(self.redis, max_usd=queue.max_spend_usd, period=queue.spend_period)
+
+    @cached_property
+    def scheduler(self) -> Scheduler:
+        return Scheduler(self.redis)
 
     @cached_property
     def parking(self) -> Parking:

@@ -1,4 +1,4 @@
-"""Jobs waiting to come back (retries, rate-limit slots): parked in Redis until due, then queued."""
+"""Jobs waiting to come back (retries, hand-backs): parked in Redis until due, then scheduled."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import NamedTuple
 import redis
 
 from api_client._constants import PARKED_KEY, QUEUE
+from api_client._schedule import LUA_READY, Route, entry, message_of
 from worker.fleet.scripts import LUA_NOW_MS
 
 # How often at most each worker moves due jobs back to the queue, how many at a time at most,
@@ -20,7 +21,8 @@ IDLE_CHECK_S = 0.25
 
 logger = logging.getLogger("promptq.worker")
 
-# KEYS[1] the parked set; ARGV[1] message, ARGV[2] delay in ms. Scores are Redis time in ms.
+# KEYS[1] the parked set; ARGV[1] the member (see below), ARGV[2] delay in ms. Scores are
+# Redis time in ms.
 _PARK = (
     LUA_NOW_MS
     + """
@@ -29,23 +31,49 @@ return 1
 """
 )
 
-# KEYS[1] the parked set, KEYS[2] the queue; ARGV[1] how many at most. Due messages go to the
-# end of the queue list that workers take from next (kombu pops with BRPOP: the right end),
-# so a job coming back for its reserved slot is not stuck behind a backlog. Returns how many
-# moved and the ms until the next parked job is due (-1: none is parked).
+# Members of the parked set: ``R|lane|rank|tenant|cost|message``, a job that goes back into
+# the scheduler's structure (api_client._schedule) first in its line; ``W|lane``, a wake-up
+# for a lane that opens (worker.fleet.schedule); anything else, a message (parked by an
+# older promptq) pushed on the queue list as it is.
+# KEYS[1] the parked set, KEYS[2] the queue; ARGV[1] how many at most. Returns how many moved
+# and the ms until the next parked member is due (-1: none is parked).
 _MOVE_DUE = (
-    LUA_NOW_MS
+    LUA_READY
+    + LUA_NOW_MS
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, message in ipairs(due) do
-  redis.call('RPUSH', KEYS[2], message)
-  redis.call('ZREM', KEYS[1], message)
+for _, member in ipairs(due) do
+  local kind = string.sub(member, 1, 2)
+  if kind == 'R|' then
+    local lane, rank, tenant, rest = string.match(member, '^R|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+    ready_push(lane, rank, tenant, rest, true)
+    wake()
+  elseif kind == 'W|' then
+    wake()
+  else
+    redis.call('RPUSH', KEYS[2], member)
+  end
+  redis.call('ZREM', KEYS[1], member)
 end
 local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #next == 0 then return {#due, -1} end
 return {#due, math.max(0, tonumber(next[2]) - now_ms)}
 """
 )
+
+
+def parked_member(route: Route, message: bytes, cost: int = 1) -> bytes:
+    """The parked set's member for a job on ``route`` (see _MOVE_DUE)."""
+    return f"R|{route.lane}|{route.rank}|{route.tenant}|".encode() + entry(cost, message)
+
+
+def message_of_member(member: bytes) -> bytes | None:
+    """The message a parked member carries (None for a wake-up)."""
+    if member.startswith(b"W|"):
+        return None
+    if member.startswith(b"R|"):
+        return message_of(member.split(b"|", 4)[4])
+    return member
 
 
 class Moved(NamedTuple):
@@ -68,8 +96,11 @@ class Parking:
         self._move_due = client.register_script(_MOVE_DUE)
         self.parked = threading.Event()  # set by park(): wakes this process's mover
 
-    def park(self, message: bytes, delay_s: float) -> None:
-        self._park(keys=[PARKED_KEY], args=[message, max(0, int(delay_s * 1000))])
+    def park(self, route: Route, message: bytes, delay_s: float) -> None:
+        """Park a job's message for ``delay_s``: then it goes back to the scheduler on
+        ``route``."""
+        member = parked_member(route, message)
+        self._park(keys=[PARKED_KEY], args=[member, max(0, int(delay_s * 1000))])
         self.parked.set()
 
     def move_due(self, limit: int = MOVE_BATCH) -> Moved:

@@ -3,7 +3,8 @@
 With reliable takes (worker.fleet.custody) no job should ever lose its message; this exists so that
 a future bug strands nothing. Every PROMPTQ_RECONCILE_INTERVAL_S one worker of the fleet (a
 lock in Redis) makes a pass: the open jobs (OPEN_JOBS_KEY) unchanged for an interval are
-looked for in every place a message can be (the queue and its priority lists, each worker
+looked for in every place a message can be (the scheduler's structure, the queue and its
+priority lists, each worker
 process's taken list, kombu's unacked hash, the parked set). One found nowhere becomes a
 suspect; a suspect found nowhere again by the next pass, and unchanged meanwhile, is
 re-published from its request copy (or failed as worker_lost where no copy was stored), by
@@ -44,6 +45,8 @@ from api_client._schemas import ErrorKind, JobError, JobStatus, Outcome
 from api_client._task_messages import REQUEST_TYPES, job_ids_of, task_message
 from worker.fleet.custody import taken_keys
 from worker.fleet.delivery_state import DeliveryState
+from worker.fleet.parking import message_of_member
+from worker.fleet.schedule import ready_messages
 from worker.fleet.scripts import LUA_NOW_MS, redis_now_ms
 from worker.fleet.store import JobStore
 
@@ -235,7 +238,8 @@ class Reconciler:
 def present_jobs(client: redis.Redis, wanted: set[str]) -> set[str]:
     """The ``wanted`` jobs that have a message somewhere.
 
-    Places are read in the order messages move through them (queue, taken, unacked, parked),
+    Places are read in the order messages move through them (the scheduler's structure, the
+    queue list, taken, unacked, parked),
     so a message moving on while they are read is still seen; a job missed by a move the
     other way (back to the queue) is only a suspect until the next pass.
     """
@@ -255,6 +259,7 @@ def present_jobs(client: redis.Redis, wanted: set[str]) -> set[str]:
 
 
 def _messages(client: redis.Redis) -> Iterator[Any]:
+    yield from ready_messages(client, SCAN_CHUNK)
     for key in (QUEUE, *PRIORITY_LISTS):
         start = 0
         while chunk := client.lrange(key, start, start + SCAN_CHUNK - 1):
@@ -264,5 +269,7 @@ def _messages(client: redis.Redis) -> Iterator[Any]:
         yield from client.lrange(key, 0, -1)
     for _tag, record in client.hscan_iter(UNACKED_KEY, count=SCAN_CHUNK):
         yield record
-    for message, _score in client.zscan_iter(PARKED_KEY, count=SCAN_CHUNK):
-        yield message
+    for member, _score in client.zscan_iter(PARKED_KEY, count=SCAN_CHUNK):
+        message = message_of_member(member)
+        if message is not None:
+            yield message

@@ -13,7 +13,6 @@ import redis
 from api_client._constants import (
     PARKED_KEY,
     PRIORITY_LISTS,
-    QUEUE,
     RECOVERY_KEY,
     STATE_PATTERN,
     SUSPECTS_KEY,
@@ -25,6 +24,7 @@ from api_client._polling import broker_errors, redact_url, text_of
 from api_client._schemas import JobStatus
 from worker.fleet.custody import taken_keys
 from worker.fleet.limiter import LimiterState, read_limiters
+from worker.fleet.schedule import queued_count
 from worker.fleet.spend import SpendCounter, read_spend
 
 SCAN_COUNT = 1000
@@ -113,17 +113,18 @@ def gather_status(
 
 
 def _queue_counts(client: redis.Redis) -> tuple[int, int]:
-    """Messages queued (all priority lists), and taken by workers but not acknowledged."""
+    """Messages queued (the scheduler's structure, the queue list and its priority lists), and
+    taken by workers but not acknowledged."""
     taken = taken_keys(client)
     pipe = client.pipeline(transaction=False)
-    for key in (QUEUE, *PRIORITY_LISTS):
+    for key in PRIORITY_LISTS:
         pipe.llen(key)
     pipe.hlen(UNACKED_KEY)
     for key in taken:
         pipe.llen(key)
     lengths = [int(n) for n in pipe.execute()]
-    queued = len(PRIORITY_LISTS) + 1
-    return sum(lengths[:queued]), sum(lengths[queued:])
+    queued = len(PRIORITY_LISTS)
+    return queued_count(client) + sum(lengths[:queued]), sum(lengths[queued:])
 
 
 RECOVERY_COUNTERS = ("dead_workers", "messages_returned", "jobs_republished", "jobs_abandoned")

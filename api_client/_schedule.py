@@ -1,0 +1,147 @@
+"""The scheduler's waiting structure in Redis: where queued jobs wait, in what order, and its Lua.
+
+Both sides write it: the client queues new jobs into it; the workers take the next job from
+it (worker.fleet.schedule), and put jobs back into it when they come due or must wait for
+their rate limit. It is the one place a job waits to run:
+
+- A *lane* is what a job calls: its task kind, its named LLM and its model (``lane_of``).
+  Each lane may be *closed* until a time, when its rate limit has no slot free soon: workers
+  then take jobs of other lanes, and one of them is woken when it opens.
+- In a lane, jobs wait by *priority* (``interactive`` before ``default`` before ``batch``):
+  a job of a higher priority is always taken first.
+- Within a lane and a priority, *tenants* share by weight (start-time fair queueing): each
+  tenant with waiting jobs has a pass (virtual time); the tenant with the lowest pass is served
+  next, and its pass grows by the job's cost (its count of jobs) divided by its weight. A
+  tenant that was idle starts at the virtual clock, so it neither banks credit while idle
+  nor waits behind what others were served meanwhile.
+- Within a tenant, jobs are first in, first out.
+
+Keys (``{lane}`` is a short hash of the lane, ``{rank}`` a priority's rank, 0 = highest):
+
+- ``promptq:lanes``                       zset lane -> Redis ms when it opens (0: open); the
+                                          lanes with waiting jobs
+- ``promptq:sched:{lane}:{rank}``         zset tenant -> pass; the tenants with waiting jobs
+- ``promptq:passes:{lane}:{rank}``        hash tenant -> pass when it last went idle, and
+                                          ``@clock``: the pass of the last tenant served
+- ``promptq:ready:{lane}:{rank}:{tenant}`` list of ``cost|message`` entries, taken from the
+                                          right (RPOP), queued at the left
+- ``promptq:tenant_weights``              hash tenant -> weight (the workers write it)
+
+Each job queued also pushes a *wake-up* (``WAKE``) on the Celery queue list, which idle
+workers block on, unless the list already holds a few: an idle worker wakes and takes from
+the structure. Messages pushed on that list directly (a Celery client, a message a dead worker
+held) are taken too, at the default priority.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Final
+
+from ._constants import KEY_PREFIX, QUEUE
+from ._schemas import JobRequest
+from ._task_messages import task_name_of
+
+PRIORITIES: Final = ("interactive", "default", "batch")  # highest first
+DEFAULT_PRIORITY: Final = "default"
+DEFAULT_TENANT: Final = "default"
+
+LANES_KEY: Final = f"{KEY_PREFIX}lanes"
+WEIGHTS_KEY: Final = f"{KEY_PREFIX}tenant_weights"
+LANE_NAMES_KEY: Final = f"{KEY_PREFIX}lane_names"  # hash lane -> what it calls, for status
+READY_PATTERN: Final = f"{KEY_PREFIX}ready:*"
+# The Celery queue entry that wakes an idle worker (a JSON string: never a message envelope).
+WAKE: Final = b'"promptq:wake"'
+# Wake-ups are pushed while the queue list holds fewer entries than this.
+WAKE_CAP: Final = 8
+
+
+def rank_of(priority: str | None) -> int:
+    """A priority level's rank, 0 the highest; ValueError for an unknown level."""
+    return PRIORITIES.index(priority or DEFAULT_PRIORITY)
+
+
+def lane_of(task_name: str, llm: str | None, model: str | None) -> str:
+    """The lane of a job: a short stable id of what it calls."""
+    what = f"{task_name}\x1f{llm or ''}\x1f{model or ''}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def lane_name(task_name: str, llm: str | None, model: str | None) -> str:
+    """What a lane calls, as `promptq status` shows it."""
+    kind = "embed" if task_name.endswith("embed") else "chat"
+    named = f"[llm.{llm}] " if llm else ""
+    return f"{kind} {named}{model or '(default model)'}"
+
+
+def ready_key(lane: str, rank: int, tenant: str) -> str:
+    return f"{KEY_PREFIX}ready:{lane}:{rank}:{tenant}"
+
+
+def sched_key(lane: str, rank: int) -> str:
+    return f"{KEY_PREFIX}sched:{lane}:{rank}"
+
+
+def passes_key(lane: str, rank: int) -> str:
+    return f"{KEY_PREFIX}passes:{lane}:{rank}"
+
+
+def entry(cost: int, message: bytes | str) -> bytes:
+    """A ready list's entry: the job count the message carries, and the message."""
+    raw = message.encode() if isinstance(message, str) else message
+    return b"%d|" % cost + raw
+
+
+def message_of(raw_entry: bytes) -> bytes:
+    """The message of a ready list's entry."""
+    return raw_entry.split(b"|", 1)[1]
+
+
+# Lua functions: ready_push(lane, rank, tenant, entry, front) queues an entry (at the end
+# taken next when ``front``) and makes its tenant and lane active; wake(queue) pushes a
+# wake-up unless the queue list holds WAKE_CAP entries.
+LUA_READY = f"""
+local function ready_push(lane, rank, tenant, entry, front)
+  local list = '{KEY_PREFIX}ready:' .. lane .. ':' .. rank .. ':' .. tenant
+  if front then redis.call('RPUSH', list, entry) else redis.call('LPUSH', list, entry) end
+  local sched = '{KEY_PREFIX}sched:' .. lane .. ':' .. rank
+  if not redis.call('ZSCORE', sched, tenant) then
+    local passes = '{KEY_PREFIX}passes:' .. lane .. ':' .. rank
+    local idle = tonumber(redis.call('HGET', passes, tenant) or '0')
+    local clock = tonumber(redis.call('HGET', passes, '@clock') or '0')
+    redis.call('ZADD', sched, math.max(idle, clock), tenant)
+  end
+  redis.call('ZADD', '{LANES_KEY}', 'NX', 0, lane)
+end
+local function wake()
+  if redis.call('LLEN', '{QUEUE}') < {WAKE_CAP} then
+    redis.call('LPUSH', '{QUEUE}', '{WAKE.decode()}')
+  end
+end
+"""
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a job waits: its lane, its priority's rank and its tenant."""
+
+    lane: str
+    rank: int
+    tenant: str
+    lane_name: str  # what the lane calls, for status
+
+    def args(self) -> list[str | int]:
+        """The route as a script's arguments: lane, rank, tenant."""
+        return [self.lane, self.rank, self.tenant]
+
+
+def route_of(request: JobRequest) -> Route:
+    """Where ``request``'s job waits."""
+    task = task_name_of(request)
+    return Route(
+        lane=lane_of(task, request.llm, request.model),
+        rank=rank_of(getattr(request, "priority", None)),
+        tenant=getattr(request, "tenant", None) or DEFAULT_TENANT,
+        lane_name=lane_name(task, request.llm, request.model),
+    )

@@ -1,0 +1,164 @@
+"""worker.fleet.schedule and api_client._schedule: the order in which workers take jobs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import redis
+
+from api_client._constants import PARKED_KEY, QUEUE
+from api_client._schedule import LANES_KEY, LUA_READY, WAKE, WAKE_CAP, Route, entry
+from worker.fleet.schedule import Scheduler, queued_count
+from worker.fleet.scripts import redis_now_ms
+
+TAKEN = "promptq:worker:test:taken"
+
+
+def route(tenant: str = "default", rank: int = 1, lane: str = "lane-a") -> Route:
+    return Route(lane=lane, rank=rank, tenant=tenant, lane_name=f"chat {lane}")
+
+
+def queue(client: redis.Redis, on: Route, message: str, cost: int = 1) -> None:
+    """Queue a message as the client's publish does (at the end of its line, with a wake-up)."""
+    script = LUA_READY + "ready_push(ARGV[1], ARGV[2], ARGV[3], ARGV[4], false) wake() return 1"
+    client.eval(script, 0, *on.args(), entry(cost, message.encode()))
+
+
+def take(client: redis.Redis, count: int = 1) -> list[str]:
+    scheduler, taken = Scheduler(client), []
+    for _ in range(count):
+        message = scheduler.claim(TAKEN)
+        if message is None:
+            break
+        taken.append(message.decode())
+    return taken
+
+
+def test_a_higher_priority_is_taken_first_whatever_was_queued_before(
+    lua_redis: redis.Redis,
+) -> None:
+    for n in range(3):
+        queue(lua_redis, route(rank=2), f"batch-{n}")
+    queue(lua_redis, route(rank=1), "default")
+    queue(lua_redis, route(rank=0), "interactive")
+
+    assert take(lua_redis, 6) == ["interactive", "default", "batch-0", "batch-1", "batch-2"]
+    assert lua_redis.llen(TAKEN) == 5  # each take lands in the process's custody
+
+
+def test_tenants_share_by_weight_while_both_wait(lua_redis: redis.Redis) -> None:
+    lua_redis.hset("promptq:tenant_weights", mapping={"a": 2})
+    for n in range(40):
+        queue(lua_redis, route("a"), f"a-{n}")
+        queue(lua_redis, route("b"), f"b-{n}")
+
+    served = Counter(message.split("-")[0] for message in take(lua_redis, 30))
+    assert served == {"a": 20, "b": 10}
+    assert take(lua_redis, 1)[0].split("-")[0] in ("a", "b")
+
+
+def test_each_tenant_is_first_in_first_out(lua_redis: redis.Redis) -> None:
+    for n in range(3):
+        queue(lua_redis, route("a"), f"a-{n}")
+        queue(lua_redis, route("b"), f"b-{n}")
+
+    taken = take(lua_redis, 6)
+    assert [m for m in taken if m.startswith("a")] == ["a-0", "a-1", "a-2"]
+    assert [m for m in taken if m.startswith("b")] == ["b-0", "b-1", "b-2"]
+
+
+def test_a_tenant_arriving_late_is_served_at_once_and_banks_no_credit(
+    lua_redis: redis.Redis,
+) -> None:
+    for n in range(100):
+        queue(lua_redis, route("big"), f"big-{n}")
+    assert len(take(lua_redis, 50)) == 50  # "small" was idle meanwhile
+    for n in range(10):
+        queue(lua_redis, route("small"), f"small-{n}")
+
+    next_ten = [m.split("-")[0] for m in take(lua_redis, 10)]
+    assert Counter(next_ten) == {"big": 5, "small": 5}  # neither starved nor owed 50
+
+
+def test_a_tenant_that_was_idle_neither_jumps_nor_loses_its_place(lua_redis: redis.Redis) -> None:
+    queue(lua_redis, route("a"), "a-0")
+    queue(lua_redis, route("b"), "b-0")
+    assert take(lua_redis, 2) == ["a-0", "b-0"]
+    for n in range(1, 3):
+        queue(lua_redis, route("b"), f"b-{n}")
+        queue(lua_redis, route("a"), f"a-{n}")
+
+    assert Counter(m[0] for m in take(lua_redis, 2)) == {"a": 1, "b": 1}
+
+
+def test_a_closed_lane_is_skipped_and_taken_from_once_open(lua_redis: redis.Redis) -> None:
+    queue(lua_redis, route(lane="slow", rank=0), "slow-interactive")
+    queue(lua_redis, route(lane="fast", rank=2), "fast-batch")
+    lua_redis.zadd(LANES_KEY, {"slow": redis_now_ms(lua_redis) + 60_000})
+
+    assert take(lua_redis, 2) == ["fast-batch"]  # the interactive job's lane is closed
+    lua_redis.zadd(LANES_KEY, {"slow": 0})
+    assert take(lua_redis) == ["slow-interactive"]
+    assert lua_redis.zcard(LANES_KEY) == 0  # no lane has jobs left
+
+
+def test_a_message_pushed_on_the_queue_list_ranks_as_default(lua_redis: redis.Redis) -> None:
+    """A Celery client's message, or one a dead worker held, waits on the queue list."""
+    queue(lua_redis, route(rank=2), "batch")
+    queue(lua_redis, route(rank=1), "default")
+    queue(lua_redis, route(rank=0), "interactive")
+    lua_redis.lpush(QUEUE, b"pushed")  # (among the wake-ups the queueing pushed)
+
+    assert take(lua_redis, 5) == ["interactive", "pushed", "default", "batch"]
+    assert lua_redis.llen(QUEUE) < WAKE_CAP and set(lua_redis.lrange(QUEUE, 0, -1)) <= {WAKE}
+
+
+def test_wake_ups_are_capped_and_are_not_messages(lua_redis: redis.Redis) -> None:
+    for n in range(WAKE_CAP * 3):
+        queue(lua_redis, route(), f"job-{n}")
+
+    assert lua_redis.lrange(QUEUE, 0, -1) == [WAKE] * WAKE_CAP
+    assert queued_count(lua_redis) == WAKE_CAP * 3
+
+
+def test_a_claim_removes_the_wake_up_that_woke_it(lua_redis: redis.Redis) -> None:
+    queue(lua_redis, route(), "job")
+    lua_redis.lmove(QUEUE, TAKEN, "RIGHT", "LEFT")  # the blocking take a wake-up ends
+
+    assert Scheduler(lua_redis).claim(TAKEN, drop_wake=True) == b"job"
+    assert lua_redis.lrange(TAKEN, 0, -1) == [b"job"]
+
+
+def test_nothing_to_take_is_none(lua_redis: redis.Redis) -> None:
+    assert Scheduler(lua_redis).claim(TAKEN) is None
+    lua_redis.lpush(QUEUE, WAKE, WAKE)
+    assert Scheduler(lua_redis).claim(TAKEN) is None
+    assert lua_redis.llen(QUEUE) == 0  # wake-ups found on the way are spent
+
+
+def test_a_job_put_back_goes_first_and_its_lane_closes_until_a_slot_is_near(
+    lua_redis: redis.Redis,
+) -> None:
+    for n in range(2):
+        queue(lua_redis, route("a"), f"a-{n}")
+        queue(lua_redis, route("b"), f"b-{n}")
+    [first] = take(lua_redis)
+    scheduler = Scheduler(lua_redis)
+
+    scheduler.put_back(route(first[0]), first.encode(), cost=1, closed_s=5).run()
+
+    opens_at = lua_redis.zscore(LANES_KEY, "lane-a")
+    assert opens_at is not None and 4_000 < opens_at - redis_now_ms(lua_redis) <= 5_000
+    assert lua_redis.zscore(PARKED_KEY, b"W|lane-a") == opens_at  # a worker comes back then
+    assert take(lua_redis) == []  # closed meanwhile
+    lua_redis.zadd(LANES_KEY, {"lane-a": 0})
+    assert take(lua_redis) == [first]  # first again: its pass was given back
+
+
+def test_a_lane_put_back_with_no_wait_stays_open(lua_redis: redis.Redis) -> None:
+    queue(lua_redis, route(), "job")
+    [job] = take(lua_redis)
+
+    Scheduler(lua_redis).put_back(route(), job.encode(), cost=1, closed_s=0).run()
+
+    assert lua_redis.zcard(PARKED_KEY) == 0 and take(lua_redis) == ["job"]

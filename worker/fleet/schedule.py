@@ -1,0 +1,203 @@
+"""Taking the next job from the scheduler's waiting structure, and putting jobs back into it.
+
+The structure and its order are described in api_client._schedule. A worker process takes
+with ``claim`` (one script: the best job of an open lane, or a message pushed on the Celery
+queue list, moved into the process's taken list in the same step, worker.fleet.custody);
+a job whose rate limit has no slot soon goes back with ``put_back``, first in its line, and
+closes its lane until a slot is near.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+
+import redis
+
+from api_client._constants import KEY_PREFIX, PARKED_KEY, QUEUE
+from api_client._schedule import (
+    LANES_KEY,
+    LUA_READY,
+    PRIORITIES,
+    READY_PATTERN,
+    WAKE,
+    WEIGHTS_KEY,
+    Route,
+    entry,
+    message_of,
+)
+from worker.fleet.scripts import LUA_NOW_MS, ScriptCall
+
+# How many wake-ups a claim pops at most from the right end of the queue list to find a
+# message under them.
+_MAX_WAKES_POPPED = 64
+
+# KEYS[1] the lanes, KEYS[2] the queue list, KEYS[3] this process's taken list, KEYS[4] the
+# tenants' weights; ARGV[1] a wake-up to remove from the taken list first ('' for none).
+# Moves the next job into the taken list and returns it (nil when none can be taken now):
+# the best of the open lanes (highest priority, then the tenant with the lowest pass), or a
+# message pushed on the queue list itself, which ranks as the default priority and goes before
+# the structure's jobs of that priority.
+_CLAIM = (
+    LUA_NOW_MS
+    + f"""
+if ARGV[1] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[1]) end
+local pushed = redis.call('LINDEX', KEYS[2], -1)
+local popped = 0
+while pushed == '{WAKE.decode()}' and popped < {_MAX_WAKES_POPPED} do
+  redis.call('RPOP', KEYS[2])
+  popped = popped + 1
+  pushed = redis.call('LINDEX', KEYS[2], -1)
+end
+if pushed == '{WAKE.decode()}' then pushed = false end
+local best_rank, best_lane = {len(PRIORITIES)}, nil
+local limit = pushed and 1 or best_rank
+for _, lane in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms)) do
+  for rank = 0, math.min(best_rank, limit) - 1 do
+    if redis.call('EXISTS', '{KEY_PREFIX}sched:' .. lane .. ':' .. rank) == 1 then
+      best_rank, best_lane = rank, lane
+      break
+    end
+  end
+  if best_rank == 0 then break end
+end
+if not best_lane then
+  if not pushed then return false end
+  redis.call('RPOP', KEYS[2])
+  redis.call('LPUSH', KEYS[3], pushed)
+  return pushed
+end
+local sched = '{KEY_PREFIX}sched:' .. best_lane .. ':' .. best_rank
+local passes = '{KEY_PREFIX}passes:' .. best_lane .. ':' .. best_rank
+while true do
+  local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
+  if #first == 0 then break end
+  local tenant, pass = first[1], tonumber(first[2])
+  local list = '{KEY_PREFIX}ready:' .. best_lane .. ':' .. best_rank .. ':' .. tenant
+  local item = redis.call('RPOP', list)
+  if item then
+    local bar = string.find(item, '|', 1, true)
+    local cost = tonumber(string.sub(item, 1, bar - 1))
+    local message = string.sub(item, bar + 1)
+    local weight = tonumber(redis.call('HGET', KEYS[4], tenant) or '1') or 1
+    local after = pass + cost / weight
+    redis.call('HSET', passes, '@clock', pass)
+    if redis.call('LLEN', list) == 0 then
+      redis.call('ZREM', sched, tenant)
+      redis.call('HSET', passes, tenant, after)
+    else
+      redis.call('ZADD', sched, after, tenant)
+    end
+    local waiting = false
+    for rank = 0, {len(PRIORITIES) - 1} do
+      if redis.call('EXISTS', '{KEY_PREFIX}sched:' .. best_lane .. ':' .. rank) == 1 then
+        waiting = true
+        break
+      end
+    end
+    if waiting then
+      redis.call('ZADD', KEYS[1], now_ms, best_lane)
+    else
+      redis.call('ZREM', KEYS[1], best_lane)
+    end
+    redis.call('LPUSH', KEYS[3], message)
+    return message
+  end
+  redis.call('ZREM', sched, tenant)
+end
+redis.call('ZREM', KEYS[1], best_lane)
+return false
+"""
+)
+
+# KEYS[1] the lanes, KEYS[2] the parked set, KEYS[3] the tenants' weights; ARGV[1..3] the
+# route (lane, rank, tenant), ARGV[4] the entry (cost|message), ARGV[5] the cost, ARGV[6] ms
+# until the lane opens (0: it is open). Queues the job first in its line, gives its tenant
+# back the pass its take cost, and closes the lane until it opens, when a parked wake-up
+# brings a worker back to it.
+_PUT_BACK = (
+    LUA_READY
+    + LUA_NOW_MS
+    + f"""
+local lane, rank, tenant = ARGV[1], ARGV[2], ARGV[3]
+ready_push(lane, rank, tenant, ARGV[4], true)
+local sched = '{KEY_PREFIX}sched:' .. lane .. ':' .. rank
+local weight = tonumber(redis.call('HGET', KEYS[3], tenant) or '1') or 1
+local pass = tonumber(redis.call('ZSCORE', sched, tenant))
+redis.call('ZADD', sched, math.max(0, pass - tonumber(ARGV[5]) / weight), tenant)
+local closed_ms = tonumber(ARGV[6])
+if closed_ms > 0 then
+  local open_at = now_ms + closed_ms
+  redis.call('ZADD', KEYS[1], open_at, lane)
+  redis.call('ZADD', KEYS[2], open_at, 'W|' .. lane)
+end
+return 1
+"""
+)
+
+
+CLAIM_SCRIPT = _CLAIM
+CLAIM_SHA = hashlib.sha1(_CLAIM.encode()).hexdigest()  # noqa: S324  (Redis names scripts so)
+
+
+def claim_keys(taken_key: str) -> list[str]:
+    """The keys of the claim script, for a process taking into ``taken_key``."""
+    return [LANES_KEY, QUEUE, taken_key, WEIGHTS_KEY]
+
+
+class Scheduler:
+    """The workers' side of the waiting structure: take, put back, publish tenant weights."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._claim = client.register_script(_CLAIM)
+        self._put_back = client.register_script(_PUT_BACK)
+
+    def claim(self, taken_key: str, drop_wake: bool = False) -> bytes | None:
+        """Move the next job into ``taken_key`` and return its message (None: none now),
+        removing a wake-up from the taken list first when ``drop_wake``."""
+        found = self._claim(keys=claim_keys(taken_key), args=[WAKE if drop_wake else b""])
+        return bytes(found) if found else None
+
+    def put_back(
+        self, route: Route, message: bytes, cost: int, closed_s: float
+    ) -> ScriptCall[None]:
+        """Queue ``message`` first in its line again, its tenant's pass given back, and close
+        its lane for ``closed_s`` (0: leave it open)."""
+        args = [*route.args(), entry(cost, message), cost, max(0, int(closed_s * 1000))]
+        return ScriptCall(
+            self._put_back, [LANES_KEY, PARKED_KEY, WEIGHTS_KEY], args, lambda reply: None
+        )
+
+    def publish_weights(self, weights: Mapping[str, float]) -> None:
+        """Write the tenants' weights the fleet schedules by (this worker's settings)."""
+        pipe = self._client.pipeline()
+        pipe.delete(WEIGHTS_KEY)
+        if weights:
+            pipe.hset(WEIGHTS_KEY, mapping={str(name): float(w) for name, w in weights.items()})
+        pipe.execute()
+
+
+def ready_messages(client: redis.Redis, chunk: int = 500) -> Iterator[bytes]:
+    """Every message waiting in the structure (read in chunks; a job may move meanwhile)."""
+    for key in client.scan_iter(match=READY_PATTERN, count=chunk):
+        start = 0
+        while True:
+            items: list[bytes] = client.lrange(key, start, start + chunk - 1)  # type: ignore[assignment]
+            for item in items:
+                yield message_of(item)
+            if len(items) < chunk:
+                break
+            start += chunk
+
+
+def queued_count(client: redis.Redis) -> int:
+    """How many messages wait to be taken: in the structure, and pushed on the queue list
+    (its wake-ups are not messages)."""
+    keys = list(client.scan_iter(match=READY_PATTERN))
+    pipe = client.pipeline(transaction=False)
+    for key in (*keys, QUEUE):
+        pipe.llen(key)
+    pipe.lpos(QUEUE, WAKE.decode(), count=0)
+    *lengths, wakes = pipe.execute()
+    return sum(int(n) for n in lengths) - len(wakes or [])
