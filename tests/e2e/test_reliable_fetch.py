@@ -24,9 +24,13 @@ from api_client._constants import (
     RECOVERY_KEY,
     UNACKED_KEY,
     WORKERS_KEY,
+    state_key,
     taken_key,
 )
 from api_client._polling import text_of
+from api_client._requests import build_request
+from api_client._task_messages import task_message
+from tests.support.broker import take_all
 from tests.support.e2e_worker import CANARY_KEY, e2e_worker
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
@@ -100,14 +104,18 @@ def test_a_worker_killed_with_a_message_on_its_way_loses_nothing(
             doomed.start().wait_ready()
             taken = _taken_key_of(broker, doomed)
             jobs = {}
-            # Stopped while it waits for a message: Redis hands the next one to its pending
-            # take, and the reply waits in a socket nobody reads (with kombu's own BRPOP, the
-            # message was then in no key at all). A take that timed out just before the stop
-            # leaves the message queued: try again.
+            # Stopped while it waits for a message: Redis hands the next one pushed on the
+            # queue list (as a Celery client, or the recovery of a dead worker, pushes it) to
+            # its pending take, and the reply waits in a socket nobody reads (with kombu's own
+            # BRPOP, the message was then in no key at all). A take that timed out just before
+            # the stop leaves the message queued: try again.
             for attempt in range(5):
                 os.kill(doomed.pid, signal.SIGSTOP)
                 prompt = f"on its way {attempt}"
-                jobs[prompt] = client.submit(prompt)
+                job_id = f"on-its-way-{attempt}"
+                broker.set(state_key(job_id), JobStatus.QUEUED.value)
+                broker.lpush(QUEUE, task_message(job_id, build_request(prompt, None, None, {})))
+                jobs[prompt] = client.job(job_id)
                 time.sleep(0.3)  # the scenario: how long the reply waits unread
                 if broker.llen(QUEUE) == 0:
                     break
@@ -194,8 +202,7 @@ def _holds_a_message_with_an_eta(broker: redis.Redis) -> bool:
 def _with_an_eta(broker: redis.Redis, due_in_s: float) -> None:
     """Give the one queued message an ETA, as an older promptq's retry (or a plain Celery
     client's countdown) carries: promptq's own messages wait parked in Redis instead."""
-    raw = broker.rpop(QUEUE)
-    assert isinstance(raw, bytes)
+    [raw] = take_all(broker)  # taken from the scheduler, pushed on the queue list as it was
     envelope = json.loads(raw)
     envelope["headers"]["eta"] = (datetime.now(UTC) + timedelta(seconds=due_in_s)).isoformat()
     broker.rpush(QUEUE, json.dumps(envelope))
