@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-# submit's scheduling arguments and the request field they become: never sampling parameters.
+# submit's scheduling arguments and the request fields they become: never sampling parameters.
 SCHEDULING_PARAMS = frozenset({"priority", "tenant", "deadline", "deadline_s", "deadline_at"})
 # Parameters the worker owns: a request may not set them (the key and endpoint live in the
 # worker's settings, retries belong to Celery, results are never streamed), nor the scheduling
@@ -100,7 +100,7 @@ class Priority(StrEnum):
 
     INTERACTIVE = "interactive"  # someone is waiting for the answer
     DEFAULT = "default"
-    BATCH = "batch"  # bulk work, such as `promptq batch`: runs when nothing above it waits
+    BATCH = "batch"  # bulk work, such as `promptq batch`'s prompts
 
     @property
     def rank(self) -> int:
@@ -174,8 +174,9 @@ def _checked_params(params: dict[str, Any], reserved_names: frozenset[str]) -> d
     scheduling = sorted(SCHEDULING_PARAMS & params.keys())
     if scheduling:
         raise ValueError(
-            f"parameter(s) {scheduling} are not sampling parameters: give priority, tenant and "
-            "a deadline (deadline_s or deadline) as submit's own arguments"
+            f"parameter(s) {scheduling} are not sampling parameters: priority, tenant and a "
+            "deadline are submit's own arguments (deadline_s or deadline) and the request's "
+            "own fields (deadline_at)"
         )
     reserved = sorted(reserved_names & params.keys())
     if reserved:
