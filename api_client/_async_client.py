@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -34,7 +35,7 @@ from ._requests import (
     submission,
     submissions,
 )
-from ._schemas import EmbeddingResult, JobRequest, JobStatus
+from ._schemas import EmbeddingResult, JobRequest, JobStatus, Priority
 from ._settings import ClientSettings
 
 AsyncJobT = TypeVar("AsyncJobT", bound="AsyncJob[Any]")
@@ -84,10 +85,25 @@ class AsyncClient:
         idempotency_key: str | None = None,
         budget: str | None = None,
         llm: str | None = None,
+        priority: Priority | str | None = None,
+        tenant: str | None = None,
+        deadline_s: float | None = None,
+        deadline: datetime | float | None = None,
         **params: Any,
     ) -> AsyncJob:
         """Queue one prompt and return its AsyncJob at once (see Client.submit)."""
-        request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
+        request = build_request(
+            prompt,
+            messages,
+            model,
+            params,
+            budget=budget,
+            llm=llm,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+            deadline=deadline,
+        )
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return AsyncJob(self, (await self._publish([job]))[0])
 
@@ -99,10 +115,24 @@ class AsyncClient:
         idempotency_key: str | None = None,
         budget: str | None = None,
         llm: str | None = None,
+        priority: Priority | str | None = None,
+        tenant: str | None = None,
+        deadline_s: float | None = None,
+        deadline: datetime | float | None = None,
         **params: Any,
     ) -> AsyncJob[EmbeddingResult]:
         """Queue one embeddings call and return its AsyncJob at once (see Client.embed)."""
-        request = build_embedding_request(texts, model, params, budget=budget, llm=llm)
+        request = build_embedding_request(
+            texts,
+            model,
+            params,
+            budget=budget,
+            llm=llm,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+            deadline=deadline,
+        )
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return AsyncJob(self, (await self._publish([job]))[0])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -34,7 +35,7 @@ from ._requests import (
     submission,
     submissions,
 )
-from ._schemas import EmbeddingResult, JobRequest, JobStatus
+from ._schemas import EmbeddingResult, JobRequest, JobStatus, Priority
 from ._settings import ClientSettings
 
 JobT = TypeVar("JobT", bound="Job[Any]")
@@ -84,6 +85,10 @@ class Client:
         idempotency_key: str | None = None,
         budget: str | None = None,
         llm: str | None = None,
+        priority: Priority | str | None = None,
+        tenant: str | None = None,
+        deadline_s: float | None = None,
+        deadline: datetime | float | None = None,
         **params: Any,
     ) -> Job:
         """Queue one prompt (plain text or OpenAI-style messages) and return its Job at once.
@@ -92,11 +97,31 @@ class Client:
         once, from any thread or process, as long as the job's state or result is kept
         (PROMPTQ_RESULT_TTL_S). With ``budget``, its calls are charged to that budget
         (see create_budget). With ``llm``, the workers call it with their [llm.NAME] settings
-        of that name (model, endpoint, key, retries) instead of [llm]. Raises InvalidRequest
-        for bad input (nothing is queued) and BrokerUnavailable when Redis cannot be reached
-        within the client's timeouts.
+        of that name (model, endpoint, key, retries) instead of [llm].
+
+        Scheduling: ``priority`` is ``"interactive"``, ``"default"`` (the default) or
+        ``"batch"`` (see Priority), highest first. ``tenant`` names whose job it is (letters,
+        digits and ``_.:-``, up to 64; None: the tenant ``"default"``): the fleet shares its
+        capacity between tenants by the weights of the workers' [tenants] settings. A deadline
+        is ``deadline_s`` seconds from now or ``deadline``, a timezone-aware datetime or epoch
+        seconds (not both): a job that cannot start, or retry, before it fails with kind
+        ``deadline_exceeded``. None of these is sent to the provider.
+
+        Raises InvalidRequest for bad input (nothing is queued) and BrokerUnavailable when
+        Redis cannot be reached within the client's timeouts.
         """
-        request = build_request(prompt, messages, model, params, budget=budget, llm=llm)
+        request = build_request(
+            prompt,
+            messages,
+            model,
+            params,
+            budget=budget,
+            llm=llm,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+            deadline=deadline,
+        )
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return Job(self, self._publish([job])[0])
 
@@ -108,6 +133,10 @@ class Client:
         idempotency_key: str | None = None,
         budget: str | None = None,
         llm: str | None = None,
+        priority: Priority | str | None = None,
+        tenant: str | None = None,
+        deadline_s: float | None = None,
+        deadline: datetime | float | None = None,
         **params: Any,
     ) -> Job[EmbeddingResult]:
         """Queue one embeddings call for ``texts`` (up to 2,048) and return its Job at once.
@@ -115,10 +144,20 @@ class Client:
         Its result holds one vector per text, in order, with usage and cost. ``model``
         defaults to the workers' LLM_EMBEDDING_MODEL (or their Azure
         LLM_EMBEDDING_DEPLOYMENT_NAME); ``params`` are the provider's embedding parameters,
-        such as ``dimensions``. The other arguments, retries, rate limits and spending caps
-        work as for submit.
+        such as ``dimensions``. The other arguments (scheduling included), retries, rate
+        limits and spending caps work as for submit.
         """
-        request = build_embedding_request(texts, model, params, budget=budget, llm=llm)
+        request = build_embedding_request(
+            texts,
+            model,
+            params,
+            budget=budget,
+            llm=llm,
+            priority=priority,
+            tenant=tenant,
+            deadline_s=deadline_s,
+            deadline=deadline,
+        )
         job = submission(request, idempotency_key, self.settings.max_prompt_chars)
         return Job(self, self._publish([job])[0])
 
@@ -129,8 +168,10 @@ class Client:
 
         Each request is a prompt string, a mapping like ``{"prompt": ..., "temperature": 0}`` or
         ``{"messages": [...], "model": ...}``, a PromptRequest, or an EmbeddingRequest (whose
-        job's result is an EmbeddingResult); a mapping may carry an ``idempotency_key`` (see
-        submit).
+        job's result is an EmbeddingResult); a mapping may carry ``idempotency_key``,
+        ``budget``, ``llm``, ``priority``, ``tenant``, ``deadline_s`` and ``deadline`` as submit
+        takes them, and a request object carries its own priority, tenant and deadline_at.
+        An InvalidRequest names the bad item's index: ``requests[2]: ...``.
         """
         ids = self._publish(submissions(requests, self.settings.max_prompt_chars))
         return [Job(self, job_id) for job_id in ids]

@@ -6,6 +6,7 @@ PromptqError                 anything promptq raises; catch this to catch them a
 ├── JobNotFound              no job with that id, or its result has expired (also a LookupError)
 ├── JobTimeout               wait() ran out of time; the job goes on (also a TimeoutError)
 └── JobFailed                the job ended in a structured error: .kind, .status_code, ...
+                             (cancelled and expired jobs too: kind cancelled, deadline_exceeded)
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class JobFailed(PromptqError):
 
     ``kind`` says what went wrong (``rate_limited``, ``bad_request``, ... see ErrorKind),
     ``status_code`` is the provider's HTTP status when there was one, and ``attempts`` is the
-    number of provider calls made.
+    number of provider calls made. A cancelled job, or one whose deadline passed, fails too:
+    ``kind`` is ``cancelled`` or ``deadline_exceeded``.
     """
 
     def __init__(

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from ._constants import IDEMPOTENCY_NAMESPACE
 from ._errors import InvalidRequest
-from ._schemas import EmbeddingRequest, JobRequest, PromptRequest
+from ._schemas import EmbeddingRequest, JobRequest, Priority, PromptRequest
 
 _JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _BUDGET_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
@@ -28,6 +30,10 @@ def build_request(
     *,
     budget: str | None = None,
     llm: str | None = None,
+    priority: Priority | str | None = None,
+    tenant: str | None = None,
+    deadline_s: float | None = None,
+    deadline: datetime | float | None = None,
 ) -> PromptRequest:
     """Validate one submission; raise InvalidRequest naming the problem."""
     if (prompt is None) == (messages is None):
@@ -40,6 +46,7 @@ def build_request(
         messages = [{"role": "user", "content": prompt}]
     elif not isinstance(messages, list) or not all(isinstance(m, Mapping) for m in messages):
         raise InvalidRequest("messages must be a list of {'role': ..., 'content': ...} mappings")
+    scheduling = _scheduling(priority, tenant, deadline_s, deadline)
     try:
         return PromptRequest(
             messages=[dict(m) for m in messages],
@@ -47,6 +54,7 @@ def build_request(
             params=dict(params),
             budget=budget,
             llm=llm,
+            **scheduling,
         )
     except ValidationError as exc:
         raise InvalidRequest(_describe(exc)) from None
@@ -59,18 +67,86 @@ def build_embedding_request(
     *,
     budget: str | None = None,
     llm: str | None = None,
+    priority: Priority | str | None = None,
+    tenant: str | None = None,
+    deadline_s: float | None = None,
+    deadline: datetime | float | None = None,
 ) -> EmbeddingRequest:
     """Validate one embeddings submission (a text or a list of texts); raise InvalidRequest."""
     if isinstance(texts, str):
         texts = [texts]
     elif not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
         raise InvalidRequest("texts must be a string or a list of strings")
+    scheduling = _scheduling(priority, tenant, deadline_s, deadline)
     try:
         return EmbeddingRequest(
-            input=list(texts), model=model, params=dict(params), budget=budget, llm=llm
+            input=list(texts),
+            model=model,
+            params=dict(params),
+            budget=budget,
+            llm=llm,
+            **scheduling,
         )
     except ValidationError as exc:
         raise InvalidRequest(_describe(exc)) from None
+
+
+def _scheduling(priority: Any, tenant: Any, deadline_s: Any, deadline: Any) -> dict[str, Any]:
+    """The request fields that submit's scheduling arguments give (None: the field's default)."""
+    fields: dict[str, Any] = {"tenant": tenant, "deadline_at": deadline_at(deadline_s, deadline)}
+    if priority is not None:
+        fields["priority"] = priority
+    return fields
+
+
+def deadline_at(deadline_s: Any, deadline: Any) -> float | None:
+    """The epoch seconds a job must start by, from submit's ``deadline_s`` (seconds from now)
+    or ``deadline`` (a timezone-aware datetime, or epoch seconds); None when neither is given.
+    Raises InvalidRequest for both, or for a value that is not a time."""
+    if deadline_s is not None and deadline is not None:
+        raise InvalidRequest(
+            "give at most one of deadline_s (seconds from now) and deadline (an absolute time)"
+        )
+    if deadline_s is not None:
+        seconds = _finite(deadline_s)
+        if seconds is None or seconds <= 0:
+            raise InvalidRequest(
+                f"deadline_s must be a finite number of seconds > 0, got {deadline_s!r:.80}"
+            )
+        return time.time() + seconds
+    if deadline is None:
+        return None
+    if isinstance(deadline, datetime):
+        if deadline.utcoffset() is None:
+            raise InvalidRequest(
+                "deadline must be timezone-aware (e.g. datetime.now(timezone.utc) + "
+                f"timedelta(minutes=5)), got the naive {deadline.isoformat()}"
+            )
+        at = deadline.timestamp()
+    elif isinstance(deadline, int | float) and not isinstance(deadline, bool):
+        at = deadline
+    else:
+        raise InvalidRequest(
+            "deadline must be a timezone-aware datetime or epoch seconds, "
+            f"got {type(deadline).__name__} {deadline!r:.80}"
+        )
+    seconds = _finite(at)
+    if seconds is None or seconds <= 0:
+        raise InvalidRequest(
+            f"deadline must be finite epoch seconds > 0 (after 1970), got {at!r:.80}"
+        )
+    return seconds
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return None
+    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
@@ -100,9 +176,9 @@ def submissions(
     """submit_many's input, every item checked before any is published.
 
     An item is a PromptRequest or an EmbeddingRequest, a prompt string, or a mapping with
-    ``prompt`` or ``messages``, optional ``model``, ``llm``, ``idempotency_key`` and
-    ``budget``, and sampling parameters beside them (as ``submit`` takes them). An error
-    names the item's index.
+    ``prompt`` or ``messages``, optional ``model``, ``llm``, ``idempotency_key``, ``budget``,
+    ``priority``, ``tenant``, ``deadline_s`` and ``deadline``, and sampling parameters
+    beside them (as ``submit`` takes them). An error names the item's index.
     """
     checked = []
     for index, item in enumerate(items):
@@ -124,9 +200,11 @@ def _coerce(item: JobRequest | str | Mapping[str, Any], max_prompt_chars: int) -
         messages = fields.pop("messages", None)
         model = fields.pop("model", None)
         key = fields.pop("idempotency_key", None)
-        budget = fields.pop("budget", None)
-        llm = fields.pop("llm", None)
-        request = build_request(prompt, messages, model, fields, budget=budget, llm=llm)
+        named = {
+            name: fields.pop(name, None)
+            for name in ("budget", "llm", "priority", "tenant", "deadline_s", "deadline")
+        }
+        request = build_request(prompt, messages, model, fields, **named)
         return submission(request, key, max_prompt_chars)
     raise InvalidRequest(
         "each request must be a string, a mapping, a PromptRequest or an EmbeddingRequest, "
@@ -164,7 +242,8 @@ def _describe(exc: ValidationError) -> str:
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"])
         message = error["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}" if where else message)
+        named = not where or message.startswith(f"{where} ")  # "priority must be one of ..."
+        problems.append(message if named else f"{where}: {message}")
     return "invalid request: " + "; ".join(problems)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -11,15 +12,21 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
+# submit's scheduling arguments and the request fields they become: never sampling parameters.
+SCHEDULING_PARAMS = frozenset({"priority", "tenant", "deadline", "deadline_s", "deadline_at"})
 # Parameters the worker owns: a request may not set them (the key and endpoint live in the
-# worker's settings, retries belong to Celery, results are never streamed).
-RESERVED_PARAMS = frozenset(
+# worker's settings, retries belong to Celery, results are never streamed), nor the scheduling
+# ones.
+RESERVED_PARAMS = SCHEDULING_PARAMS | frozenset(
     {
         "model",
         "messages",
@@ -46,7 +53,11 @@ MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "
 
 
 class JobStatus(StrEnum):
-    """Where a job is in its life. ``succeeded`` and ``failed`` are terminal."""
+    """Where a job is in its life. ``succeeded`` and ``failed`` are terminal.
+
+    A job that is cancelled, or whose deadline passes before it could run, ends ``failed``
+    too, with the error kind ``cancelled`` or ``deadline_exceeded``.
+    """
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -60,7 +71,11 @@ class JobStatus(StrEnum):
 
 
 class ErrorKind(StrEnum):
-    """Why a job failed. Stable: clients branch on these values."""
+    """Why a job failed. Stable: clients branch on these values.
+
+    Cancelled and expired jobs are failed jobs: status ``failed``, and the client raises
+    ``JobFailed`` with kind ``cancelled`` or ``deadline_exceeded``.
+    """
 
     RATE_LIMITED = "rate_limited"  # 429 until the retry budget ran out
     PROVIDER_UNAVAILABLE = "provider_unavailable"  # 5xx / connection errors, budget exhausted
@@ -75,7 +90,66 @@ class ErrorKind(StrEnum):
     CONFIGURATION = "configuration"  # the worker cannot call this model as configured
     WORKER_LOST = "worker_lost"  # the worker died on every delivery of the job
     BUDGET_EXCEEDED = "budget_exceeded"  # a spending cap left no room: no call was made
+    CANCELLED = "cancelled"  # the job was cancelled: no call was made after the cancel
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # it could not start, or retry, before its deadline
     INTERNAL = "internal"  # a bug in promptq; the message says where
+
+
+class Priority(StrEnum):
+    """How soon a job should run beside the others queued: PRIORITY_ORDER, highest first."""
+
+    INTERACTIVE = "interactive"  # someone is waiting for the answer
+    DEFAULT = "default"
+    BATCH = "batch"  # bulk work, such as `promptq batch`'s prompts
+
+    @property
+    def rank(self) -> int:
+        """The level's place in PRIORITY_ORDER: 0 for the highest (interactive)."""
+        return PRIORITY_ORDER.index(self)
+
+
+# The priority levels, highest first.
+PRIORITY_ORDER = (Priority.INTERACTIVE, Priority.DEFAULT, Priority.BATCH)
+# A tenant's name: the fleet shares its capacity fairly between tenants with jobs waiting.
+TENANT_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
+# The tenant of a request that names none (its ``tenant`` is None).
+DEFAULT_TENANT = "default"
+
+
+def checked_priority(value: Any) -> Priority:
+    """``value`` as a priority level; ValueError naming the levels when it is none."""
+    if isinstance(value, str) and value in PRIORITY_ORDER:
+        return Priority(value)
+    levels = ", ".join(PRIORITY_ORDER)
+    raise ValueError(f"priority must be one of {levels}, got {value!r:.80}")
+
+
+def checked_tenant(value: Any) -> str | None:
+    """A request's tenant: None for the default tenant, whether named or not (so a request has
+    one form on the wire); ValueError naming the pattern for a malformed name."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(TENANT_PATTERN, value):
+        raise ValueError(
+            f"tenant must match {TENANT_PATTERN} (letters, digits and _.:-, 1 to 64 "
+            f"characters), got {value!r:.80}"
+        )
+    return None if value == DEFAULT_TENANT else value
+
+
+def checked_deadline_at(value: Any) -> float | None:
+    """A deadline in epoch seconds: a finite number > 0, or None for none."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"deadline_at must be a number of epoch seconds, got {value!r:.80}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"deadline_at must be finite epoch seconds > 0, got {value!r:.80}")
+    return seconds
 
 
 def _check_json(name: str, value: Any) -> None:
@@ -97,6 +171,13 @@ def _checked_model(model: str | None) -> str | None:
 
 
 def _checked_params(params: dict[str, Any], reserved_names: frozenset[str]) -> dict[str, Any]:
+    scheduling = sorted(SCHEDULING_PARAMS & params.keys())
+    if scheduling:
+        raise ValueError(
+            f"parameter(s) {scheduling} are not sampling parameters: priority, tenant and a "
+            "deadline are submit's own arguments (deadline_s or deadline) and the request's "
+            "own fields (deadline_at)"
+        )
     reserved = sorted(reserved_names & params.keys())
     if reserved:
         raise ValueError(f"parameter(s) {reserved} cannot be set per request: the worker owns them")
@@ -114,12 +195,51 @@ ModelName = Annotated[str | None, AfterValidator(_checked_model)]
 BudgetId = Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
 # A named LLM configuration of the workers ([llm.NAME] in their config.toml); None: [llm].
 LLMName = Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")]
+PriorityLevel = Annotated[Priority, BeforeValidator(checked_priority)]
+TenantName = Annotated[str | None, BeforeValidator(checked_tenant)]
+DeadlineAt = Annotated[float | None, BeforeValidator(checked_deadline_at)]
+
+# The scheduling fields and their defaults, which a request's JSON leaves out.
+_SCHEDULING_DEFAULTS: dict[str, Any] = {
+    "priority": Priority.DEFAULT.value,
+    "tenant": None,
+    "deadline_at": None,
+}
 
 
-class PromptRequest(BaseModel):
-    """One chat completion to run: OpenAI-style messages, an optional model, sampling params."""
+class _ScheduledRequest(BaseModel):
+    """What every request carries for the scheduler: its priority, tenant and deadline.
+
+    A field at its default is left out of the request's JSON (model_dump), so a request that
+    uses none of them reads as before to a worker that predates them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    priority: PriorityLevel = Priority.DEFAULT
+    # None: the tenant named "default" (DEFAULT_TENANT), which a request never names itself.
+    tenant: TenantName = None
+    # When the job must have started by, in epoch seconds; past it, it fails as
+    # deadline_exceeded instead of starting (or retrying). None: no deadline.
+    deadline_at: DeadlineAt = None
+
+    @property
+    def tenant_name(self) -> str:
+        """The tenant the job belongs to: ``tenant``, or "default" when it names none."""
+        return self.tenant or DEFAULT_TENANT
+
+    @model_serializer(mode="wrap")
+    def _leave_out_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name, default in _SCHEDULING_DEFAULTS.items():
+            if name in data and data[name] == default:
+                del data[name]
+        return data
+
+
+class PromptRequest(_ScheduledRequest):
+    """One chat completion to run: OpenAI-style messages, an optional model, sampling params,
+    and how to schedule it (priority, tenant, deadline_at)."""
 
     messages: list[dict[str, Any]] = Field(min_length=1)
     model: ModelName = None
@@ -148,10 +268,9 @@ class PromptRequest(BaseModel):
         return _checked_params(params, RESERVED_PARAMS)
 
 
-class EmbeddingRequest(BaseModel):
-    """Texts to embed in one provider call: the vectors come back in the same order."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class EmbeddingRequest(_ScheduledRequest):
+    """Texts to embed in one provider call: the vectors come back in the same order. It is
+    scheduled like a prompt (priority, tenant, deadline_at)."""
 
     input: list[str] = Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)
     # None: the worker's LLM_EMBEDDING_MODEL (or its Azure LLM_EMBEDDING_DEPLOYMENT_NAME).

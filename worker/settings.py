@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -16,12 +17,17 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from api_client._constants import DEFAULT_REDIS_URL, DEFAULT_RESULT_TTL_S
+from api_client._schemas import TENANT_PATTERN
 from worker.errors import ConfigError
 
 S = TypeVar("S", bound=BaseSettings)
 
 CONFIG_ENV = "PROMPTQ_CONFIG"
 DEFAULT_CONFIG_PATH = Path("config.toml")
+# Tenants' weights in the environment: NAME=WEIGHT pairs separated by commas ("team-a=2,b=0.5").
+TENANTS_ENV = "PROMPTQ_TENANTS"
+# The weight of a tenant that [tenants] and PROMPTQ_TENANTS do not list.
+DEFAULT_TENANT_WEIGHT = 1.0
 
 # The tables of the config file being loaded, handed to the settings sources below.
 _file_tables: ContextVar[Mapping[str, Mapping[str, Any]]] = ContextVar(
@@ -161,6 +167,13 @@ class Settings(BaseModel):
     rate_limits: Mapping[str, ModelLimits] = Field(default_factory=dict)
     # [llm.NAME] tables: the default [llm] settings with the table's values on top.
     named_llms: Mapping[str, LLMSettings] = Field(default_factory=dict)
+    # Each tenant's weight in the fleet's fair share ([tenants] and PROMPTQ_TENANTS).
+    tenants: Mapping[str, float] = Field(default_factory=dict)
+
+    def tenant_weight(self, name: str) -> float:
+        """The weight of tenant ``name`` (a request's tenant_name) in the fleet's fair share:
+        its [tenants] / PROMPTQ_TENANTS entry, else DEFAULT_TENANT_WEIGHT (1)."""
+        return self.tenants.get(name, DEFAULT_TENANT_WEIGHT)
 
     def llm_named(self, name: str | None) -> LLMSettings:
         """The LLM settings a job asks for by name (None: the default [llm]); KeyError when
@@ -214,13 +227,20 @@ def load_settings(
     finally:
         _file_tables.reset(token)
     rate_limits = _model_limits(tables.get("rate_limits", {}), path, problems)
+    tenants = _tenant_weights(
+        tables.get("tenants", {}), os.environ.get(TENANTS_ENV), path, problems
+    )
     named_llms = {}
     if llm_settings is not None:
         named_llms = _named_llms(llm_settings, named_tables, path, problems)
     if llm_settings is None or queue_settings is None or problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
     settings = Settings(
-        llm=llm_settings, queue=queue_settings, rate_limits=rate_limits, named_llms=named_llms
+        llm=llm_settings,
+        queue=queue_settings,
+        rate_limits=rate_limits,
+        named_llms=named_llms,
+        tenants=tenants,
     )
     _check_waits_fit(settings)
     _check_prices(settings.llm)
@@ -275,6 +295,73 @@ def _model_limits(
                     message = "unknown setting (rpm and tpm are)"
                 problems.append(f"{field} in {where}: {message} (got {error['input']!r})")
     return limits
+
+
+def _tenant_weights(
+    table: Mapping[str, Any], env_text: str | None, path: Path | None, problems: list[str]
+) -> dict[str, float]:
+    """Each tenant's weight: the [tenants] table, then PROMPTQ_TENANTS' entries over it (the
+    environment wins, tenant by tenant). A bad name or weight is a problem naming its key."""
+    weights: dict[str, float] = {}
+    where = f"[tenants] of {path or 'config.toml'}"
+    for name, value in table.items():
+        if isinstance(value, Mapping):  # `team.a = 2` is a table "team" to TOML
+            problems.append(
+                f"tenants.{name} in {where}: a weight is a number, not a table (quote a name "
+                f'with dots: "{name}.x" = 2)'
+            )
+        elif (weight := _checked_tenant(name, value, value, where, problems)) is not None:
+            weights[name] = weight
+    seen: set[str] = set()
+    for name, raw in parse_tenants_env(env_text or "", problems):
+        if name in seen:
+            problems.append(f"tenants.{name} in {TENANTS_ENV}: listed twice")
+            continue
+        seen.add(name)
+        try:
+            number: float | None = float(raw)
+        except ValueError:
+            number = None
+        if (weight := _checked_tenant(name, number, raw, TENANTS_ENV, problems)) is not None:
+            weights[name] = weight
+    return weights
+
+
+def parse_tenants_env(text: str, problems: list[str]) -> list[tuple[str, str]]:
+    """The (name, weight text) pairs of PROMPTQ_TENANTS: ``NAME=WEIGHT`` separated by commas,
+    spaces around either ignored. A pair without ``=`` is a problem."""
+    pairs = []
+    for entry in text.split(","):
+        if not entry.strip():
+            continue
+        name, sep, weight = entry.partition("=")
+        if not sep:
+            problems.append(
+                f"{TENANTS_ENV}: each entry is NAME=WEIGHT, separated by commas (got {entry!r})"
+            )
+            continue
+        pairs.append((name.strip(), weight.strip()))
+    return pairs
+
+
+def _checked_tenant(
+    name: str, value: Any, given: Any, where: str, problems: list[str]
+) -> float | None:
+    """``value`` as tenant ``name``'s weight, or None after naming the problem (``given``:
+    the value as the user wrote it)."""
+    if not re.fullmatch(TENANT_PATTERN, name):
+        problems.append(
+            f"tenants.{name} in {where}: a tenant name matches {TENANT_PATTERN} (letters, "
+            "digits and _.:-, 1 to 64 characters)"
+        )
+        return None
+    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    if number is None or not math.isfinite(number) or number <= 0:
+        problems.append(
+            f"tenants.{name} in {where}: a weight is a finite number > 0 (got {given!r})"
+        )
+        return None
+    return float(number)
 
 
 def _check_waits_fit(settings: Settings) -> None:
@@ -361,7 +448,7 @@ def read_config_file(
             data = tomllib.load(file)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    for table in ("llm", "promptq", "rate_limits"):
+    for table in ("llm", "promptq", "rate_limits", "tenants"):
         if not isinstance(data.get(table, {}), dict):
             raise ConfigError(f"{table} in {path} must be a table ([{table}])")
     return path, data

@@ -397,7 +397,7 @@ def test_reserved_param_in_an_openai_body(tmp_path: Path, name: str) -> None:
             "messages[0].role must be one of ['assistant', 'developer', 'function', 'system', "
             "'tool', 'user'], got 'bot'",
         ),
-        ({"prompt": "a", "model": ""}, "invalid request: model: model must not be empty"),
+        ({"prompt": "a", "model": ""}, "invalid request: model must not be empty"),
     ],
 )
 def test_invalid_simple_requests(tmp_path: Path, line: dict[str, Any], message: str) -> None:

@@ -39,3 +39,19 @@ def test_the_example_file_loads_with_the_uncommented_defaults() -> None:
     settings = load_settings(EXAMPLE)
 
     assert settings.llm.model_dump() == {**defaults.llm.model_dump(), **tables["llm"]}
+
+
+def test_tenant_weights_are_documented_and_the_example_loads(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(PROMPTQ_TENANTS)" in text
+    assert "| `PROMPTQ_TENANTS` |" in readme
+
+    # The commented [tenants] example, uncommented, is a valid table.
+    example = text[text.index("# [tenants]\n") :].splitlines()
+    uncommented = tmp_path / "tenants.toml"
+    uncommented.write_text("\n".join(line.removeprefix("# ") for line in example) + "\n")
+    weights = load_settings(uncommented).tenants
+
+    assert weights
+    assert all(f"# {name} = " in text for name in weights)

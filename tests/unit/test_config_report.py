@@ -92,6 +92,37 @@ def test_named_configurations_list_what_their_tables_set(tmp_path: Path) -> None
     assert SECRET not in format_rows(rows)
 
 
+def test_tenant_weights_are_listed_with_their_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[tenants]\nteam-a = 3\nteam-b = 0.5\n"org.eu" = 2\n', encoding="utf-8")
+    monkeypatch.setenv("PROMPTQ_TENANTS", "team-b=1.5,team-c=2")
+
+    rows = describe_settings(str(path))
+
+    tenants = [row for row in rows if row.name.startswith("tenants.")]
+    assert tenants == [
+        SettingRow("tenants.team-a", "3", f"file ({path}) [tenants]"),
+        SettingRow("tenants.team-b", "1.5", "environment"),
+        SettingRow("tenants.org.eu", "2", f"file ({path}) [tenants]"),
+        SettingRow("tenants.team-c", "2", "environment"),
+    ]
+
+
+def test_no_tenant_rows_when_none_is_listed() -> None:
+    assert not [row for row in describe_settings() if row.name.startswith("tenants")]
+
+
+def test_a_bad_tenant_weight_raises_config_error_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PROMPTQ_TENANTS", "team-a=0")
+
+    with pytest.raises(ConfigError, match=r"tenants\.team-a in PROMPTQ_TENANTS"):
+        describe_settings()
+
+
 def test_default_config_toml_and_promptq_config_are_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

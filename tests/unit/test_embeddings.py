@@ -13,7 +13,14 @@ import litellm
 import pytest
 from celery import Celery
 
-from api_client import EmbeddingRequest, EmbeddingResult, InvalidRequest, JobStatus, Usage
+from api_client import (
+    EmbeddingRequest,
+    EmbeddingResult,
+    InvalidRequest,
+    JobStatus,
+    Priority,
+    Usage,
+)
 from api_client._constants import EMBED_TASK_NAME
 from api_client._requests import build_embedding_request, check_size
 from api_client._schemas import Outcome
@@ -186,6 +193,24 @@ def test_the_worker_owns_the_call_arguments() -> None:
         "dimensions": 4,
         "user": "u",
     }
+
+
+def test_priority_tenant_and_deadline_are_not_call_arguments() -> None:
+    settings = _settings(api_key=TEST_KEY)
+    scheduled = EmbeddingRequest(
+        input=TEXTS,
+        params={"dimensions": 4},
+        priority=Priority.BATCH,
+        tenant="team-a",
+        deadline_at=4e9,
+    )
+
+    arguments = llm.embedding_arguments(settings, scheduled, "openai/e")
+
+    unscheduled = EmbeddingRequest(input=TEXTS, params={"dimensions": 4})
+    assert arguments == llm.embedding_arguments(settings, unscheduled, "openai/e")
+    assert arguments["dimensions"] == 4
+    assert not {"priority", "tenant", "deadline_at"} & arguments.keys()
 
 
 # --- over HTTP --------------------------------------------------------------------------------

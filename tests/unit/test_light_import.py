@@ -31,6 +31,7 @@ PUBLIC_API = [
     "JobNotFound",
     "JobStatus",
     "JobTimeout",
+    "Priority",
     "PromptRequest",
     "PromptResult",
     "PromptqError",

@@ -6,13 +6,14 @@ in the usage, and LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import litellm
 import pytest
 from litellm.exceptions import UnsupportedParamsError
 
-from api_client._schemas import ErrorKind, PromptRequest, PromptResult, Usage
+from api_client._schemas import ErrorKind, Priority, PromptRequest, PromptResult, Usage
 from tests.support.llm_calls import complete
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from worker.attempt.classify import classify
@@ -217,6 +218,40 @@ def test_vision_is_stripped_before_cache_marks_are_set() -> None:
             "content": [{"type": "text", "text": IMAGE_PLACEHOLDER, "cache_control": MARK}],
         }
     ]
+
+
+# --- the scheduling fields stay in promptq --------------------------------------------------
+
+SCHEDULING_NAMES = {"priority", "tenant", "deadline", "deadline_s", "deadline_at"}
+SCHEDULED = PromptRequest(
+    messages=CONVERSATION.messages,
+    params={"temperature": 0},
+    priority=Priority.INTERACTIVE,
+    tenant="team-a",
+    deadline_at=4_102_444_800.0,
+)
+
+
+def test_priority_tenant_and_deadline_are_not_call_arguments(server: ScriptedOpenAIServer) -> None:
+    settings = _settings(server)
+    unscheduled = PromptRequest(messages=CONVERSATION.messages, params={"temperature": 0})
+
+    arguments = llm.call_arguments(settings, SCHEDULED, "openai/test-model")
+
+    assert arguments == llm.call_arguments(settings, unscheduled, "openai/test-model")
+    assert arguments["temperature"] == 0  # the control: the request's parameters do get there
+    assert not SCHEDULING_NAMES & arguments.keys()
+
+
+def test_priority_tenant_and_deadline_are_not_sent_to_the_provider(
+    server: ScriptedOpenAIServer,
+) -> None:
+    complete(_settings(server), SCHEDULED)
+
+    [sent] = server.requests
+    assert sent.body["temperature"] == 0
+    assert not SCHEDULING_NAMES & sent.body.keys()
+    assert "team-a" not in json.dumps(sent.body)
 
 
 # --- cached tokens in the usage -------------------------------------------------------------

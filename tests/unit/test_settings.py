@@ -358,6 +358,142 @@ def test_bad_rate_limit_tables_are_named(tmp_path: Path, table: str, named: str)
     assert named in str(raised.value)
 
 
+# --- tenants' weights -----------------------------------------------------------------------
+
+
+def test_every_tenant_weighs_one_unless_listed() -> None:
+    settings = load_settings()
+
+    assert settings.tenants == {}
+    assert settings.tenant_weight("default") == 1.0
+    assert settings.tenant_weight("team-a") == 1.0
+
+
+def test_tenant_weights_from_the_file(tmp_path: Path) -> None:
+    path = _write_config(
+        tmp_path / "c.toml",
+        '[tenants]\nteam-a = 3\nbatch-nightly = 0.5\n"org.eu:1" = 2\ndefault = 4\n',
+    )
+
+    settings = load_settings(path)
+
+    assert settings.tenant_weight("team-a") == 3.0
+    assert isinstance(settings.tenant_weight("team-a"), float)
+    assert settings.tenant_weight("batch-nightly") == 0.5
+    assert settings.tenant_weight("org.eu:1") == 2.0
+    assert settings.tenant_weight("default") == 4.0
+    assert settings.tenant_weight("unlisted") == 1.0
+
+
+def test_tenant_weights_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROMPTQ_TENANTS", " team-a = 2 , team-b=0.25,, org.eu:1=1e1,")
+
+    settings = load_settings()
+
+    assert settings.tenants == {"team-a": 2.0, "team-b": 0.25, "org.eu:1": 10.0}
+
+
+def test_the_environment_wins_over_the_file_tenant_by_tenant(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _write_config(tmp_path / "c.toml", "[tenants]\nteam-a = 3\nteam-b = 5\n")
+    monkeypatch.setenv("PROMPTQ_TENANTS", "team-a=0.5,team-c=2")
+
+    settings = load_settings(path)
+
+    assert settings.tenants == {"team-a": 0.5, "team-b": 5.0, "team-c": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        (
+            "team-a = 0",
+            "tenants.team-a in [tenants] of {path}: a weight is a finite number > 0 (got 0)",
+        ),
+        ("team-a = -2", "tenants.team-a in [tenants]"),
+        (
+            'team-a = "heavy"',
+            "tenants.team-a in [tenants] of {path}: a weight is a finite number > 0 (got 'heavy')",
+        ),
+        ("team-a = inf", "tenants.team-a in [tenants]"),
+        ("team-a = nan", "tenants.team-a in [tenants]"),
+        ("team-a = true", "tenants.team-a in [tenants]"),
+        (
+            '"team a" = 2',
+            "tenants.team a in [tenants] of {path}: a tenant name matches "
+            "^[A-Za-z0-9_.:\\-]{{1,64}}$",
+        ),
+        (f'"{"x" * 65}" = 2', f"tenants.{'x' * 65} in [tenants]"),
+        ("team.a = 2", "tenants.team in [tenants] of {path}: a weight is a number, not a table"),
+    ],
+)
+def test_bad_tenant_in_the_file_is_a_config_error_naming_the_key(
+    tmp_path: Path, text: str, named: str
+) -> None:
+    path = _write_config(tmp_path / "c.toml", f"[tenants]\n{text}\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    assert named.format(path=path) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (
+            "team-a=0",
+            "tenants.team-a in PROMPTQ_TENANTS: a weight is a finite number > 0 (got '0')",
+        ),
+        ("team-a=-1", "tenants.team-a in PROMPTQ_TENANTS: a weight is a finite number > 0"),
+        (
+            "team-a=lots",
+            "tenants.team-a in PROMPTQ_TENANTS: a weight is a finite number > 0 (got 'lots')",
+        ),
+        ("team-a=inf", "tenants.team-a in PROMPTQ_TENANTS"),
+        ("team-a=NaN", "tenants.team-a in PROMPTQ_TENANTS"),
+        ("team-a=1e999", "tenants.team-a in PROMPTQ_TENANTS"),
+        ("team-a=", "tenants.team-a in PROMPTQ_TENANTS"),
+        ("team a=2", "tenants.team a in PROMPTQ_TENANTS: a tenant name matches"),
+        ("team-a=1,team-a=2", "tenants.team-a in PROMPTQ_TENANTS: listed twice"),
+        (
+            "team-a:2",
+            "PROMPTQ_TENANTS: each entry is NAME=WEIGHT, separated by commas (got 'team-a:2')",
+        ),
+    ],
+)
+def test_bad_tenant_in_the_environment_is_a_config_error_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch, value: str, named: str
+) -> None:
+    monkeypatch.setenv("PROMPTQ_TENANTS", value)
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+
+    assert named in str(raised.value)
+
+
+def test_tenants_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", "tenants = 2\n")
+
+    with pytest.raises(ConfigError, match=r"tenants in .* must be a table \(\[tenants\]\)"):
+        load_settings(path)
+
+
+def test_every_bad_tenant_is_named_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = _write_config(tmp_path / "c.toml", "[tenants]\nteam-a = 0\nteam-b = 2\n")
+    monkeypatch.setenv("PROMPTQ_TENANTS", "team-c=x")
+
+    with pytest.raises(ConfigError) as raised:
+        load_settings(path)
+
+    message = str(raised.value)
+    assert "tenants.team-a" in message
+    assert "tenants.team-c" in message
+    assert "tenants.team-b" not in message
+
+
 def test_limiter_max_ahead_defaults_to_what_the_visibility_timeout_allows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,12 +19,32 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from api_client import BrokerUnavailable, Client, ErrorKind, Job, JobError, JobFailed, JobStatus
+from api_client import (
+    BrokerUnavailable,
+    Client,
+    ErrorKind,
+    InvalidRequest,
+    Job,
+    JobError,
+    JobFailed,
+    JobStatus,
+    Priority,
+)
 from api_client._polling import Poller
+from api_client._schemas import checked_priority, checked_tenant
 from worker.batch.input import BatchItem, read_items
 from worker.batch.output import OutputWriter, read_done
 
 SUBMIT_CHUNK = 200  # prompts per pipelined submit_many
+_NOT_IN_A_TENANT_NAME = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+
+def default_tenant(output_path: Path) -> str:
+    """The tenant a batch runs as when none is named: ``batch-`` and OUTPUT's file name
+    without its extension (``nightly.jsonl``: ``batch-nightly``), so each batch shares the
+    fleet as a tenant of its own, and a resumed run is the same tenant. Characters a tenant
+    name cannot hold become ``-``; it is cut at 64 characters."""
+    return ("batch-" + _NOT_IN_A_TENANT_NAME.sub("-", output_path.stem))[:64]
 
 
 @dataclass
@@ -76,15 +97,20 @@ def run_batch(
     max_in_flight: int = 500,
     retry_failed: bool = False,
     budget: str | None = None,
+    priority: Priority | str = Priority.BATCH,
+    tenant: str | None = None,
     display: Display | None = None,
 ) -> Tally:
     """Submit every line of INPUT not yet answered in OUTPUT, and write each answer as it comes.
 
     At most ``max_in_flight`` prompts are queued or running at once; the input is streamed.
-    With ``budget`` (Client.create_budget) every prompt's calls are charged to it.
+    With ``budget`` (Client.create_budget) every prompt's calls are charged to it. Every
+    prompt runs at ``priority`` (default: batch, below a single submit's default) as
+    ``tenant`` (default: default_tenant(output_path)); InvalidRequest for a bad one.
     Each output line is flushed when written, so an interrupted run leaves a valid OUTPUT and
     the same call resumes it.
     """
+    update = _run_fields(output_path, budget, priority, tenant)
     succeeded, failed = read_done(output_path)
     skip = succeeded if retry_failed else succeeded | failed
     tally = Tally()
@@ -100,9 +126,7 @@ def run_batch(
                 chunk = list(itertools.islice(pending, min(room, SUBMIT_CHUNK)))
                 exhausted = len(chunk) < min(room, SUBMIT_CHUNK)
                 if chunk:
-                    requests = [item.request for item in chunk]
-                    if budget is not None:
-                        requests = [r.model_copy(update={"budget": budget}) for r in requests]
+                    requests = [item.request.model_copy(update=update) for item in chunk]
                     jobs = client.submit_many(requests)
                     for job, item in zip(jobs, chunk, strict=True):
                         in_flight[job.id] = (job, item.custom_id)
@@ -130,6 +154,22 @@ def run_batch(
             else:
                 time.sleep(poller.sleep_s(len(in_flight)))
     return tally
+
+
+def _run_fields(
+    output_path: Path, budget: str | None, priority: Priority | str, tenant: str | None
+) -> dict[str, Any]:
+    """The request fields the run sets on every prompt: priority, tenant and budget."""
+    try:
+        fields: dict[str, Any] = {
+            "priority": checked_priority(priority),
+            "tenant": checked_tenant(default_tenant(output_path) if tenant is None else tenant),
+        }
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if budget is not None:
+        fields["budget"] = budget
+    return fields
 
 
 def _unanswered(path: Path, model: str | None, skip: set[str], tally: Tally) -> Iterator[BatchItem]:

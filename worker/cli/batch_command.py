@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from worker.cli.options import EXIT_FAILED, EXIT_INTERRUPTED, config_option, parse_overrides
+from worker.cli.options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    config_option,
+    parse_overrides,
+    priority_option,
+    tenant_name,
+)
 from worker.errors import EXIT_USAGE
 from worker.settings import Settings, load_settings
 
@@ -44,6 +51,20 @@ def add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         metavar="USD",
         help="stop calling once this run has spent USD (by LiteLLM's prices); the lines left "
         "fail as budget_exceeded",
+    )
+    priority_option(
+        batch,
+        default="batch",
+        help="interactive, default or batch, highest first, for every prompt (default: batch, "
+        "below a single submit's default)",
+    )
+    batch.add_argument(
+        "--tenant",
+        type=tenant_name,
+        metavar="NAME",
+        help="the tenant every prompt belongs to, for the fleet's fair share (default: batch- "
+        "and OUTPUT's file name without its extension, e.g. batch-nightly for nightly.jsonl: "
+        "each batch a tenant of its own, the same one when resumed)",
     )
     batch.add_argument(
         "--retry-failed", action="store_true", help="also re-run lines that failed in OUTPUT"
@@ -112,6 +133,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
                         max_in_flight=args.max_in_flight,
                         retry_failed=args.retry_failed,
                         budget=budget,
+                        priority=args.priority,
+                        tenant=args.tenant,
                         display=display,
                     )
     except KeyboardInterrupt:

@@ -6,7 +6,14 @@ import argparse
 import json
 import sys
 
-from worker.cli.options import EXIT_FAILED, config_option, parse_overrides
+from worker.cli.options import (
+    EXIT_FAILED,
+    config_option,
+    parse_overrides,
+    positive_seconds,
+    priority_option,
+    tenant_name,
+)
 from worker.errors import EXIT_USAGE
 from worker.settings import load_settings
 
@@ -20,6 +27,21 @@ def add_submit(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     submit.add_argument("prompt", help="the prompt text")
     config_option(submit)
     submit.add_argument("--model", help="model for this prompt (default: the workers' LLM_MODEL)")
+    priority_option(
+        submit, default=None, help="interactive, default or batch, highest first (default: default)"
+    )
+    submit.add_argument(
+        "--tenant",
+        type=tenant_name,
+        metavar="NAME",
+        help="the tenant the job belongs to, for the fleet's fair share (default: default)",
+    )
+    submit.add_argument(
+        "--deadline-s",
+        type=positive_seconds,
+        metavar="S",
+        help="seconds from now by which the job must start, else it fails as deadline_exceeded",
+    )
     submit.add_argument("--wait", action="store_true", help="wait for the answer and print it")
     submit.add_argument(
         "--timeout", type=float, default=600.0, help="seconds --wait waits (default: 600)"
@@ -33,7 +55,13 @@ def run_submit_command(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     try:
         with Client(settings.queue.broker_url) as client:
-            job = client.submit(args.prompt, model=args.model)
+            job = client.submit(
+                args.prompt,
+                model=args.model,
+                priority=args.priority,
+                tenant=args.tenant,
+                deadline_s=args.deadline_s,
+            )
             if not args.wait:
                 print(job.id)
                 return 0

@@ -10,7 +10,13 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 
 from api_client._polling import redact_url
-from worker.settings import ModelLimits, load_settings, read_config_file
+from worker.settings import (
+    TENANTS_ENV,
+    ModelLimits,
+    load_settings,
+    parse_tenants_env,
+    read_config_file,
+)
 
 MASK = "********"
 NOT_SET = "(not set)"
@@ -28,7 +34,9 @@ class SettingRow:
 def describe_settings(
     config_path: str | None = None, *, llm_overrides: Mapping[str, Any] | None = None
 ) -> list[SettingRow]:
-    """Every LLM_* and PROMPTQ_* setting with the value a worker would run with, and its source.
+    """Every LLM_* and PROMPTQ_* setting with the value a worker would run with, and its source,
+    then what the file's [llm.NAME] and [rate_limits."MODEL"] tables set and each weight of a
+    tenant listed by [tenants] or PROMPTQ_TENANTS (``tenants.NAME``).
 
     Settings are loaded as a worker loads them (``llm_overrides`` as explicit values, the
     way `-s KEY=VALUE` gives them), so a bad value raises ConfigError naming its key.
@@ -64,6 +72,10 @@ def describe_settings(
         for field_name in ModelLimits.model_fields:
             name = f'rate_limits."{model_name}".{field_name}'
             rows.append(SettingRow(name, _display(limits, field_name), f"file ({path})"))
+    from_env = {name for name, _ in parse_tenants_env(os.environ.get(TENANTS_ENV, ""), [])}
+    for tenant, weight in settings.tenants.items():  # the others weigh 1
+        source = "environment" if tenant in from_env else f"file ({path}) [tenants]"
+        rows.append(SettingRow(f"tenants.{tenant}", _number(weight), source))
     return rows
 
 
@@ -76,8 +88,12 @@ def _display(model: BaseModel, field_name: str) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
-        return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+        return _number(value)
     return _redacted_url(str(value)) if field_name.endswith("url") else str(value)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
 def _redacted_url(url: str) -> str:
