@@ -40,13 +40,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._constants import KEY_PREFIX, QUEUE
-from ._schemas import JobRequest
+from ._schemas import PRIORITY_ORDER, JobRequest
 from ._task_messages import task_name_of
 
-PRIORITIES: Final = ("interactive", "default", "batch")  # highest first
-DEFAULT_PRIORITY: Final = "default"
-DEFAULT_TENANT: Final = "default"
-
+RANKS: Final = len(PRIORITY_ORDER)  # 0 the highest (Priority.rank)
 LANES_KEY: Final = f"{KEY_PREFIX}lanes"
 WEIGHTS_KEY: Final = f"{KEY_PREFIX}tenant_weights"
 LANE_NAMES_KEY: Final = f"{KEY_PREFIX}lane_names"  # hash lane -> what it calls, for status
@@ -55,11 +52,6 @@ READY_PATTERN: Final = f"{KEY_PREFIX}ready:*"
 WAKE: Final = b'"promptq:wake"'
 # Wake-ups are pushed while the queue list holds fewer entries than this.
 WAKE_CAP: Final = 8
-
-
-def rank_of(priority: str | None) -> int:
-    """A priority level's rank, 0 the highest; ValueError for an unknown level."""
-    return PRIORITIES.index(priority or DEFAULT_PRIORITY)
 
 
 def lane_of(task_name: str, llm: str | None, model: str | None) -> str:
@@ -141,7 +133,7 @@ def route_of(request: JobRequest) -> Route:
     task = task_name_of(request)
     return Route(
         lane=lane_of(task, request.llm, request.model),
-        rank=rank_of(getattr(request, "priority", None)),
-        tenant=getattr(request, "tenant", None) or DEFAULT_TENANT,
+        rank=request.priority.rank,
+        tenant=request.tenant_name,
         lane_name=lane_name(task, request.llm, request.model),
     )

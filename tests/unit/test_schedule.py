@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import redis
 
+from api_client import Priority
 from api_client._constants import PARKED_KEY, QUEUE
-from api_client._schedule import LANES_KEY, LUA_READY, WAKE, WAKE_CAP, Route, entry
+from api_client._publish import enqueue
+from api_client._requests import Submission, build_request
+from api_client._schedule import (
+    LANE_NAMES_KEY,
+    LANES_KEY,
+    LUA_READY,
+    WAKE,
+    WAKE_CAP,
+    Route,
+    entry,
+    route_of,
+)
+from tests.support.broker import take_all
 from worker.fleet.schedule import Scheduler, queued_count
 from worker.fleet.scripts import redis_now_ms
 
@@ -162,3 +176,28 @@ def test_a_lane_put_back_with_no_wait_stays_open(lua_redis: redis.Redis) -> None
     Scheduler(lua_redis).put_back(route(), job.encode(), cost=1, closed_s=0).run()
 
     assert lua_redis.zcard(PARKED_KEY) == 0 and take(lua_redis) == ["job"]
+
+
+def test_the_client_queues_each_job_on_its_route(lua_redis: redis.Redis) -> None:
+    """submit_many's batch packs wait below a later interactive submit; tenants apart."""
+    pipe = lua_redis.pipeline(transaction=False)
+    batch = [
+        Submission(
+            f"b{n}",
+            build_request(f"b{n}", None, None, {}).model_copy(
+                update={"priority": Priority.BATCH, "tenant": "team-a"}
+            ),
+            packable=True,
+        )
+        for n in range(4)
+    ]
+    agent = Submission(
+        "agent",
+        build_request("hi", None, None, {}).model_copy(update={"priority": Priority.INTERACTIVE}),
+    )
+    enqueue(pipe, [*batch, agent], ttl_s=60, pack_size=2)
+    pipe.execute()
+
+    taken = [json.loads(message)["headers"]["id"] for message in take_all(lua_redis)]
+    assert taken[0] == "agent" and len(taken) == 3  # then the two packs of the batch
+    assert lua_redis.hget(LANE_NAMES_KEY, route_of(agent.request).lane) == b"chat (default model)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from functools import cached_property
 from typing import Any
@@ -21,6 +22,8 @@ from worker.fleet.reconcile import Reconciler
 from worker.llm.call import warm_up
 from worker.ops.metrics import MetricsServer
 from worker.settings import Settings
+
+logger = logging.getLogger("promptq.worker")
 
 
 class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
@@ -156,11 +159,17 @@ class WarmUpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
 
 
 class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
-    """Runs the app's ParkingMover for as long as the worker runs."""
+    """Writes this worker's tenant weights for the fleet's scheduler, and runs the app's
+    ParkingMover for as long as the worker runs."""
 
     label = "promptq parking"
 
     def start(self, worker: Any) -> None:
+        runtime = worker.app.runtime
+        try:
+            runtime.scheduler.publish_weights(runtime.settings.tenants)
+        except redis.RedisError as exc:
+            logger.warning("cannot write the tenants' weights yet (others' stand): %s", exc)
         worker.app.parking_mover.start()
 
     def stop(self, worker: Any) -> None:

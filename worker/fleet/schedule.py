@@ -18,7 +18,7 @@ from api_client._constants import KEY_PREFIX, PARKED_KEY, QUEUE
 from api_client._schedule import (
     LANES_KEY,
     LUA_READY,
-    PRIORITIES,
+    RANKS,
     READY_PATTERN,
     WAKE,
     WEIGHTS_KEY,
@@ -50,7 +50,7 @@ while pushed == '{WAKE.decode()}' and popped < {_MAX_WAKES_POPPED} do
   pushed = redis.call('LINDEX', KEYS[2], -1)
 end
 if pushed == '{WAKE.decode()}' then pushed = false end
-local best_rank, best_lane = {len(PRIORITIES)}, nil
+local best_rank, best_lane = {RANKS}, nil
 local limit = pushed and 1 or best_rank
 for _, lane in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms)) do
   for rank = 0, math.min(best_rank, limit) - 1 do
@@ -89,7 +89,7 @@ while true do
       redis.call('ZADD', sched, after, tenant)
     end
     local waiting = false
-    for rank = 0, {len(PRIORITIES) - 1} do
+    for rank = 0, {RANKS - 1} do
       if redis.call('EXISTS', '{KEY_PREFIX}sched:' .. best_lane .. ':' .. rank) == 1 then
         waiting = true
         break
