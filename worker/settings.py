@@ -127,12 +127,13 @@ class QueueSettings(_LayeredSettings):
     # one per core. A process handles a few hundred prompts a second at most (CPU-bound).
     processes: int | None = Field(default=None, ge=1)
     # The fleet-wide rate limiter (worker.fleet.limiter): learn limits from the provider's headers
-    # and 429s; wait in the worker thread up to max_sleep for a slot, beyond that re-queue the
-    # job until its slot; reserve slots at most max_ahead into the future; charge a call whose
-    # max_tokens is not set this many reply tokens until its real usage is known.
+    # and 429s; reserve a slot at most max_sleep ahead and wait for it in the worker, beyond
+    # that the job waits in the scheduler, first in its line, until a slot is that near (so a
+    # job of a higher priority takes the next slot: the longer this, the longer it waits
+    # behind slots already reserved); charge a call whose max_tokens is not set this many
+    # reply tokens until its real usage is known.
     limiter_adaptive: bool = True
-    limiter_max_sleep_s: float = Field(default=2.0, ge=0)
-    limiter_max_ahead_s: float | None = Field(default=None, gt=0)
+    limiter_max_sleep_s: float = Field(default=0.5, ge=0)
     limiter_reply_tokens: int = Field(default=512, ge=0)
     # A cap on what the whole fleet spends (USD, by LiteLLM's prices) per spend_period:
     # "total" (since the counter began), "day" or "month" (UTC). Unset: no cap.
@@ -191,13 +192,6 @@ class Settings(BaseModel):
         """No wait (backoff or Retry-After) may exceed this: it plus one call fits in half the
         visibility timeout, so a message held for a retry is never redelivered meanwhile."""
         return self.queue.visibility_timeout_s / 2 - self.llm.timeout
-
-    @property
-    def limiter_max_ahead_s(self) -> float:
-        """How far ahead the rate limiter reserves slots: a job re-queued for its slot waits
-        this long at most, so it too must fit in ``longest_wait_s``."""
-        configured = self.queue.limiter_max_ahead_s
-        return configured if configured is not None else min(60.0, self.longest_wait_s)
 
 
 def load_settings(
@@ -379,15 +373,6 @@ def _check_waits_fit(settings: Settings) -> None:
             f"({queue.visibility_timeout_s:g} s), or a job waiting to retry would be "
             "delivered twice: lower the waits or raise the visibility timeout"
         )
-    max_ahead = queue.limiter_max_ahead_s
-    if max_ahead is not None and max_ahead > settings.longest_wait_s:
-        raise ConfigError(
-            "invalid configuration:\n"
-            f"  - PROMPTQ_LIMITER_MAX_AHEAD_S ({max_ahead:g} s) plus LLM_TIMEOUT "
-            f"({llm.timeout:g} s) must fit in half of PROMPTQ_VISIBILITY_TIMEOUT_S "
-            f"({queue.visibility_timeout_s:g} s), or a job waiting for its slot would be "
-            "delivered twice: lower it or raise the visibility timeout"
-        )
 
 
 def _check_prices(llm: LLMSettings) -> None:
@@ -404,6 +389,8 @@ def _check_prices(llm: LLMSettings) -> None:
 RETIRED = {
     "eta_task_limit": "no longer used (a job waiting for its retry is parked in Redis, not held "
     "in worker memory): remove it",
+    "limiter_max_ahead_s": "no longer used (slots are reserved at most limiter_max_sleep_s "
+    "ahead; a job waits for a later one in the scheduler): remove it",
 }
 
 

@@ -41,7 +41,6 @@ def workers(
         "LLM_RPM": str(RPM),
         "PROMPTQ_CONFIG": str(config),
         "PROMPTQ_LIMITER_MAX_SLEEP_S": "0.1",
-        "PROMPTQ_LIMITER_MAX_AHEAD_S": str(MAX_AHEAD_S),
         "PROMPTQ_LIMITER_REPLY_TOKENS": str(REPLY_TOKENS),
         "PROMPTQ_METRICS_PORT": "0",
     }

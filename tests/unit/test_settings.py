@@ -276,7 +276,6 @@ def test_settings_are_frozen() -> None:
         ("LLM_TPM", "-100"),
         ("PROMPTQ_LIMITER_ADAPTIVE", "sometimes"),
         ("PROMPTQ_LIMITER_MAX_SLEEP_S", "-1"),
-        ("PROMPTQ_LIMITER_MAX_AHEAD_S", "0"),
         ("PROMPTQ_LIMITER_REPLY_TOKENS", "-1"),
     ],
 )
@@ -494,25 +493,10 @@ def test_every_bad_tenant_is_named_at_once(monkeypatch: pytest.MonkeyPatch, tmp_
     assert "tenants.team-b" not in message
 
 
-def test_limiter_max_ahead_defaults_to_what_the_visibility_timeout_allows(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    assert load_settings().limiter_max_ahead_s == 60
-    monkeypatch.setenv("PROMPTQ_VISIBILITY_TIMEOUT_S", "60")
-    monkeypatch.setenv("LLM_TIMEOUT", "10")
-    monkeypatch.setenv("LLM_RETRY_MAX_WAIT", "20")
-    assert load_settings().limiter_max_ahead_s == 20  # 60 / 2 - 10
-
-
-def test_limiter_max_ahead_beyond_what_the_visibility_timeout_allows_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("PROMPTQ_LIMITER_MAX_AHEAD_S", "1500.5")  # default limit: 1800 - 300
-    with pytest.raises(ConfigError) as raised:
-        load_settings()
-    message = str(raised.value)
-    assert "PROMPTQ_LIMITER_MAX_AHEAD_S" in message
-    assert "PROMPTQ_VISIBILITY_TIMEOUT_S" in message
+def test_the_limiter_reserves_half_a_second_ahead_by_default() -> None:
+    """The horizon a higher priority waits behind: short, so an agent's job takes the next
+    slot (benchmarks/scheduling.py)."""
+    assert load_settings().queue.limiter_max_sleep_s == 0.5
 
 
 def test_every_bad_key_is_named_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -605,14 +589,17 @@ def test_unknown_key_in_promptq_table_is_named(tmp_path: Path) -> None:
     assert "visibility_timeout" in str(raised.value)
 
 
-def test_a_retired_setting_in_the_file_is_named_with_why_it_went(tmp_path: Path) -> None:
-    path = _write_config(tmp_path / "c.toml", "[promptq]\neta_task_limit = 1000\n")
+@pytest.mark.parametrize("retired", ["eta_task_limit = 1000", "limiter_max_ahead_s = 60"])
+def test_a_retired_setting_in_the_file_is_named_with_why_it_went(
+    tmp_path: Path, retired: str
+) -> None:
+    path = _write_config(tmp_path / "c.toml", f"[promptq]\n{retired}\n")
 
     with pytest.raises(ConfigError) as raised:
         load_settings(path)
 
     message = str(raised.value)
-    assert "eta_task_limit" in message
+    assert retired.split(" =", maxsplit=1)[0] in message
     assert "no longer used" in message
 
 

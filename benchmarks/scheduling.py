@@ -1,0 +1,237 @@
+"""Scheduling: an agent's prompts behind a batch, tenants sharing a limit, cancelling a backlog.
+
+Each scenario runs against a fresh redis-server, the bundled fake provider with a rate limit
+that the workers are told of (LLM_RPM), and W `promptq worker` processes:
+
+- priority: B batch prompts queued at `batch` priority, then A agent prompts at
+  `interactive` priority spread over the batch's run. Printed: the agent's p50/p95 time from
+  submit to answer beside the provider's own latency, and the goodput (answers per minute as
+  a fraction of the limit) over the batch's run. Targets: p95 <= latency + 1 s, goodput >=
+  0.95, nothing lost.
+- fairness: two tenants of weights 2 and 1 each queue T prompts at once. Printed: the share
+  of requests and of tokens each received while both had jobs waiting (target 2:1 within
+  10 %), and how soon after one finished the other ran at the whole limit (target <= 2 s).
+
+    .venv/bin/python benchmarks/scheduling.py [--scenarios priority,fairness] [--workers 2]
+        [--rpm 600] [--latency 0.5] [--batch 600] [--agents 20] [--tenant-prompts 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from api_client import Client, ClientSettings, PromptResult
+from worker.app.embedded import RedisServerProcess
+from worker.fake_provider import FakeProvider, FakeProviderConfig
+
+MODEL = "openai/bench-model"
+WARM_UP_MODEL = "openai/warm-up"
+
+
+@dataclass
+class Fleet:
+    client: Client
+    provider: FakeProvider
+
+
+@contextmanager
+def fleet(
+    directory: Path, args: argparse.Namespace, rpm: int, extra_config: str = ""
+) -> Iterator[Fleet]:
+    """A fresh redis-server, the fake provider limited to ``rpm`` (and the workers told so),
+    and args.workers worker processes, warmed up."""
+    directory.mkdir()
+    redis_server = RedisServerProcess(shutil.which("redis-server") or "redis-server", directory)
+    redis_server.start()
+    provider = FakeProvider(
+        FakeProviderConfig(rpm=rpm, burst_s=args.burst, latency_s=args.latency)
+    ).start()
+    config = directory / "config.toml"
+    config.write_text(
+        f'[rate_limits."{WARM_UP_MODEL}"]  # no limits of ours for the warm-up\n{extra_config}'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_"))}
+    env |= {
+        "PROMPTQ_CONFIG": str(config),
+        "PROMPTQ_REDIS_URL": redis_server.url,
+        "LLM_MODEL": MODEL,
+        "LLM_API_KEY": "sk-bench",
+        "LLM_BASE_URL": provider.base_url,
+        "LLM_RPM": str(rpm),
+    }
+    env |= dict(item.split("=", 1) for item in args.env)
+    processes = []
+    for n in range(args.workers):
+        log = (directory / f"worker-{n}.log").open("wb")
+        command = [sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"]
+        command += ["--processes", "1", "--concurrency", str(args.concurrency)]
+        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+    try:
+        with Client(settings=ClientSettings(redis_url=redis_server.url)) as client:
+            warm = client.submit_many(
+                {"prompt": "warm up", "model": WARM_UP_MODEL} for _ in range(args.workers * 4)
+            )
+            for job in client.as_completed(warm, timeout=120):
+                job.wait(timeout=1)
+            yield Fleet(client, provider)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        provider.stop()
+        redis_server.stop()
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def run_priority(directory: Path, args: argparse.Namespace) -> None:
+    rate_s = args.rpm / 60
+    with fleet(directory / "priority", args, args.rpm) as f:
+        client = f.client
+        started = time.monotonic()
+        batch = client.submit_many(
+            {"prompt": f"batch prompt {n:05d}", "priority": "batch"} for n in range(args.batch)
+        )
+        ideal_s = (args.batch + args.agents) / rate_s
+        spacing_s = ideal_s * 0.8 / args.agents
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def agent(n: int) -> None:
+            submitted = time.monotonic()
+            job = client.submit(f"agent prompt {n}", priority="interactive")
+            job.wait(timeout=ideal_s * 3)
+            with lock:
+                latencies.append(time.monotonic() - submitted)
+
+        threads = []
+        for n in range(args.agents):
+            time.sleep(max(0.0, started + 3 + n * spacing_s - time.monotonic()))
+            thread = threading.Thread(target=agent, args=(n,))
+            thread.start()
+            threads.append(thread)
+        done = lost = 0
+        try:
+            for job in client.as_completed(batch, timeout=ideal_s * 3 + 60):
+                job.wait(timeout=1)
+                done += 1
+        except TimeoutError:
+            lost = args.batch - done
+        elapsed_s = time.monotonic() - started
+        for thread in threads:
+            thread.join(timeout=60)
+    goodput = (done + len(latencies)) / elapsed_s / rate_s
+    print(
+        f"priority: {args.batch} batch prompts, {args.agents} agent prompts (interactive), "
+        f"limit {args.rpm}/min, provider latency {args.latency:g} s, {args.workers} workers"
+    )
+    print(
+        f"  agent time to answer: p50 {statistics.median(latencies):.2f} s, p95 "
+        f"{percentile(latencies, 0.95):.2f} s, max {max(latencies):.2f} s (provider latency "
+        f"{args.latency:g} s; target p95 <= {args.latency + 1:g} s)"
+    )
+    print(
+        f"  batch: {elapsed_s:.1f} s (ideal {ideal_s:.1f} s), goodput {goodput:.3f} of the "
+        f"limit (target >= 0.95), lost {lost + args.agents - len(latencies)}",
+        flush=True,
+    )
+
+
+def run_fairness(directory: Path, args: argparse.Namespace) -> None:
+    rate_s = args.rpm / 60
+    weights = {"team-a": 2, "team-b": 1}
+    tenants_toml = "[tenants]\n" + "".join(f'"{t}" = {w}\n' for t, w in weights.items())
+    with fleet(directory / "fairness", args, args.rpm, tenants_toml) as f:
+        client = f.client
+        jobs = {
+            tenant: client.submit_many(
+                {"prompt": f"{tenant} prompt {n:05d}", "tenant": tenant}
+                for n in range(args.tenant_prompts)
+            )
+            for tenant in weights
+        }
+        finished: dict[str, list[tuple[float, int]]] = {t: [] for t in weights}
+        for tenant, tenant_jobs in jobs.items():
+            for job in tenant_jobs:
+                result = job.wait(timeout=args.tenant_prompts * 2 / rate_s + 120)
+                assert isinstance(result, PromptResult)
+                finished[tenant].append((result.created.timestamp(), result.usage.total_tokens))
+    first_done = min(max(t for t, _ in done) for done in finished.values())
+    start = min(t for done in finished.values() for t, _ in done)
+    contested = {
+        t: [(at, tok) for at, tok in done if at <= first_done] for t, done in finished.items()
+    }
+    requests = {t: len(v) for t, v in contested.items()}
+    tokens = {t: sum(tok for _, tok in v) for t, v in contested.items()}
+    ratio_requests = requests["team-a"] / max(1, requests["team-b"])
+    ratio_tokens = tokens["team-a"] / max(1, tokens["team-b"])
+    other = next(t for t, done in finished.items() if max(at for at, _ in done) > first_done)
+    after = sorted(at for at, _ in finished[other] if at > first_done)
+    window = [at for at in after if at <= first_done + 2.0]
+    # How soon the other tenant ran at 90 % of the limit: the first 1 s window reaching it.
+    full_after_s = None
+    for index, at in enumerate(after):
+        in_second = sum(1 for other_at in after[index:] if other_at < at + 1.0)
+        if in_second >= 0.9 * rate_s:
+            full_after_s = at - first_done
+            break
+    print(
+        f"fairness: tenants {weights} each queue {args.tenant_prompts} prompts, limit "
+        f"{args.rpm}/min, {args.workers} workers"
+    )
+    print(
+        f"  contested {first_done - start:.1f} s: requests {requests} (ratio "
+        f"{ratio_requests:.2f}, target 2 +- 10 %), tokens {tokens} (ratio {ratio_tokens:.2f})"
+    )
+    print(
+        f"  after the first finished: {other} ran {len(window)} calls in the next 2 s "
+        f"(limit {2 * rate_s:.0f}); at 90 % of the limit after "
+        f"{'never' if full_after_s is None else f'{full_after_s:.2f} s'} (target <= 2 s)",
+        flush=True,
+    )
+
+
+SCENARIOS = {"priority": run_priority, "fairness": run_fairness}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default="priority,fairness")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rpm", type=int, default=600)
+    parser.add_argument("--burst", type=float, default=1.0)
+    parser.add_argument("--latency", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=600)
+    parser.add_argument("--agents", type=int, default=20)
+    parser.add_argument("--tenant-prompts", type=int, default=1000)
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.scenarios.split(","):
+            SCENARIOS[name](Path(tmp), args)
+
+
+if __name__ == "__main__":
+    main()
