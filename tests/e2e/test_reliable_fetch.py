@@ -13,11 +13,12 @@ import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
-from api_client import Client, ClientSettings, JobFailed, JobStatus
+from api_client import Client, ClientSettings, Job, JobFailed, JobStatus
 from api_client._constants import (
     PARKED_KEY,
     QUEUE,
@@ -30,7 +31,6 @@ from api_client._constants import (
 from api_client._polling import text_of
 from api_client._requests import build_request
 from api_client._task_messages import task_message
-from tests.support.broker import take_all
 from tests.support.e2e_worker import CANARY_KEY, e2e_worker
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
@@ -199,13 +199,17 @@ def _holds_a_message_with_an_eta(broker: redis.Redis) -> bool:
     return len(records) == 1 and json.loads(records[0])[0]["headers"]["eta"] is not None
 
 
-def _with_an_eta(broker: redis.Redis, due_in_s: float) -> None:
-    """Give the one queued message an ETA, as an older promptq's retry (or a plain Celery
-    client's countdown) carries: promptq's own messages wait parked in Redis instead."""
-    [raw] = take_all(broker)  # taken from the scheduler, pushed on the queue list as it was
-    envelope = json.loads(raw)
+def _pushed_with_an_eta(
+    client: Client, broker: redis.Redis, prompt: str, due_in_s: float
+) -> Job[Any]:
+    """Push a job's message with an ETA on the queue list, as an older promptq's retry (or a
+    plain Celery client's countdown) carries: promptq's own messages wait in Redis instead."""
+    job_id = f"eta-{uuid.uuid4().hex[:8]}"
+    envelope = json.loads(task_message(job_id, build_request(prompt, None, None, {})))
     envelope["headers"]["eta"] = (datetime.now(UTC) + timedelta(seconds=due_in_s)).isoformat()
-    broker.rpush(QUEUE, json.dumps(envelope))
+    broker.set(state_key(job_id), JobStatus.QUEUED.value)
+    broker.lpush(QUEUE, json.dumps(envelope))
+    return client.job(job_id)
 
 
 def test_a_message_held_for_its_eta_through_a_redis_restart_comes_back_at_once(
@@ -222,9 +226,8 @@ def test_a_message_held_for_its_eta_through_a_redis_restart_comes_back_at_once(
     with Client(settings=ClientSettings(redis_url=redis_server.url, pack_size=1)) as client:
         try:
             broker.config_set("appendfsync", "always")  # the kill loses no write
-            job = client.submit(prompt)
-            _with_an_eta(broker, due_in_s=2)
             worker.start().wait_ready()
+            job = _pushed_with_an_eta(client, broker, prompt, due_in_s=3)
             wait_until(lambda: _holds_a_message_with_an_eta(broker))
             redis_server.kill()
             redis_server.start()

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from api_client import Client, ClientSettings, JobFailed
-from api_client._constants import OPEN_JOBS_KEY, QUEUE, RECOVERY_KEY
+from api_client._constants import OPEN_JOBS_KEY, RECOVERY_KEY
+from tests.support.broker import take_all
 from tests.support.e2e_worker import CANARY_KEY, worker_env
 from tests.support.invariants import assert_invariants
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
@@ -54,8 +55,7 @@ def test_lost_messages_run_once_and_nothing_else_runs_twice(
         for n in range(2):
             prompt = f"lost alone {n} {label}"
             lost[prompt] = client.submit(prompt, idempotency_key=prompt)
-        assert broker.llen(QUEUE) == 4
-        broker.delete(QUEUE)
+        assert len(take_all(broker)) == 4  # taken, and gone with nobody holding them
 
         gate = threading.Event()
         with worker_fleet(env, tmp_path, count=2, concurrency=8) as workers:
