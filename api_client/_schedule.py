@@ -26,6 +26,9 @@ Keys (``{lane}`` is a short hash of the lane, ``{rank}`` a priority's rank, 0 = 
 - ``promptq:ready:{lane}:{rank}:{tenant}`` list of ``cost|message`` entries, taken from the
                                           right (RPOP), queued at the left
 - ``promptq:tenant_weights``              hash tenant -> weight (the workers write it)
+- ``promptq:waiting``                     hash ``lane|rank|tenant`` -> jobs waiting, and
+  ``promptq:served:{minute}``             hash ``lane|tenant`` -> jobs taken that minute
+                                          (UTC minutes since the epoch): for status
 
 Each job queued also pushes a *wake-up* (``WAKE``) on the Celery queue list, which idle
 workers block on, unless the list already holds a few: an idle worker wakes and takes from
@@ -47,6 +50,9 @@ RANKS: Final = len(PRIORITY_ORDER)  # 0 the highest (Priority.rank)
 LANES_KEY: Final = f"{KEY_PREFIX}lanes"
 WEIGHTS_KEY: Final = f"{KEY_PREFIX}tenant_weights"
 LANE_NAMES_KEY: Final = f"{KEY_PREFIX}lane_names"  # hash lane -> what it calls, for status
+WAITING_KEY: Final = f"{KEY_PREFIX}waiting"
+SERVED_PREFIX: Final = f"{KEY_PREFIX}served:"
+SERVED_TTL_S: Final = 180
 READY_PATTERN: Final = f"{KEY_PREFIX}ready:*"
 # The Celery queue entry that wakes an idle worker (a JSON string: never a message envelope).
 WAKE: Final = b'"promptq:wake"'
@@ -105,6 +111,8 @@ local function ready_push(lane, rank, tenant, entry, front)
     redis.call('ZADD', sched, math.max(idle, clock), tenant)
   end
   redis.call('ZADD', '{LANES_KEY}', 'NX', 0, lane)
+  local cost = tonumber(string.match(entry, '^(%d+)|')) or 1
+  redis.call('HINCRBY', '{WAITING_KEY}', lane .. '|' .. rank .. '|' .. tenant, cost)
 end
 local function wake()
   if redis.call('LLEN', '{QUEUE}') < {WAKE_CAP} then

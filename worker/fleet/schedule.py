@@ -20,6 +20,9 @@ from api_client._schedule import (
     LUA_READY,
     RANKS,
     READY_PATTERN,
+    SERVED_PREFIX,
+    SERVED_TTL_S,
+    WAITING_KEY,
     WAKE,
     WEIGHTS_KEY,
     Route,
@@ -80,6 +83,13 @@ while true do
     local cost = tonumber(string.sub(item, 1, bar - 1))
     local message = string.sub(item, bar + 1)
     local weight = tonumber(redis.call('HGET', KEYS[4], tenant) or '1') or 1
+    local counted = best_lane .. '|' .. best_rank .. '|' .. tenant
+    if redis.call('HINCRBY', '{WAITING_KEY}', counted, -cost) <= 0 then
+      redis.call('HDEL', '{WAITING_KEY}', counted)
+    end
+    local served = '{SERVED_PREFIX}' .. math.floor(now_ms / 60000)
+    redis.call('HINCRBY', served, best_lane .. '|' .. tenant, cost)
+    redis.call('EXPIRE', served, {SERVED_TTL_S})
     local after = pass + cost / weight
     redis.call('HSET', passes, '@clock', pass)
     if redis.call('LLEN', list) == 0 then

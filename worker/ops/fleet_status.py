@@ -1,5 +1,5 @@
 """What `promptq status` shows: queue depth, messages in flight, held retries, workers, jobs,
-and what was recovered from dead workers and by the safety net."""
+the scheduler's lanes, and what was recovered from dead workers and by the safety net."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from worker.fleet.custody import taken_keys
 from worker.fleet.limiter import LimiterState, read_limiters
 from worker.fleet.schedule import queued_count
 from worker.fleet.spend import SpendCounter, read_spend
+from worker.ops.schedule_status import ScheduleStatus, read_schedule, schedule_lines
 
 SCAN_COUNT = 1000
 MAX_SCANNED_KEYS = 100_000  # beyond this, job counts (and held retries) are partial
@@ -64,6 +65,8 @@ class FleetStatus:
     # Open jobs the safety net's last pass found with no message anywhere (re-published at its
     # next pass if still so): 0 in a correct fleet.
     stranded: int = 0
+    # The scheduler (worker.ops.schedule_status): lanes, priorities, tenants, ended early.
+    schedule: ScheduleStatus = field(default_factory=ScheduleStatus)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (for `promptq status --json`)."""
@@ -91,6 +94,7 @@ def gather_status(
             rate_limits = read_limiters(client)
             spend = read_spend(client)
             processes, recovered, stranded = _custody_counts(client)
+            schedule = read_schedule(client, max_scanned_keys)
     finally:
         client.close()
     return FleetStatus(
@@ -109,6 +113,7 @@ def gather_status(
         processes=processes,
         recovered=recovered,
         stranded=stranded,
+        schedule=schedule,
     )
 
 
@@ -243,6 +248,7 @@ def format_status(status: FleetStatus) -> str:
         ("recovered", _recovered_line(status.recovered)),
         ("stranded", f"{status.stranded:,} (found with no message; published again if still so)"),
     ]
+    lines += schedule_lines(status.schedule)
     for counter in status.spend:
         line = f"${counter.spent_usd:,.4f} in {counter.calls:,} calls"
         if counter.reserved_usd > 0:

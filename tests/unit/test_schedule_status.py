@@ -1,0 +1,48 @@
+"""worker.ops.schedule_status: the scheduler's figures in `promptq status`."""
+
+from __future__ import annotations
+
+import redis
+
+from api_client._schedule import LANE_NAMES_KEY, LANES_KEY, LUA_READY, Route, entry
+from worker.fleet.parking import Parking
+from worker.fleet.schedule import Scheduler
+from worker.fleet.scripts import redis_now_ms
+from worker.ops.schedule_status import CONTROL_KEY, read_schedule, schedule_lines
+
+
+def queue(client: redis.Redis, on: Route, cost: int = 1) -> None:
+    script = LUA_READY + "ready_push(ARGV[1], ARGV[2], ARGV[3], ARGV[4], false) return 1"
+    client.eval(script, 0, *on.args(), entry(cost, b"message"))
+
+
+def test_status_counts_jobs_by_lane_priority_and_tenant(lua_redis: redis.Redis) -> None:
+    lua_redis.hset(LANE_NAMES_KEY, "lane-a", "chat openai/gpt")
+    batch_a = Route("lane-a", 2, "team-a", "chat openai/gpt")
+    queue(lua_redis, batch_a, cost=16)  # a pack
+    queue(lua_redis, batch_a, cost=4)
+    queue(lua_redis, Route("lane-a", 0, "default", "chat openai/gpt"))
+    Parking(lua_redis).park(Route("lane-a", 1, "team-b", ""), b"retry", delay_s=60)
+    for _ in range(2):  # the interactive job, then the pack
+        Scheduler(lua_redis).claim("promptq:worker:test:taken")
+    lua_redis.zadd(LANES_KEY, {"lane-a": redis_now_ms(lua_redis) + 5_000})
+    lua_redis.hset(CONTROL_KEY, mapping={"cancelled": 3})
+
+    status = read_schedule(lua_redis)
+
+    [lane] = status.lanes
+    assert lane.name == "chat openai/gpt"
+    assert lane.waiting == {"batch": {"team-a": 4}}
+    assert lane.parked == {"default": {"team-b": 1}}
+    assert lane.served_last_minute == {"default": 1, "team-a": 16}
+    assert 4 < lane.opens_in_s <= 5
+    assert status.ended == {"cancelled": 3}
+    lines = dict(schedule_lines(status))
+    assert lines["lane chat openai/gpt"].startswith("waiting batch 4 (team-a 4); parked default 1")
+    assert "last minute 17 taken (default 6%, team-a 94%)" in lines["lane chat openai/gpt"]
+    assert lines["ended early"] == "3 cancelled, 0 past their deadline"
+
+
+def test_an_idle_scheduler_has_no_lanes(lua_redis: redis.Redis) -> None:
+    status = read_schedule(lua_redis)
+    assert status.lanes == [] and status.ended == {}
