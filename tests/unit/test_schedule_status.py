@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import redis
+from prometheus_client import CollectorRegistry
 
 from api_client._schedule import LANE_NAMES_KEY, LANES_KEY, LUA_READY, Route, entry
 from worker.fleet.parking import Parking
 from worker.fleet.schedule import Scheduler
 from worker.fleet.scripts import redis_now_ms
+from worker.ops.metrics import MAX_TENANTS, Metrics, ScheduleCollector
 from worker.ops.schedule_status import CONTROL_KEY, read_schedule, schedule_lines
 
 
@@ -46,3 +48,29 @@ def test_status_counts_jobs_by_lane_priority_and_tenant(lua_redis: redis.Redis) 
 def test_an_idle_scheduler_has_no_lanes(lua_redis: redis.Redis) -> None:
     status = read_schedule(lua_redis)
     assert status.lanes == [] and status.ended == {}
+
+
+def test_metrics_export_the_schedule_by_label(lua_redis: redis.Redis) -> None:
+    lua_redis.hset(LANE_NAMES_KEY, "lane-a", "chat m")
+    queue(lua_redis, Route("lane-a", 2, "team-a", "chat m"), cost=3)
+    lua_redis.hset(CONTROL_KEY, mapping={"deadline_exceeded": 2})
+    registry = CollectorRegistry()
+    registry.register(ScheduleCollector(lambda: read_schedule(lua_redis)))
+
+    labels = {"lane": "chat m", "priority": "batch", "tenant": "team-a"}
+    assert registry.get_sample_value("promptq_jobs_waiting", labels) == 3
+    assert registry.get_sample_value("promptq_jobs_ended_early", {"how": "cancelled"}) == 0
+    assert registry.get_sample_value("promptq_jobs_ended_early", {"how": "deadline_exceeded"}) == 2
+
+
+def test_jobs_started_are_counted_by_priority_and_bounded_tenant() -> None:
+    metrics = Metrics()
+    metrics.job_started("interactive", "team-a")
+    for n in range(MAX_TENANTS + 5):
+        metrics.job_started("batch", f"t{n}")
+
+    sample = metrics.registry.get_sample_value
+    assert (
+        sample("promptq_jobs_started_total", {"priority": "interactive", "tenant": "team-a"}) == 1
+    )
+    assert sample("promptq_jobs_started_total", {"priority": "batch", "tenant": "other"}) == 6

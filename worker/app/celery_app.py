@@ -20,7 +20,8 @@ from worker.fleet.custody import Heartbeat, this_process
 from worker.fleet.parking import ParkingMover
 from worker.fleet.reconcile import Reconciler
 from worker.llm.call import warm_up
-from worker.ops.metrics import MetricsServer
+from worker.ops.metrics import MetricsServer, ScheduleCollector
+from worker.ops.schedule_status import read_schedule
 from worker.settings import Settings
 
 logger = logging.getLogger("promptq.worker")
@@ -231,6 +232,8 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
         if queue.metrics_port is None:
             return
         registry = app.runtime.metrics.registry
+        client = app.runtime.redis
+        registry.register(ScheduleCollector(lambda: read_schedule(client, max_parked=10_000)))
         self.server = MetricsServer(registry, queue.metrics_host, queue.metrics_port)
         try:
             self.server.start()

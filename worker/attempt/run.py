@@ -69,6 +69,7 @@ def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
     for (delivery, request), count in zip(parsed, starts, strict=True):
         model = _model_to_call(rt, delivery, request, count)
         if model is not None:
+            rt.metrics.job_started(request.priority.value, request.tenant_name)
             started.append(Started(delivery, request, model))
     return started
 

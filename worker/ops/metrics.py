@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 from wsgiref.simple_server import WSGIServer
 
+import redis
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,9 +19,12 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from api_client._schemas import ErrorKind, Usage
 from worker.errors import MetricsPortTaken
+from worker.ops.schedule_status import ScheduleStatus
 
 logger = logging.getLogger("promptq.worker")
 
@@ -31,6 +35,9 @@ LATENCY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.
 # are counted under OTHER_MODEL, so a client cannot grow the label set without bound.
 MAX_MODELS = 100
 OTHER_MODEL = "other"
+# The same bound for tenants (a request may name any tenant).
+MAX_TENANTS = 100
+OTHER_TENANT = "other"
 
 Wait = Literal["slept", "parked"]
 
@@ -47,8 +54,15 @@ class Metrics:
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self._models: set[str] = set()
+        self._tenants: set[str] = set()
         self._lock = threading.Lock()
         r = self.registry
+        self.jobs_started = Counter(
+            "promptq_jobs_started",
+            "Attempts of jobs started by this worker, by priority and tenant",
+            ["priority", "tenant"],
+            registry=r,
+        )
         self.calls = Counter(
             "promptq_calls",
             "Provider calls made, by model and outcome (ok, or the error kind)",
@@ -170,14 +184,61 @@ class Metrics:
         self.limiter_waits.labels(label, how).inc()
         self.limiter_wait_seconds.labels(label, how).inc(max(0.0, wait_s))
 
+    def job_started(self, priority: str, tenant: str) -> None:
+        self.jobs_started.labels(
+            priority, self._bounded(tenant, self._tenants, MAX_TENANTS, OTHER_TENANT)
+        ).inc()
+
     def _model(self, model: str) -> str:
+        return self._bounded(model, self._models, MAX_MODELS, OTHER_MODEL)
+
+    def _bounded(self, value: str, seen: set[str], limit: int, other: str) -> str:
         with self._lock:
-            if model in self._models:
-                return model
-            if len(self._models) < MAX_MODELS:
-                self._models.add(model)
-                return model
-        return OTHER_MODEL
+            if value in seen:
+                return value
+            if len(seen) < limit:
+                seen.add(value)
+                return value
+        return other
+
+
+class ScheduleCollector(Collector):
+    """The fleet's scheduler, read from Redis at each scrape (every worker exports the same
+    figures: aggregate them with max, not sum)."""
+
+    def __init__(self, read: Callable[[], ScheduleStatus]) -> None:
+        self._read = read
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            status = self._read()
+        except redis.RedisError:
+            return
+        labels = ["lane", "priority", "tenant"]
+        waiting = GaugeMetricFamily(
+            "promptq_jobs_waiting", "Jobs waiting to be taken", labels=labels
+        )
+        parked = GaugeMetricFamily("promptq_jobs_parked", "Jobs parked until due", labels=labels)
+        served = GaugeMetricFamily(
+            "promptq_jobs_taken_last_minute",
+            "Jobs workers took in the last minute (up to two), by tenant",
+            labels=["lane", "tenant"],
+        )
+        for lane in status.lanes:
+            for family, table in ((waiting, lane.waiting), (parked, lane.parked)):
+                for priority, tenants in table.items():
+                    for tenant, jobs in tenants.items():
+                        family.add_metric([lane.name, priority, tenant], jobs)
+            for tenant, jobs in lane.served_last_minute.items():
+                served.add_metric([lane.name, tenant], jobs)
+        ended = GaugeMetricFamily(
+            "promptq_jobs_ended_early",
+            "Jobs ended before a call: cancelled, or past their deadline (fleet-wide counts)",
+            labels=["how"],
+        )
+        for how in ("cancelled", "deadline_exceeded"):
+            ended.add_metric([how], status.ended.get(how, 0))
+        yield from (waiting, parked, served, ended)
 
 
 class MetricsServer:
