@@ -110,7 +110,7 @@ def test_every_metric_has_the_prefix_and_a_help_text() -> None:
 
     ours = [f for f in metrics.registry.collect() if f.name.startswith("promptq_")]
 
-    assert len(ours) == 15
+    assert len(ours) == 16
     for family in ours:
         assert family.documentation, family.name
 
