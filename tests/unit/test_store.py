@@ -22,7 +22,7 @@ from api_client._schemas import (
 )
 from tests.support.redis_server import RedisServer
 from worker.fleet.scripts import patiently
-from worker.fleet.store import FINISH_PATIENCE_S, JobStore
+from worker.fleet.store import FINISH_PATIENCE_S, JobStore, NotBegun
 
 JOB_ID = "job-1"
 TTL_S = 3600.0
@@ -72,11 +72,13 @@ def test_begin_counts_the_starts(store: JobStore, redis_client: fakeredis.FakeRe
     assert store.begin(["job-2"])[0] == 1
 
 
-def test_begin_after_finish_is_none(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+def test_begin_after_finish_is_not_begun(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
     assert store.begin([JOB_ID])[0] == 1
     assert store.finish(JOB_ID, _success()).run()
 
-    assert store.begin([JOB_ID])[0] is None
+    assert store.begin([JOB_ID])[0] is NotBegun.ENDED
     assert _status(redis_client) is JobStatus.SUCCEEDED
     assert redis_client.exists(state_key(JOB_ID), starts_key(JOB_ID)) == 0
 
@@ -139,7 +141,7 @@ def test_begin_never_overwrites_an_outcome(
 ) -> None:
     store.finish(JOB_ID, _failure()).run()
 
-    assert store.begin([JOB_ID])[0] is None
+    assert store.begin([JOB_ID])[0] is NotBegun.ENDED
     assert _status(redis_client) is JobStatus.FAILED
     assert redis_client.get(state_key(JOB_ID)) is None
 
@@ -223,5 +225,5 @@ def test_begin_marks_many_jobs_in_one_call(
 ) -> None:
     store.finish("done", _success()).run()
 
-    assert store.begin(["a", "done", "b", "a"]) == [1, None, 1, 2]
+    assert store.begin(["a", "done", "b", "a"]) == [1, NotBegun.ENDED, 1, 2]
     assert redis_client.get(state_key("a")) == b"running"
