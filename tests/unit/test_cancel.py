@@ -32,6 +32,7 @@ from api_client._constants import (
 from api_client._schemas import ErrorKind, JobError, Outcome
 from tests.support.redis_server import RedisServer
 from worker.fleet.store import JobStore
+from worker.ops.fleet_status import FleetStatus, ended_early_counts, format_status
 
 TTL_S = 3600.0
 
@@ -302,3 +303,25 @@ def test_the_async_client_cancels_alike(real_redis: RedisServer) -> None:
     assert (len(by_id.cancelled), by_id.unknown) == (1, ["nope"])
     assert int(connection.hget(CONTROL_KEY, "cancelled") or 0) == 3
     connection.close()
+
+
+def test_status_shows_the_jobs_ended_early(client: Client, lua_redis: redis.Redis) -> None:
+    client.cancel([client.submit("cancelled").id])
+
+    counts = ended_early_counts(lua_redis)
+
+    assert counts == {"cancelled": 1, "deadline_exceeded": 0}
+    status = FleetStatus(
+        broker="redis://localhost:6379/0",
+        queue_depth=0,
+        in_flight=0,
+        retries_scheduled=0,
+        parked=0,
+        workers=[],
+        jobs={},
+        ended_early=counts,
+    )
+    lines = format_status(status).splitlines()
+    assert [line.split(":", 1)[1].strip() for line in lines if line.startswith("ended early")] == [
+        "1 cancelled, 0 past their deadline"
+    ]
