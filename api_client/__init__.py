@@ -7,6 +7,7 @@
 """
 
 from ._async_client import AsyncClient, AsyncJob
+from ._cancel import Cancellation, CancelResult
 from ._client import Client, Job
 from ._constants import EMBED_TASK_NAME, QUEUE, TASK_NAME
 from ._errors import (
@@ -37,6 +38,8 @@ __all__ = [
     "AsyncClient",
     "AsyncJob",
     "BrokerUnavailable",
+    "CancelResult",
+    "Cancellation",
     "Client",
     "ClientSettings",
     "EmbeddingRequest",

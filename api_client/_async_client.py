@@ -13,7 +13,17 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ._constants import budget_key
+from ._cancel import (
+    CANCEL_CHUNK,
+    Cancellation,
+    CancelResult,
+    ScannedIds,
+    cancel_args,
+    chunks,
+    tenant_to_cancel,
+    unique_ids,
+)
+from ._constants import budget_key, tenant_jobs_key
 from ._errors import BrokerUnavailable, JobTimeout
 from ._handle import JobHandle, ResultT
 from ._polling import (
@@ -154,6 +164,38 @@ class AsyncClient:
             await pipe.execute()
         return budget_id
 
+    async def cancel(self, job_ids: str | Iterable[str]) -> CancelResult:
+        """Cancel jobs by id, in one round trip; returns what each was found doing (see
+        Client.cancel)."""
+        ids = unique_ids(job_ids, check_job_id)
+        chunked = chunks(ids)
+        result = CancelResult()
+        if not chunked:
+            return result
+        with self._guard():
+            pipe = self._redis.pipeline(transaction=False)
+            for chunk in chunked:
+                pipe.eval(*cancel_args(chunk, self.settings.result_ttl_s))
+            replies = await pipe.execute()
+        for chunk, found in zip(chunked, replies, strict=True):
+            result._add(chunk, found)
+        return result
+
+    async def cancel_tenant(self, tenant: str) -> CancelResult:
+        """Cancel every open job of ``tenant`` (see Client.cancel_tenant)."""
+        name = tenant_to_cancel(tenant)
+        result, scanned = CancelResult(), ScannedIds()
+        ttl_s = self.settings.result_ttl_s
+        with self._guard():
+            async for raw in self._redis.sscan_iter(tenant_jobs_key(name), count=CANCEL_CHUNK):
+                chunk = scanned.add(raw)
+                if chunk:
+                    result._add(chunk, await self._redis.eval(*cancel_args(chunk, ttl_s, name)))
+            chunk = scanned.rest()
+            if chunk:
+                result._add(chunk, await self._redis.eval(*cancel_args(chunk, ttl_s, name)))
+        return result
+
     def job(self, job_id: str) -> AsyncJob[Any]:
         """A handle on an existing job, for example one submitted by another process (see
         Client.job)."""
@@ -218,6 +260,10 @@ class AsyncJob(JobHandle[ResultT], Generic[ResultT]):
         if self._outcome is not None:
             return self._outcome.status
         return await self._client._status(self.id)
+
+    async def cancel(self) -> Cancellation:
+        """Cancel the job (see Client.cancel); returns what it was found doing."""
+        return (await self._client.cancel([self.id]))[self.id]
 
     async def result(self) -> ResultT | None:
         """The result if the job succeeded, None while it is not finished; raises JobFailed."""

@@ -13,7 +13,17 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ._constants import budget_key
+from ._cancel import (
+    CANCEL_CHUNK,
+    Cancellation,
+    CancelResult,
+    ScannedIds,
+    cancel_args,
+    chunks,
+    tenant_to_cancel,
+    unique_ids,
+)
+from ._constants import budget_key, tenant_jobs_key
 from ._errors import BrokerUnavailable, JobTimeout
 from ._handle import JobHandle, ResultT
 from ._polling import (
@@ -188,6 +198,55 @@ class Client:
             pipe.execute()
         return budget_id
 
+    def cancel(self, job_ids: str | Iterable[str]) -> CancelResult:
+        """Cancel jobs by id, in one round trip; returns what each was found doing.
+
+        A job still waiting (queued, in line for its rate limit, or for a retry) ends at once:
+        status ``failed``, kind ``cancelled``, and no call of it is made any more. A job whose
+        call is in flight (``running``) keeps that call's outcome, but is not retried: if the
+        call fails, it ends ``cancelled``. A finished job is left as it is (``finished``, with
+        its status); an id of no job is ``unknown``. See CancelResult.
+
+        >>> client.cancel([job.id for job in jobs]).counts()
+
+        Raises InvalidRequest for a malformed id (nothing is cancelled) and BrokerUnavailable
+        when Redis cannot be reached.
+        """
+        ids = unique_ids(job_ids, check_job_id)
+        chunked = chunks(ids)
+        result = CancelResult()
+        if not chunked:
+            return result
+        with self._guard():
+            pipe = self._redis.pipeline(transaction=False)
+            for chunk in chunked:
+                pipe.eval(*cancel_args(chunk, self.settings.result_ttl_s))
+            replies = pipe.execute()
+        for chunk, found in zip(chunked, replies, strict=True):
+            result._add(chunk, found)
+        return result
+
+    def cancel_tenant(self, tenant: str) -> CancelResult:
+        """Cancel every open job of ``tenant`` (its name as submitted; ``"default"`` for jobs
+        that named none), as cancel does; returns what each was found doing. A batch is a
+        tenant of its own (``batch-<OUTPUT's stem>`` unless ``--tenant``): this cancels it.
+
+        Jobs submitted while it runs may be missed. Raises InvalidRequest for a malformed
+        name and BrokerUnavailable when Redis cannot be reached.
+        """
+        name = tenant_to_cancel(tenant)
+        result, scanned = CancelResult(), ScannedIds()
+        ttl_s = self.settings.result_ttl_s
+        with self._guard():
+            for raw in self._redis.sscan_iter(tenant_jobs_key(name), count=CANCEL_CHUNK):
+                chunk = scanned.add(raw)
+                if chunk:
+                    result._add(chunk, self._redis.eval(*cancel_args(chunk, ttl_s, name)))
+            chunk = scanned.rest()
+            if chunk:
+                result._add(chunk, self._redis.eval(*cancel_args(chunk, ttl_s, name)))
+        return result
+
     def job(self, job_id: str) -> Job[Any]:
         """A handle on an existing job, for example one submitted by another process: its
         result is a PromptResult, or an EmbeddingResult for a job made by embed()."""
@@ -260,6 +319,11 @@ class Job(JobHandle[ResultT], Generic[ResultT]):
         if self._outcome is not None:
             return self._outcome.status
         return self._client._status(self.id)
+
+    def cancel(self) -> Cancellation:
+        """Cancel the job (see Client.cancel); returns what it was found doing: cancelled,
+        running (its call's outcome stands, but it is not retried), finished or unknown."""
+        return self._client.cancel([self.id])[self.id]
 
     def result(self) -> ResultT | None:
         """The result if the job succeeded, None while it is not finished; raises JobFailed."""

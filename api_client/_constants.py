@@ -51,6 +51,23 @@ def request_key(job_id: str) -> str:
     return f"{KEY_PREFIX}request:{job_id}"
 
 
+def cancel_key(job_id: str) -> str:
+    """Set when a job was cancelled while a call of it was in flight: it is not retried, and a
+    worker that begins it again ends it as cancelled."""
+    return f"{KEY_PREFIX}cancel:{job_id}"
+
+
+def tenant_jobs_key(tenant: str) -> str:
+    """The ids of a tenant's open jobs (set), written at submit: what cancel_tenant ends."""
+    return f"{KEY_PREFIX}tenant:{tenant}:jobs"
+
+
+# zset: job id -> its deadline in epoch ms, written at submit for jobs with a deadline: what
+# the workers' deadline sweep (worker.fleet.deadlines) expires while they wait.
+DEADLINES_KEY: Final = f"{KEY_PREFIX}deadlines"
+# hash: how many jobs ended early, by kind: ``cancelled``, ``deadline_exceeded``.
+CONTROL_KEY: Final = f"{KEY_PREFIX}control"
+
 # Worker processes' custody of the messages they take (worker.fleet.custody).
 WORKERS_KEY: Final = f"{KEY_PREFIX}workers"  # zset: process id -> Redis ms of its last heartbeat
 WORKERS_CLOCK_KEY: Final = f"{KEY_PREFIX}workers:clock"  # Redis ms of the fleet's last heartbeat

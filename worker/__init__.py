@@ -29,7 +29,10 @@ How a prompt flows, hop by hop:
    whole JSONL file.
 
 Beside the flow: dead processes' messages go back to the queue (``fleet.custody``), and a
-safety net re-publishes jobs whose message was lost anyway (``fleet.reconcile``);
+safety net re-publishes jobs whose message was lost anyway (``fleet.reconcile``). A client
+cancels jobs in Redis (``api_client._cancel``, whose Lua every end of a job goes through);
+a worker ends a job early, cancelled or past its deadline (``attempt.stop``), and the
+parking mover also sweeps the jobs waiting past their deadline (``fleet.deadlines``);
 ``ops`` holds the metrics, ``promptq status`` and ``promptq config``; ``fake_provider`` is an
 OpenAI-compatible server for trying promptq without a provider.
 

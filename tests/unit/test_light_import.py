@@ -19,6 +19,8 @@ PUBLIC_API = [
     "AsyncClient",
     "AsyncJob",
     "BrokerUnavailable",
+    "CancelResult",
+    "Cancellation",
     "Client",
     "ClientSettings",
     "EmbeddingRequest",

@@ -10,7 +10,15 @@ import fakeredis
 import pytest
 import redis
 
-from api_client._constants import KEY_PREFIX, OPEN_JOBS_KEY, result_key, starts_key, state_key
+from api_client._constants import (
+    CONTROL_KEY,
+    KEY_PREFIX,
+    OPEN_JOBS_KEY,
+    cancel_key,
+    result_key,
+    starts_key,
+    state_key,
+)
 from api_client._polling import poll_keys, read_poll, status_of
 from api_client._schemas import (
     ErrorKind,
@@ -22,7 +30,7 @@ from api_client._schemas import (
 )
 from tests.support.redis_server import RedisServer
 from worker.fleet.scripts import patiently
-from worker.fleet.store import FINISH_PATIENCE_S, JobStore
+from worker.fleet.store import FINISH_PATIENCE_S, JobStore, Marked, NotBegun, Wanted
 
 JOB_ID = "job-1"
 TTL_S = 3600.0
@@ -72,11 +80,13 @@ def test_begin_counts_the_starts(store: JobStore, redis_client: fakeredis.FakeRe
     assert store.begin(["job-2"])[0] == 1
 
 
-def test_begin_after_finish_is_none(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+def test_begin_after_finish_is_not_begun(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
     assert store.begin([JOB_ID])[0] == 1
     assert store.finish(JOB_ID, _success()).run()
 
-    assert store.begin([JOB_ID])[0] is None
+    assert store.begin([JOB_ID])[0] is NotBegun.ENDED
     assert _status(redis_client) is JobStatus.SUCCEEDED
     assert redis_client.exists(state_key(JOB_ID), starts_key(JOB_ID)) == 0
 
@@ -139,7 +149,7 @@ def test_begin_never_overwrites_an_outcome(
 ) -> None:
     store.finish(JOB_ID, _failure()).run()
 
-    assert store.begin([JOB_ID])[0] is None
+    assert store.begin([JOB_ID])[0] is NotBegun.ENDED
     assert _status(redis_client) is JobStatus.FAILED
     assert redis_client.get(state_key(JOB_ID)) is None
 
@@ -223,5 +233,74 @@ def test_begin_marks_many_jobs_in_one_call(
 ) -> None:
     store.finish("done", _success()).run()
 
-    assert store.begin(["a", "done", "b", "a"]) == [1, None, 1, 2]
+    assert store.begin(["a", "done", "b", "a"]) == [1, NotBegun.ENDED, 1, 2]
     assert redis_client.get(state_key("a")) == b"running"
+
+
+def _cancel_while_running(redis_client: fakeredis.FakeRedis, job_id: str = JOB_ID) -> None:
+    """What the client's cancel does to a running job: it sets the job's cancel flag."""
+    redis_client.set(cancel_key(job_id), "1")
+
+
+def test_begin_ends_a_job_cancelled_while_it_ran(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
+    store.begin([JOB_ID])
+    _cancel_while_running(redis_client)
+
+    assert store.begin([JOB_ID]) == [NotBegun.CANCELLED]
+
+    [found] = read_poll([JOB_ID], redis_client.mget(poll_keys(JOB_ID))).values()
+    assert isinstance(found, Outcome) and found.error is not None
+    assert (found.error.kind, found.error.attempts) == (ErrorKind.CANCELLED, 0)
+    assert redis_client.exists(state_key(JOB_ID), starts_key(JOB_ID), cancel_key(JOB_ID)) == 0
+
+
+def test_a_retry_of_a_job_cancelled_while_it_ran_ends_it_instead(
+    store: JobStore, redis_client: fakeredis.FakeRedis
+) -> None:
+    store.begin([JOB_ID])
+    _cancel_while_running(redis_client)
+
+    assert store.mark_retrying(JOB_ID, 3) is Marked.CANCELLED
+
+    [found] = read_poll([JOB_ID], redis_client.mget(poll_keys(JOB_ID))).values()
+    assert isinstance(found, Outcome) and found.error is not None
+    assert (found.error.kind, found.error.attempts) == (ErrorKind.CANCELLED, 3)
+    assert redis_client.hget(CONTROL_KEY, "cancelled") == b"1"
+
+
+def test_marking_reports_what_it_did(store: JobStore, redis_client: fakeredis.FakeRedis) -> None:
+    store.begin([JOB_ID])
+    assert store.mark_retrying(JOB_ID, 1) is Marked.MARKED
+    _cancel_while_running(redis_client)
+    store.mark_waiting(JOB_ID)  # back in line: the flag is seen when it is begun again
+    assert _status(redis_client) is JobStatus.QUEUED
+    store.finish(JOB_ID, _success()).run()
+
+    assert store.mark_retrying(JOB_ID, 2) is Marked.ENDED
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [("nothing", Wanted.YES), ("flag", Wanted.CANCELLED), ("outcome", Wanted.ENDED)],
+)
+def test_still_wanted_right_before_a_call(
+    store: JobStore, redis_client: fakeredis.FakeRedis, setup: str, expected: Wanted
+) -> None:
+    store.begin([JOB_ID])
+    if setup == "flag":
+        _cancel_while_running(redis_client)
+    elif setup == "outcome":
+        store.finish(JOB_ID, _success()).run()
+
+    assert store.still_wanted(JOB_ID, failures=1).run() is expected
+
+    assert (
+        _status(redis_client)
+        is {
+            Wanted.YES: JobStatus.RUNNING,
+            Wanted.CANCELLED: JobStatus.FAILED,
+            Wanted.ENDED: JobStatus.SUCCEEDED,
+        }[expected]
+    )

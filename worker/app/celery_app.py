@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from functools import cached_property
@@ -12,11 +13,13 @@ from celery import Celery, bootsteps
 from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
+from api_client._schemas import ErrorKind
 from worker.app.queue_guard import transport_for
 from worker.app.tasks import register
 from worker.attempt.runtime import Runtime
 from worker.errors import EXIT_USAGE, MetricsPortTaken
 from worker.fleet.custody import Heartbeat, this_process
+from worker.fleet.deadlines import DeadlineSweep
 from worker.fleet.parking import ParkingMover
 from worker.fleet.reconcile import Reconciler
 from worker.llm.call import warm_up
@@ -48,7 +51,10 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
 
     @cached_property
     def parking_mover(self) -> ParkingMover:
-        return ParkingMover(self.runtime.parking)
+        runtime = self.runtime
+        sweep = DeadlineSweep(runtime.redis, ttl_s=self.settings.queue.result_ttl_s)
+        expired = functools.partial(runtime.metrics.job_failed, ErrorKind.DEADLINE_EXCEEDED)
+        return ParkingMover(runtime.parking, sweep=sweep, on_expired=expired)
 
     @cached_property
     def heartbeat(self) -> Heartbeat:

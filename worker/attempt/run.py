@@ -24,11 +24,12 @@ from api_client._schemas import (
 from worker.attempt.classify import Failure, classify, response_headers
 from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
+from worker.attempt.stop import end_past_deadline, ended_cancelled, missed_deadline_s, still_wanted
 from worker.attempt.throttle import Slot, slot_now, tokens_to_charge, until_slot_s, wait_in_line
 from worker.errors import REDIS_DOWN, REDIS_UNAVAILABLE, BudgetExceeded, NotConfigured
 from worker.fleet.scripts import ScriptCall, patiently, patiently_on_loop
 from worker.fleet.spend import Reservation
-from worker.fleet.store import FINISH_PATIENCE_S
+from worker.fleet.store import FINISH_PATIENCE_S, Marked, NotBegun
 from worker.llm import call as llm
 
 if TYPE_CHECKING:
@@ -61,8 +62,10 @@ class Started:
 
 def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
     """Mark a message's jobs running in one round trip. Returns the ones to attempt; the
-    others end here: an unknown task, an invalid request, a duplicate delivery of a finished
-    job, a job that killed its workers too often, a model this worker cannot call."""
+    others end here: an unknown task, an invalid request, a job that already has an outcome
+    (a duplicate delivery, or a job cancelled or expired while it waited), one cancelled
+    while it ran, one past its deadline, a job that killed its workers too often, a model this
+    worker cannot call."""
     parsed = [(d, r) for d, r in ((d, _parsed(rt, d)) for d in deliveries) if r is not None]
     starts = rt.store.begin([delivery.job_id for delivery, _ in parsed])
     started = []
@@ -89,6 +92,16 @@ async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
             return None
         if call.wait_s > 0:
             await asyncio.sleep(call.wait_s)
+        wanted = await still_wanted(
+            rt,
+            delivery.job_id,
+            call.request,
+            failures=delivery.state.failures,
+            slept=call.wait_s > 0,
+            reservation=call.reservation,
+        )
+        if not wanted:
+            return None
         started = time.monotonic()
         try:
             with rt.metrics.timing(call.deployment.model):
@@ -134,13 +147,23 @@ def _parsed(rt: Runtime, delivery: Delivery) -> JobRequest | None:
 
 
 def _model_to_call(
-    rt: Runtime, delivery: Delivery, request: JobRequest, starts: int | None
+    rt: Runtime, delivery: Delivery, request: JobRequest, starts: int | NotBegun
 ) -> str | None:
     """The model a job marked running (``starts`` times so far) goes to; None when the job
     ends here."""
     job_id = delivery.job_id
-    if starts is None:
-        logger.info("job %s already has an outcome; dropped a duplicate delivery", job_id)
+    if starts is NotBegun.ENDED:
+        # Not a duplicate only: the message of a job cancelled or expired while it waited
+        # stays queued until it is taken, and ends here.
+        logger.debug("job %s already has an outcome; dropped its delivery", job_id)
+        return None
+    if starts is NotBegun.CANCELLED:
+        ended_cancelled(rt, job_id)
+        return None
+    missed_s = missed_deadline_s(request)
+    if missed_s is not None:
+        message = f"the deadline passed {missed_s:.1f} s before a worker could start the job"
+        end_past_deadline(rt, job_id, message, attempts=delivery.state.failures)
         return None
     redeliveries = starts - delivery.deliveries
     if redeliveries > rt.settings.queue.max_redeliveries:
@@ -301,7 +324,19 @@ def _after_failure(
     attempts = failures if isinstance(exc, NotConfigured) else failures + 1
     if failure.retryable and failures < call.llm.num_retries:
         wait_s = rt.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
-        rt.store.mark_retrying(delivery.job_id, attempts)
+        missed_s = missed_deadline_s(call.request, after_s=wait_s)
+        if missed_s is not None:
+            message = (
+                f"its next retry would start {missed_s:.1f} s after its deadline; "
+                f"last error: {failure.summary()}"
+            )
+            end_past_deadline(rt, delivery.job_id, message, attempts=attempts)
+            return None
+        marked = rt.store.mark_retrying(delivery.job_id, attempts)
+        if marked is Marked.CANCELLED:  # cancelled while its call was in flight
+            ended_cancelled(rt, delivery.job_id, attempts)
+        if marked is not Marked.MARKED:
+            return None
         rt.metrics.retry_scheduled(call.deployment.model, failure.kind)
         return Reschedule(call.request, wait_s, attempts, failure.summary())
     fail(rt, delivery.job_id, failure, attempts=attempts)

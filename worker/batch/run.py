@@ -100,6 +100,7 @@ def run_batch(
     priority: Priority | str = Priority.BATCH,
     tenant: str | None = None,
     display: Display | None = None,
+    tally: Tally | None = None,
 ) -> Tally:
     """Submit every line of INPUT not yet answered in OUTPUT, and write each answer as it comes.
 
@@ -108,12 +109,12 @@ def run_batch(
     prompt runs at ``priority`` (default: batch, below a single submit's default) as
     ``tenant`` (default: default_tenant(output_path)); InvalidRequest for a bad one.
     Each output line is flushed when written, so an interrupted run leaves a valid OUTPUT and
-    the same call resumes it.
+    the same call resumes it; ``tally`` (a new one by default) then says what it had in flight.
     """
     update = _run_fields(output_path, budget, priority, tenant)
     succeeded, failed = read_done(output_path)
     skip = succeeded if retry_failed else succeeded | failed
-    tally = Tally()
+    tally = Tally() if tally is None else tally
     pending = _unanswered(input_path, model, skip, tally)
     tally.to_run = max(valid_items - tally.already_done, 0)  # refined once the input is read
     in_flight: dict[str, tuple[Job, str]] = {}
@@ -130,6 +131,7 @@ def run_batch(
                     jobs = client.submit_many(requests)
                     for job, item in zip(jobs, chunk, strict=True):
                         in_flight[job.id] = (job, item.custom_id)
+                    tally.in_flight = len(in_flight)
             if exhausted:
                 tally.to_run = tally.finished + len(in_flight)
             if not in_flight and exhausted:

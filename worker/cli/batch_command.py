@@ -9,7 +9,9 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from worker.cli.cancel_command import offer_to_cancel, wait_for_interrupt
 from worker.cli.options import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -20,6 +22,9 @@ from worker.cli.options import (
 )
 from worker.errors import EXIT_USAGE
 from worker.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from api_client import CancelResult
 
 
 def add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -92,7 +97,7 @@ def add_batch(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 def run_batch_command(args: argparse.Namespace) -> int:
     from worker.batch.input import check_input  # noqa: PLC0415
-    from worker.batch.run import RichDisplay, run_batch  # noqa: PLC0415
+    from worker.batch.run import RichDisplay, Tally, run_batch  # noqa: PLC0415
 
     name = "promptq batch"
     if args.max_in_flight < 1:
@@ -114,6 +119,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     talk = not args.quiet
     show_progress = talk and not args.json and sys.stderr.isatty()
+    tally = Tally()
     try:
         with _broker(settings, args, talk) as redis_url:
             from api_client import Client  # noqa: PLC0415
@@ -136,6 +142,7 @@ def run_batch_command(args: argparse.Namespace) -> int:
                         priority=args.priority,
                         tenant=args.tenant,
                         display=display,
+                        tally=tally,
                     )
     except KeyboardInterrupt:
         print(
@@ -143,6 +150,8 @@ def run_batch_command(args: argparse.Namespace) -> int:
             "run the same command again to resume",
             file=sys.stderr,
         )
+        if settings.queue.redis_url is not None:  # a fleet's: the jobs outlive the command
+            _offer_to_cancel(settings.queue.redis_url, args, tally.in_flight)
         return EXIT_INTERRUPTED
     summary = tally.summary()
     if args.json:
@@ -158,6 +167,28 @@ def run_batch_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return EXIT_FAILED if tally.failed else 0
+
+
+def _offer_to_cancel(redis_url: str, args: argparse.Namespace, open_jobs: int) -> None:
+    """Offer to cancel the jobs the interrupted batch left queued or running in the fleet."""
+    from api_client import Client, PromptqError  # noqa: PLC0415
+    from worker.batch.run import default_tenant  # noqa: PLC0415
+
+    def cancel_tenant(tenant: str) -> CancelResult:
+        with Client(redis_url) as client:
+            return client.cancel_tenant(tenant)
+
+    tenant = args.tenant or default_tenant(args.output)
+    try:
+        offer_to_cancel(
+            open_jobs,
+            tenant,
+            second_interrupt=wait_for_interrupt,
+            cancel_tenant=cancel_tenant,
+            out=sys.stderr,
+        )
+    except PromptqError as exc:
+        print(f"promptq batch: could not cancel its jobs: {exc}", file=sys.stderr)
 
 
 @contextmanager

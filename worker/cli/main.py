@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from worker.cli.batch_command import add_batch
+from worker.cli.cancel_command import add_cancel
 from worker.cli.small_commands import add_config, add_fake_provider, add_status, add_submit
 from worker.cli.worker_command import add_worker, run_worker
 from worker.errors import EXIT_USAGE, ConfigError
@@ -39,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     add_worker(commands)
     add_batch(commands)
     add_submit(commands)
+    add_cancel(commands)
     add_status(commands)
     add_config(commands)
     add_fake_provider(commands)

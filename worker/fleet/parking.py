@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import redis
 
 from api_client._constants import PARKED_KEY, QUEUE
 from api_client._schedule import LUA_READY, Route, entry, message_of
+from worker.fleet.deadlines import SWEEP_BATCH, DeadlineSweep
 from worker.fleet.scripts import LUA_NOW_MS
 
 # How often at most each worker moves due jobs back to the queue, how many at a time at most,
@@ -18,6 +21,9 @@ from worker.fleet.scripts import LUA_NOW_MS
 MOVE_INTERVAL_S = 0.05
 MOVE_BATCH = 500
 IDLE_CHECK_S = 0.25
+# How often each worker's mover also runs the deadline sweep (worker.fleet.deadlines): a job
+# waiting past its deadline ends within about this long after it.
+SWEEP_INTERVAL_S = 1.0
 
 logger = logging.getLogger("promptq.worker")
 
@@ -112,14 +118,25 @@ class Parking:
 class ParkingMover:
     """A daemon thread moving due parked jobs back to the queue as they come due (at most
     every MOVE_INTERVAL_S; when none is due sooner, it looks again after IDLE_CHECK_S, or at
-    once when this process parks a job).
+    once when this process parks a job), and running the deadline sweep every
+    SWEEP_INTERVAL_S (at once again while a sweep finds a full batch due).
 
-    Every worker runs one; the move is one Lua script, so several never move a job twice.
+    Every worker runs one; the move and the sweep are Lua scripts, so several never move or
+    end a job twice.
     """
 
-    def __init__(self, parking: Parking, interval_s: float = MOVE_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        parking: Parking,
+        interval_s: float = MOVE_INTERVAL_S,
+        sweep: DeadlineSweep | None = None,
+        on_expired: Callable[[int], None] = lambda count: None,
+    ) -> None:
         self._parking = parking
         self._interval_s = interval_s
+        self._sweep = sweep
+        self._on_expired = on_expired
+        self._next_sweep = 0.0  # time.monotonic() of the next sweep
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -145,6 +162,7 @@ class ParkingMover:
                     moved = self._parking.move_due()
                 if moved.next_due_s is None or moved.next_due_s > self._interval_s:
                     wait_s = min(IDLE_CHECK_S, moved.next_due_s or IDLE_CHECK_S)
+                self._sweep_if_due()
                 if failing:
                     logger.info("parked jobs are being moved to the queue again")
                 failing = False
@@ -153,3 +171,14 @@ class ParkingMover:
                     logger.warning("cannot move parked jobs to the queue (will retry): %s", exc)
                 failing = True
             self._parking.parked.wait(wait_s)
+
+    def _sweep_if_due(self) -> None:
+        """Run the deadline sweep once its interval has passed (a full batch: again next tick)."""
+        if self._sweep is None or time.monotonic() < self._next_sweep:
+            return
+        swept = self._sweep.sweep()
+        if swept.expired:
+            self._on_expired(swept.expired)
+            logger.info("%d job(s) passed their deadline while waiting: ended", swept.expired)
+        pause_s = 0.0 if swept.due >= SWEEP_BATCH else SWEEP_INTERVAL_S
+        self._next_sweep = time.monotonic() + pause_s

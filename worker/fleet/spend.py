@@ -46,13 +46,14 @@ return {1}
 """
 
 # KEYS as for _RESERVE; ARGV[1] what was reserved (0: nothing), ARGV[2] the real cost,
-# ARGV[3] the global counter's ttl in ms (0: none).
+# ARGV[3] the global counter's ttl in ms (0: none), ARGV[4] calls made (1, or 0 when the
+# reservation is given back unused).
 _SETTLE = """
 for _, key in ipairs(KEYS) do
   if key ~= '' and (key == KEYS[1] or redis.call('EXISTS', key) == 1) then
     if tonumber(ARGV[1]) ~= 0 then redis.call('HINCRBYFLOAT', key, 'reserved', -ARGV[1]) end
     redis.call('HINCRBYFLOAT', key, 'spent', ARGV[2])
-    redis.call('HINCRBY', key, 'calls', 1)
+    if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', key, 'calls', ARGV[4]) end
   end
 end
 if tonumber(ARGV[3]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
@@ -128,8 +129,15 @@ class SpendLedger:
             keys = [reservation.global_key, reservation.budget_key]
             reserved = reservation.amount_usd
         return ScriptCall(
-            self._settle, keys=keys, args=[reserved, cost_usd, self._ttl_ms()], parse=_nothing
+            self._settle, keys=keys, args=[reserved, cost_usd, self._ttl_ms(), 1], parse=_nothing
         )
+
+    def release(self, reservation: Reservation) -> ScriptCall[None]:
+        """Returns the script call that gives a reservation back unused: its call was not
+        made (the job was cancelled, or its deadline passed, while it waited for its slot)."""
+        keys = [reservation.global_key, reservation.budget_key]
+        args = [reservation.amount_usd, 0.0, self._ttl_ms(), 0]
+        return ScriptCall(self._settle, keys=keys, args=args, parse=_nothing)
 
     def _ttl_ms(self) -> int:
         return int(PERIOD_TTL_S.get(self._period, 0) * 1000)

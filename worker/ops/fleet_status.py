@@ -1,5 +1,6 @@
 """What `promptq status` shows: queue depth, messages in flight, held retries, workers, jobs,
-the scheduler's lanes, and what was recovered from dead workers and by the safety net."""
+the scheduler's lanes, jobs ended early, and what was recovered from dead workers and by the
+safety net."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import redis
 
 from api_client._constants import (
+    CONTROL_KEY,
     PARKED_KEY,
     PRIORITY_LISTS,
     RECOVERY_KEY,
@@ -67,6 +69,8 @@ class FleetStatus:
     stranded: int = 0
     # The scheduler (worker.ops.schedule_status): lanes, priorities, tenants, ended early.
     schedule: ScheduleStatus = field(default_factory=ScheduleStatus)
+    # Jobs ended early since the counters began, by kind: cancelled, deadline_exceeded.
+    ended_early: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict of every field (for `promptq status --json`)."""
@@ -95,6 +99,7 @@ def gather_status(
             spend = read_spend(client)
             processes, recovered, stranded = _custody_counts(client)
             schedule = read_schedule(client, max_scanned_keys)
+            ended_early = ended_early_counts(client)
     finally:
         client.close()
     return FleetStatus(
@@ -114,6 +119,7 @@ def gather_status(
         recovered=recovered,
         stranded=stranded,
         schedule=schedule,
+        ended_early=ended_early,
     )
 
 
@@ -143,6 +149,15 @@ def _custody_counts(client: redis.Redis) -> tuple[int, dict[str, int], int]:
     processes, counters, stranded = pipe.execute()
     found = {text_of(name): int(value) for name, value in counters.items()}
     return int(processes), {name: found.get(name, 0) for name in RECOVERY_COUNTERS}, int(stranded)
+
+
+ENDED_EARLY_KINDS = ("cancelled", "deadline_exceeded")
+
+
+def ended_early_counts(client: redis.Redis) -> dict[str, int]:
+    """How many jobs ended cancelled or past their deadline, wherever they ended."""
+    found = {text_of(k): int(v) for k, v in client.hgetall(CONTROL_KEY).items()}
+    return {kind: found.get(kind, 0) for kind in ENDED_EARLY_KINDS}
 
 
 def _held_retries(client: redis.Redis, max_keys: int) -> tuple[int, bool]:
@@ -247,6 +262,7 @@ def format_status(status: FleetStatus) -> str:
         ("jobs", jobs),
         ("recovered", _recovered_line(status.recovered)),
         ("stranded", f"{status.stranded:,} (found with no message; published again if still so)"),
+        ("ended early", _ended_early_line(status.ended_early)),
     ]
     lines += schedule_lines(status.schedule)
     for counter in status.spend:
@@ -272,6 +288,13 @@ def _recovered_line(counters: dict[str, int]) -> str:
     if abandoned:
         line += f", {abandoned:,} failed with no stored request"
     return line
+
+
+def _ended_early_line(counters: dict[str, int]) -> str:
+    return (
+        f"{counters.get('cancelled', 0):,} cancelled, "
+        f"{counters.get('deadline_exceeded', 0):,} past their deadline"
+    )
 
 
 def _limiter_line(limiter: LimiterState) -> str:

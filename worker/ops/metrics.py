@@ -169,8 +169,8 @@ class Metrics:
     def retry_scheduled(self, model: str, kind: ErrorKind) -> None:
         self.retries.labels(self._model(model), kind.value).inc()
 
-    def job_failed(self, kind: ErrorKind) -> None:
-        self.jobs_failed.labels(kind.value).inc()
+    def job_failed(self, kind: ErrorKind, count: int = 1) -> None:
+        self.jobs_failed.labels(kind.value).inc(count)
 
     def budget_refused(self, model: str) -> None:
         self.budget_refusals.labels(self._model(model)).inc()

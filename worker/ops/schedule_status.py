@@ -1,5 +1,5 @@
 """What `promptq status` shows of the scheduler: per lane, jobs waiting and parked by priority
-and tenant, each tenant's share of the last minute, and jobs cancelled or expired."""
+and tenant, and each tenant's share of the last minute (and, for metrics, jobs ended early)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ from dataclasses import dataclass, field
 
 import redis
 
-from api_client._constants import KEY_PREFIX, PARKED_KEY
+from api_client._constants import CONTROL_KEY, PARKED_KEY
 from api_client._polling import text_of
 from api_client._schedule import LANE_NAMES_KEY, LANES_KEY, SERVED_PREFIX, WAITING_KEY
 from api_client._schemas import PRIORITY_ORDER
 from worker.fleet.scripts import redis_now_ms
 
-# Counters the clients and workers keep of jobs ended by cancellation and by their deadline.
-CONTROL_KEY = f"{KEY_PREFIX}control"
 SCAN_COUNT = 1000
 
 
@@ -80,7 +78,7 @@ def _add(table: dict[str, dict[str, int]], priority: str, tenant: str, jobs: int
 
 
 def schedule_lines(status: ScheduleStatus) -> list[tuple[str, str]]:
-    """`promptq status` lines: one per lane with jobs waiting or served, and the ended."""
+    """`promptq status` lines: one per lane with jobs waiting, parked or served."""
     lines = []
     for lane in status.lanes:
         parts = [f"waiting {_by_priority(lane.waiting)}"]
@@ -96,14 +94,6 @@ def schedule_lines(status: ScheduleStatus) -> list[tuple[str, str]]:
         if lane.opens_in_s > 0:
             parts.append(f"closed {lane.opens_in_s:.1f} s more (rate limit)")
         lines.append((f"lane {lane.name}", "; ".join(parts)))
-    ended = status.ended
-    lines.append(
-        (
-            "ended early",
-            f"{ended.get('cancelled', 0):,} cancelled, "
-            f"{ended.get('deadline_exceeded', 0):,} past their deadline",
-        )
-    )
     return lines
 
 

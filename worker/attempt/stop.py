@@ -1,0 +1,79 @@
+"""Ending a job early, without a call: it was cancelled, or its deadline has passed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from api_client._schemas import ErrorKind, JobError, JobRequest, JobStatus, Outcome
+from worker.fleet.store import Wanted
+
+if TYPE_CHECKING:
+    from worker.attempt.runtime import Runtime
+    from worker.fleet.spend import Reservation
+
+logger = logging.getLogger("promptq.worker")
+
+
+def missed_deadline_s(request: JobRequest, after_s: float = 0.0) -> float | None:
+    """By how many seconds a call of the job ``after_s`` from now would miss its deadline;
+    None when it has none, or would start in time."""
+    if request.deadline_at is None:
+        return None
+    missed_s = time.time() + after_s - request.deadline_at
+    return missed_s if missed_s > 0 else None
+
+
+def end_past_deadline(rt: Runtime, job_id: str, message: str, *, attempts: int) -> None:
+    """End the job as deadline_exceeded, unless it has an outcome, or was cancelled while it
+    ran: it then ends cancelled, as the client was told (blocking Redis calls)."""
+    wanted = rt.store.still_wanted(job_id, attempts).run()
+    if wanted is Wanted.CANCELLED:
+        ended_cancelled(rt, job_id, attempts)
+        return
+    if wanted is Wanted.ENDED:
+        return
+    error = JobError(kind=ErrorKind.DEADLINE_EXCEEDED, message=message, attempts=attempts)
+    outcome = Outcome(status=JobStatus.FAILED, error=error)
+    if rt.store.finish(job_id, outcome, counter=ErrorKind.DEADLINE_EXCEEDED.value).run():
+        rt.metrics.job_failed(ErrorKind.DEADLINE_EXCEEDED)
+        logger.info("job %s: deadline exceeded: %s", job_id, message)
+
+
+def ended_cancelled(rt: Runtime, job_id: str, attempts: int | None = None) -> None:
+    """Count and log a job a worker's script ended as cancelled (it was cancelled while it
+    ran; ``attempts``: its provider calls, when known here)."""
+    rt.metrics.job_failed(ErrorKind.CANCELLED)
+    made = "" if attempts is None else f" after {attempts} attempt(s)"
+    logger.info("job %s was cancelled while it ran; it ends cancelled%s", job_id, made)
+
+
+async def still_wanted(
+    rt: Runtime,
+    job_id: str,
+    request: JobRequest,
+    *,
+    failures: int,
+    slept: bool,
+    reservation: Reservation | None,
+) -> bool:
+    """Right before a call: whether it is still to be made. A job past its deadline ends
+    deadline_exceeded; one that waited for its slot (``slept``) is checked for a cancel
+    meanwhile (it then ends cancelled) or an outcome. The money set aside for a call not
+    made is given back. (The rate-limit slot stays spent: the safe side of a limit.)"""
+    missed_s = missed_deadline_s(request)
+    if missed_s is None and not slept:
+        return True
+    if missed_s is None:
+        wanted = await rt.loop_redis.run_one(rt.store.still_wanted(job_id, failures))
+        if wanted is Wanted.YES:
+            return True
+        if wanted is Wanted.CANCELLED:
+            ended_cancelled(rt, job_id, failures)
+    else:
+        message = f"the deadline passed {missed_s:.1f} s before its call could start"
+        await rt.call_loop.offload(end_past_deadline, rt, job_id, message, attempts=failures)
+    if reservation is not None:
+        await rt.loop_redis.run_one(rt.spend.release(reservation))
+    return False
