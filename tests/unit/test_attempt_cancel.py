@@ -138,9 +138,9 @@ def test_a_job_cancelled_while_it_sleeps_for_its_slot_is_not_called_and_its_mone
     make_pipeline: MakePipeline, server: ScriptedOpenAIServer
 ) -> None:
     # 30 requests a minute: after the first call, the next slot is about 1 s away, which a
-    # worker sleeps for (PROMPTQ_LIMITER_MAX_SLEEP_S is 2 s).
+    # worker sleeps for with PROMPTQ_LIMITER_MAX_SLEEP_S at 2 s.
     prices = {"input_cost_per_token": 1e-6, "output_cost_per_token": 1e-6}
-    p = make_pipeline(llm={"rpm": 30, **prices})
+    p = make_pipeline(llm={"rpm": 30, **prices}, queue={"limiter_max_sleep_s": 2})
     budget = p.client.create_budget(1.0)
     first = p.client.submit("first", budget=budget)
     assert p.step() and first.status() is JobStatus.SUCCEEDED
