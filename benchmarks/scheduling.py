@@ -11,9 +11,14 @@ that the workers are told of (LLM_RPM), and W `promptq worker` processes:
 - fairness: two tenants of weights 2 and 1 each queue T prompts at once. Printed: the share
   of requests and of tokens each received while both had jobs waiting (target 2:1 within
   10 %), and how soon after one finished the other ran at the whole limit (target <= 2 s).
+- cancel: C prompts queued under a spending budget, the fleet busy with them for 3 s, then
+  all cancelled in one call. Printed: how long the cancel took, the provider requests
+  received after it returned (target 0), the money still reserved (target 0) and the jobs
+  not ended (target 0).
 
     .venv/bin/python benchmarks/scheduling.py [--scenarios priority,fairness] [--workers 2]
         [--rpm 600] [--latency 0.5] [--batch 600] [--agents 20] [--tenant-prompts 1000]
+        [--cancel 10000]
 """
 
 from __future__ import annotations
@@ -32,7 +37,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from api_client import Client, ClientSettings, PromptResult
+from api_client._constants import budget_key
 from worker.app.embedded import RedisServerProcess
 from worker.fake_provider import FakeProvider, FakeProviderConfig
 
@@ -210,12 +218,46 @@ def run_fairness(directory: Path, args: argparse.Namespace) -> None:
     )
 
 
-SCENARIOS = {"priority": run_priority, "fairness": run_fairness}
+def run_cancel(directory: Path, args: argparse.Namespace) -> None:
+    prices = "[llm]\ninput_cost_per_token = 1e-6\noutput_cost_per_token = 1e-6\n"
+    with fleet(directory / "cancel", args, args.rpm, prices) as f:
+        client, provider = f.client, f.provider
+        budget = client.create_budget(1000.0)
+        jobs = client.submit_many(
+            {"prompt": f"to cancel {n:05d}", "budget": budget} for n in range(args.cancel)
+        )
+        time.sleep(3)  # the fleet is busy with them: calls in flight, slots reserved
+        started = time.monotonic()
+        result = client.cancel([job.id for job in jobs])
+        cancel_s = time.monotonic() - started
+        requests_at_return = provider.stats()["requests"]
+        in_flight = len(result.running)
+        time.sleep(max(3.0, 2 * args.latency + 1))  # what was in flight ends; nothing starts
+        requests_after = provider.stats()["requests"] - requests_at_return
+        with redis.Redis.from_url(client.settings.redis_url) as broker:
+            reserved = float(broker.hget(budget_key(budget), "reserved") or 0)  # type: ignore[arg-type]
+            spent_calls = int(broker.hget(budget_key(budget), "calls") or 0)  # type: ignore[arg-type]
+        still_open = sum(not job.status().done for job in jobs)
+    print(
+        f"cancel: {args.cancel} queued against a limit of {args.rpm}/min, cancelled after 3 s "
+        f"({args.workers} workers)"
+    )
+    print(
+        f"  cancel returned in {cancel_s * 1000:.0f} ms: {len(result.cancelled)} cancelled, "
+        f"{in_flight} running, {len(result.finished)} finished; provider requests received "
+        f"after it returned: {requests_after} (target 0: those in flight were received before); "
+        f"spend reserved after: ${reserved:.6f} (target 0; {spent_calls} calls booked); jobs "
+        f"not ended: {still_open} (target 0)",
+        flush=True,
+    )
+
+
+SCENARIOS = {"priority": run_priority, "fairness": run_fairness, "cancel": run_cancel}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default="priority,fairness")
+    parser.add_argument("--scenarios", default="priority,fairness,cancel")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rpm", type=int, default=600)
@@ -224,6 +266,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=600)
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--tenant-prompts", type=int, default=1000)
+    parser.add_argument("--cancel", type=int, default=10_000, help="jobs queued, then cancelled")
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting"
     )
