@@ -17,7 +17,7 @@ that the workers are told of (LLM_RPM), and W `promptq worker` processes:
   not ended (target 0).
 
     .venv/bin/python benchmarks/scheduling.py [--scenarios priority,fairness] [--workers 2]
-        [--rpm 600] [--latency 0.5] [--batch 600] [--agents 20] [--tenant-prompts 1000]
+        [--rpm 600] [--latency 0.5] [--batch 600] [--agents 20] [--tenant-prompts 300]
         [--cancel 10000]
 """
 
@@ -83,7 +83,7 @@ def fleet(
     processes = []
     for n in range(args.workers):
         log = (directory / f"worker-{n}.log").open("wb")
-        command = [sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"]
+        command = [sys.executable, "-m", "worker", "worker", "--loglevel", os.environ.get("BENCH_LOGLEVEL", "WARNING")]
         command += ["--processes", "1", "--concurrency", str(args.concurrency)]
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
     try:
@@ -265,7 +265,7 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.5)
     parser.add_argument("--batch", type=int, default=600)
     parser.add_argument("--agents", type=int, default=20)
-    parser.add_argument("--tenant-prompts", type=int, default=1000)
+    parser.add_argument("--tenant-prompts", type=int, default=300)
     parser.add_argument("--cancel", type=int, default=10_000, help="jobs queued, then cancelled")
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting"

@@ -201,3 +201,23 @@ def test_the_client_queues_each_job_on_its_route(lua_redis: redis.Redis) -> None
     taken = [json.loads(message)["headers"]["id"] for message in take_all(lua_redis)]
     assert taken[0] == "agent" and len(taken) == 3  # then the two packs of the batch
     assert lua_redis.hget(LANE_NAMES_KEY, route_of(agent.request).lane) == b"chat (default model)"
+
+
+def test_a_tenant_whose_jobs_all_went_back_keeps_its_share(lua_redis: redis.Redis) -> None:
+    """Jobs taken and put back (no slot for them yet) leave their tenant's pass where it was,
+    even when every job of the tenant was out meanwhile: it was never idle, so it does not
+    restart at the clock the others pushed on. Each round, workers take every job waiting,
+    one gets the rate limit's slot and the others go back."""
+    lua_redis.hset("promptq:tenant_weights", mapping={"a": 2})
+    scheduler = Scheduler(lua_redis)
+    for n in range(3):
+        queue(lua_redis, route("a"), f"a-{n}")
+        queue(lua_redis, route("b"), f"b-{n}")
+    ran: Counter[str] = Counter()
+    for round_ in range(30):
+        first, *others = take(lua_redis, 6)
+        ran[first[0]] += 1
+        for job in reversed(others):
+            scheduler.put_back(route(job[0]), job.encode(), cost=1, closed_s=0).run()
+        queue(lua_redis, route(first[0]), f"{first[0]}-{round_ + 3}")  # its tenant queues more
+    assert ran == {"a": 20, "b": 10}

@@ -123,18 +123,25 @@ return false
 # KEYS[1] the lanes, KEYS[2] the parked set, KEYS[3] the tenants' weights; ARGV[1..3] the
 # route (lane, rank, tenant), ARGV[4] the entry (cost|message), ARGV[5] the cost, ARGV[6] ms
 # until the lane opens (0: it is open). Queues the job first in its line, gives its tenant
-# back the pass its take cost, and closes the lane until it opens, when a parked wake-up
-# brings a worker back to it.
+# back the pass its take cost (from the pass its take left, even if its line emptied
+# meanwhile: a tenant whose jobs are all out waiting for slots has not been idle), and closes
+# the lane until it opens, when a parked wake-up brings a worker back to it.
 _PUT_BACK = (
     LUA_READY
     + LUA_NOW_MS
     + f"""
 local lane, rank, tenant = ARGV[1], ARGV[2], ARGV[3]
-ready_push(lane, rank, tenant, ARGV[4], true)
 local sched = '{KEY_PREFIX}sched:' .. lane .. ':' .. rank
-local weight = tonumber(redis.call('HGET', KEYS[3], tenant) or '1') or 1
+-- The tenant's pass as its take left it (in the set, or stored when its line emptied): the
+-- job is undone, not a new arrival, so the tenant keeps its place in the share.
 local pass = tonumber(redis.call('ZSCORE', sched, tenant))
-redis.call('ZADD', sched, math.max(0, pass - tonumber(ARGV[5]) / weight), tenant)
+if not pass then
+  local passes = '{KEY_PREFIX}passes:' .. lane .. ':' .. rank
+  pass = tonumber(redis.call('HGET', passes, tenant) or redis.call('HGET', passes, '@clock') or '0')
+end
+ready_push(lane, rank, tenant, ARGV[4], true)
+local weight = tonumber(redis.call('HGET', KEYS[3], tenant) or '1') or 1
+redis.call('ZADD', sched, pass - tonumber(ARGV[5]) / weight, tenant)
 local closed_ms = tonumber(ARGV[6])
 if closed_ms > 0 then
   local open_at = now_ms + closed_ms
