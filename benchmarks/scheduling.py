@@ -83,7 +83,7 @@ def fleet(
     processes = []
     for n in range(args.workers):
         log = (directory / f"worker-{n}.log").open("wb")
-        command = [sys.executable, "-m", "worker", "worker", "--loglevel", os.environ.get("BENCH_LOGLEVEL", "WARNING")]
+        command = [sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"]
         command += ["--processes", "1", "--concurrency", str(args.concurrency)]
         processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
     try:
