@@ -325,3 +325,21 @@ def test_a_sibling_meeting_redis_down_keeps_a_retry_from_being_parked(
     assert pipeline.parked() == [] and pipeline.queued() == []
     assert (first.status(), second.status()) == (JobStatus.RETRYING, JobStatus.RUNNING)
     assert len(server.requests) == 2
+
+
+def test_a_pack_under_a_rate_limit_is_split_into_jobs_taken_one_by_one(
+    make_pipeline: MakePipeline, server: ScriptedOpenAIServer
+) -> None:
+    p = make_pipeline(llm={"rpm": 600})
+    jobs = p.client.submit_many(["one", "two", "three"])
+    [pack] = p.queued()
+    assert pack.task == "promptq.pack"
+
+    assert p.step()
+
+    assert server.requests == []  # no job of the pack asked for a slot
+    singles = p.queued()
+    assert sorted(m.id for m in singles) == sorted(job.id for job in jobs)
+    assert {m.task for m in singles} == {"promptq.complete"}
+    p.drain()
+    assert all(job.result() is not None for job in jobs) and len(server.requests) == 3

@@ -9,6 +9,7 @@ from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
 from worker.attempt.run import Reschedule, Started, attempt, begin, fail_unexpectedly
 from worker.attempt.runtime import Runtime
+from worker.attempt.throttle import back_in_line, rate_limited
 from worker.errors import REDIS_UNAVAILABLE
 from worker.fleet.delivery_state import DeliveryState
 
@@ -18,12 +19,29 @@ logger = logging.getLogger("promptq.worker")
 def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
     """Give each job of a message one attempt, concurrently; park the ones to retry.
 
+    A pack whose calls go to a rate-limited deployment is split instead: its jobs go back into
+    the scheduler one by one, first in their line, and each is taken on its own. Under a rate
+    limit a pack saves nothing, and its jobs asking for slots all at once would take them
+    ahead of better jobs (other tenants', by their weights) that the scheduler would have
+    chosen.
+
     Raises one of REDIS_UNAVAILABLE when Redis could not be reached for one of them: the
     message must then go back to the queue, and no retry is parked (the message brings the
     job back; a parked retry as well would run it twice). A job is never left without an
     outcome or a message that brings it back.
     """
     started = begin(rt, list(deliveries))
+    if len(started) > 1 and _under_a_rate_limit(rt, started):
+        for job in started:  # one at a time from here, in the scheduler's order
+            delivery = job.delivery
+            back_in_line(
+                rt,
+                job.request,
+                job_id=delivery.job_id,
+                deliveries=delivery.deliveries,
+                failures=delivery.state.failures,
+            )
+        return
     ended = rt.call_loop.run([attempt(rt, job) for job in started]) if started else []
     redis_error = next((e for e in ended if isinstance(e, REDIS_UNAVAILABLE)), None)
     retries: list[tuple[Started, Reschedule]] = []
@@ -45,3 +63,10 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
             delay_s=retry.wait_s,
         )
         logger.info("job %s: retry in %.2f s: %s", delivery.job_id, retry.wait_s, retry.summary)
+
+
+def _under_a_rate_limit(rt: Runtime, started: Sequence[Started]) -> bool:
+    """Whether the message's first job calls a deployment with a configured rate limit (the
+    jobs of a pack share their route, hence their deployment)."""
+    first = started[0]
+    return rate_limited(rt, rt.deployment(first.model, first.request.llm))

@@ -78,26 +78,36 @@ def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
 
 
 async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
-    """Run one attempt of a started job: store its outcome, park it for rate-limit capacity,
-    or say when to retry it. Redis errors propagate (the message then goes back to the
-    queue)."""
+    """Run one attempt of a started job: store its outcome, send it back in line for
+    rate-limit capacity, or say when to retry it. Redis errors propagate (the message then
+    goes back to the queue).
+
+    The rate-limit slot comes before a call permit: a job with no slot soon goes back in line
+    at once, instead of holding its tenant's place while it waits for a permit behind the
+    jobs of a pack that got there first (the scheduler, not the order of permits, decides
+    who gets the slots)."""
     delivery, offload = job.delivery, rt.call_loop.offload
+    call = await _prepare(rt, delivery, job.request, job.model)
+    if call is None:
+        return None
+    loop = asyncio.get_running_loop()
+    prepared_at = loop.time()
     patience_s = rt.settings.queue.visibility_timeout_s / 4
     async with rt.call_loop.permit(patience_s) as permitted:
         if not permitted:  # the process is full for too long: give the job to another
+            if call.reservation is not None:
+                await rt.loop_redis.run_one(rt.spend.release(call.reservation))
             await offload(_hand_back, rt, job)
             return None
-        call = await _prepare(rt, delivery, job.request, job.model)
-        if call is None:
-            return None
-        if call.wait_s > 0:
-            await asyncio.sleep(call.wait_s)
+        waited_s = loop.time() - prepared_at
+        if call.wait_s > waited_s:
+            await asyncio.sleep(call.wait_s - waited_s)
         wanted = await still_wanted(
             rt,
             delivery.job_id,
             call.request,
             failures=delivery.state.failures,
-            slept=call.wait_s > 0,
+            slept=max(call.wait_s, waited_s) > 0,
             reservation=call.reservation,
         )
         if not wanted:

@@ -61,11 +61,9 @@ def wait_in_line(
     slot goes to the best job waiting then, not to whichever asked first (blocking Redis
     call). ``deliveries`` counts the job's deliveries, this one included. No retry is spent.
     """
-    rt.store.mark_waiting(job_id)
-    message = task_message(
-        job_id, request, kwargs=DeliveryState(failures).encode(), retries=deliveries
+    back_in_line(
+        rt, request, job_id=job_id, deliveries=deliveries, failures=failures, closed_s=grant.wait_s
     )
-    rt.scheduler.put_back(route_of(request), message, cost=1, closed_s=grant.wait_s).run()
     rt.metrics.limiter_waited(deployment.model, "parked", grant.wait_s)
     logger.info(
         "job %s waits %.1f s in line for the rate limit of %s",
@@ -73,6 +71,29 @@ def wait_in_line(
         grant.wait_s,
         deployment.model,
     )
+
+
+def back_in_line(
+    rt: Runtime,
+    request: JobRequest,
+    *,
+    job_id: str,
+    deliveries: int,
+    failures: int,
+    closed_s: float = 0.0,
+) -> None:
+    """Put a job back into the scheduler as a message of its own, first in its line, its
+    tenant's pass given back (blocking Redis calls); close its lane for ``closed_s``."""
+    rt.store.mark_waiting(job_id)
+    message = task_message(
+        job_id, request, kwargs=DeliveryState(failures).encode(), retries=deliveries
+    )
+    rt.scheduler.put_back(route_of(request), message, cost=1, closed_s=closed_s).run()
+
+
+def rate_limited(rt: Runtime, deployment: Deployment) -> bool:
+    """Whether calls to ``deployment`` have a configured rate limit."""
+    return bool(deployment.rpm or deployment.tpm)
 
 
 def until_slot_s(rt: Runtime, slot_at: float | None) -> float:
