@@ -337,12 +337,19 @@ class ScriptedOpenAIServer:
 
     def calls_by_prompt(self) -> Counter[str]:
         """How many chat requests carried each prompt (the text of the last user message)."""
-        calls: Counter[str] = Counter()
+        return Counter(self.prompts())
+
+    def prompts(self, since: float | None = None) -> list[str]:
+        """The prompts (the text of the last user message) of the chat requests, in the order
+        they arrived; only those received at or after ``since`` (time.monotonic()) if given."""
+        found = []
         for request in self.requests:
+            if since is not None and request.received_at < since:
+                continue
             users = [m for m in _messages_of(request.body) if m.get("role") == "user"]
             if users:
-                calls[text_of(users[-1].get("content"))] += 1
-        return calls
+                found.append(text_of(users[-1].get("content")))
+        return found
 
     def wait_for_requests(self, n: int, timeout_s: float) -> list[RecordedRequest]:
         """Block until at least ``n`` requests were recorded; return them all."""

@@ -72,7 +72,6 @@ def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
     for (delivery, request), count in zip(parsed, starts, strict=True):
         model = _model_to_call(rt, delivery, request, count)
         if model is not None:
-            rt.metrics.job_started(request.priority.value, request.tenant_name)
             started.append(Started(delivery, request, model))
     return started
 
@@ -112,6 +111,9 @@ async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
         )
         if not wanted:
             return None
+        # Counted here, not when the job is taken: a take that ends in line for the rate
+        # limit is no attempt.
+        rt.metrics.job_started(call.request.priority.value, call.request.tenant_name)
         started = time.monotonic()
         try:
             with rt.metrics.timing(call.deployment.model):
