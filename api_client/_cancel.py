@@ -12,6 +12,7 @@ from ._constants import (
     DEADLINES_KEY,
     OPEN_JOBS_KEY,
     cancel_key,
+    newest_key,
     request_key,
     result_key,
     starts_key,
@@ -56,7 +57,7 @@ local function end_job(job_id, outcome, ttl_ms, counter)
     redis.call('SREM', '{_TENANT_BEFORE}' .. tenant .. '{_TENANT_AFTER}', job_id)
   end
   redis.call('DEL', '{state_key("")}' .. job_id, '{starts_key("")}' .. job_id, copy,
-    '{cancel_key("")}' .. job_id)
+    '{cancel_key("")}' .. job_id, '{newest_key("")}' .. job_id)
   redis.call('ZREM', '{OPEN_JOBS_KEY}', job_id)
   redis.call('ZREM', '{DEADLINES_KEY}', job_id)
   if counter ~= '' then redis.call('HINCRBY', '{CONTROL_KEY}', counter, 1) end

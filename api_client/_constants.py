@@ -35,6 +35,12 @@ def starts_key(job_id: str) -> str:
     return f"{KEY_PREFIX}starts:{job_id}"
 
 
+def newest_key(job_id: str) -> str:
+    """The newest delivery of the job a worker has started (its messages count them): an
+    older copy taken later is stale, and dropped."""
+    return f"{KEY_PREFIX}newest:{job_id}"
+
+
 def budget_key(budget_id: str) -> str:
     """A spending budget jobs can name: its cap (max), what is spent and what is reserved."""
     return f"{KEY_PREFIX}budget:{budget_id}"

@@ -363,15 +363,6 @@ def test_a_worker_killed_mid_schedule_loses_nothing(
     assert_drained(broker)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a job put back in line (or parked) is queued again before its message is "
-        "acknowledged: a worker killed in between leaves two messages of the job, which "
-        "then both run (two calls) or, taken in turn under a rate limit, fail the job as "
-        "worker_lost ('died 3 times') after one death"
-    ),
-)
 def test_a_worker_killed_right_after_putting_a_job_back_loses_nothing(
     redis_server: RedisServer,
     client: Client,
@@ -380,9 +371,9 @@ def test_a_worker_killed_right_after_putting_a_job_back_loses_nothing(
     fleet: Fleet,
 ) -> None:
     """Killed between putting a job back in line and acknowledging the message that brought
-    it: the job still runs once. (The test stops the worker in that moment, found by the
-    job's two messages; a fix that makes the two steps one leaves no such moment, and the
-    test changes with it.)"""
+    it: the job still runs once. The test stops the worker in that moment, found by the
+    job's two messages; the older copy, recovered from the dead worker, is dropped when it is
+    taken (worker.fleet.store: a newer delivery of the job has begun)."""
     [doomed, survivor] = fleet.workers
     jobs = mixed_backlog(client, 4)
     prompt_of = {job.id: prompt for prompt, job in jobs.items()}

@@ -133,3 +133,12 @@ def test_the_mover_survives_redis_errors(caplog: pytest.LogCaptureFixture) -> No
     finally:
         mover.stop()
     assert caplog.text.count("cannot move parked jobs") == 1  # once per outage
+
+
+def test_jobs_coming_due_together_keep_their_order(lua_redis: redis.Redis) -> None:
+    parking = Parking(lua_redis)
+    for n in range(3):
+        lua_redis.zadd(PARKED_KEY, {b"R|lane-a|1|default|1|" + f"job-{n}".encode(): n})
+    parking.move_due()
+
+    assert [taken_next(lua_redis) for _ in range(3)] == [b"job-0", b"job-1", b"job-2"]

@@ -15,6 +15,7 @@ from api_client._constants import (
     KEY_PREFIX,
     OPEN_JOBS_KEY,
     cancel_key,
+    newest_key,
     result_key,
     starts_key,
     state_key,
@@ -198,6 +199,7 @@ def test_every_key_has_the_prefix(store: JobStore, redis_client: fakeredis.FakeR
         result_key("job-a"),
         state_key("job-b"),
         starts_key("job-b"),
+        newest_key("job-b"),
         OPEN_JOBS_KEY,
     }
     assert redis_client.zrange(OPEN_JOBS_KEY, 0, -1) == [b"job-b"]  # the finished job left it
@@ -304,3 +306,13 @@ def test_still_wanted_right_before_a_call(
             Wanted.ENDED: JobStatus.SUCCEEDED,
         }[expected]
     )
+
+
+def test_an_older_copy_of_a_job_that_came_back_is_not_begun(store: JobStore) -> None:
+    """A worker that put a job back in line (or parked it) and died before acknowledging its
+    message leaves two copies: the newer one runs, the older one is dropped, and neither
+    looks like a worker's death."""
+    assert store.begin(["job"], [1]) == [1]
+    assert store.begin(["job"], [2]) == [2]  # it came back: its next delivery
+    assert store.begin(["job"], [1]) == [NotBegun.STALE]  # the first message, recovered
+    assert store.begin(["job"], [2]) == [3]  # the same delivery again: a redelivery

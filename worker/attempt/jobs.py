@@ -32,7 +32,8 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
     """
     started = begin(rt, list(deliveries))
     if len(started) > 1 and _under_a_rate_limit(rt, started):
-        for job in started:  # one at a time from here, in the scheduler's order
+        # Each goes first in its line: the last first, so that they come back in order.
+        for job in reversed(started):
             delivery = job.delivery
             back_in_line(
                 rt,

@@ -67,7 +67,10 @@ def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
     while it ran, one past its deadline, a job that killed its workers too often, a model this
     worker cannot call."""
     parsed = [(d, r) for d, r in ((d, _parsed(rt, d)) for d in deliveries) if r is not None]
-    starts = rt.store.begin([delivery.job_id for delivery, _ in parsed])
+    starts = rt.store.begin(
+        [delivery.job_id for delivery, _ in parsed],
+        [delivery.deliveries for delivery, _ in parsed],
+    )
     started = []
     for (delivery, request), count in zip(parsed, starts, strict=True):
         model = _model_to_call(rt, delivery, request, count)
@@ -164,10 +167,11 @@ def _model_to_call(
     """The model a job marked running (``starts`` times so far) goes to; None when the job
     ends here."""
     job_id = delivery.job_id
-    if starts is NotBegun.ENDED:
+    if starts is NotBegun.ENDED or starts is NotBegun.STALE:
         # Not a duplicate only: the message of a job cancelled or expired while it waited
-        # stays queued until it is taken, and ends here.
-        logger.debug("job %s already has an outcome; dropped its delivery", job_id)
+        # stays queued until it is taken, and ends here; and an older copy of a job that has
+        # come back since (its worker died before acknowledging it) is not run twice.
+        logger.debug("job %s: dropped a delivery (%s)", job_id, starts.name.lower())
         return None
     if starts is NotBegun.CANCELLED:
         ended_cancelled(rt, job_id)

@@ -48,7 +48,9 @@ _MOVE_DUE = (
     + LUA_NOW_MS
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
-for _, member in ipairs(due) do
+-- Each job goes first in its line: the latest due first, so the earliest is taken first.
+for i = #due, 1, -1 do
+  local member = due[i]
   local kind = string.sub(member, 1, 2)
   if kind == 'R|' then
     local lane, rank, tenant, rest = string.match(member, '^R|([^|]*)|([^|]*)|([^|]*)|(.*)$')

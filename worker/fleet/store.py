@@ -11,6 +11,7 @@ from api_client._cancel import CANCELLED_MESSAGE, LUA_END_JOB, outcome_around_at
 from api_client._constants import (
     OPEN_JOBS_KEY,
     cancel_key,
+    newest_key,
     request_key,
     result_key,
     starts_key,
@@ -26,11 +27,13 @@ FINISH_PATIENCE_S = 60.0
 # Every script that changes a job's state also scores it in the open jobs (OPEN_JOBS_KEY) with
 # the time of the change, which the safety net (worker.fleet.reconcile) reads; the outcome ends it
 # (LUA_END_JOB, which also names the keys an end removes).
-# KEYS[1] result, KEYS[2] state, KEYS[3] starts, KEYS[4] open jobs, KEYS[5] cancel flag;
-# ARGV[1] state value, ARGV[2] ttl in ms, ARGV[3] job id, ARGV[4] and ARGV[5] the cancelled
-# outcome's JSON before and after its attempts. Returns -1 when the job already has an outcome
-# (a duplicate delivery, or a job cancelled or expired while it waited), -2 when it was
-# cancelled while it ran (it ends cancelled here, with its failures so far as attempts), else
+# KEYS[1] result, KEYS[2] state, KEYS[3] starts, KEYS[4] open jobs, KEYS[5] cancel flag,
+# KEYS[6] the newest delivery begun; ARGV[1] state value, ARGV[2] ttl in ms, ARGV[3] job id,
+# ARGV[4] and ARGV[5] the cancelled outcome's JSON before and after its attempts, ARGV[6] this
+# delivery's number. Returns -1 when the job already has an outcome (a duplicate delivery, or
+# a job cancelled or expired while it waited), -2 when it was cancelled while it ran (it ends
+# cancelled here, with its failures so far as attempts), -3 when a newer delivery of it has
+# begun (this is a stale copy, left by a worker that died after the job came back), else
 # the number of times the job has now been started.
 _BEGIN = (
     LUA_END_JOB
@@ -40,6 +43,8 @@ if redis.call('EXISTS', KEYS[5]) == 1 then
   end_job(ARGV[3], ARGV[4] .. failures_of(ARGV[3]) .. ARGV[5], ARGV[2], 'cancelled')
   return -2
 end
+if tonumber(ARGV[6]) < tonumber(redis.call('GET', KEYS[6]) or '0') then return -3 end
+redis.call('SET', KEYS[6], ARGV[6], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 local starts = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
@@ -112,6 +117,8 @@ class NotBegun(Enum):
     # expired while it waited
     CANCELLED = -2  # it was cancelled while it ran (its worker died, or it came back): it
     # ends cancelled now
+    STALE = -3  # an older copy of a job that has come back since (a worker that put it back
+    # in line, or parked it, died before its message was acknowledged): the newer one runs
 
 
 class Marked(Enum):
@@ -145,12 +152,15 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._still_wanted = client.register_script(_STILL_WANTED)
 
-    def begin(self, job_ids: list[str]) -> list[int | NotBegun]:
+    def begin(
+        self, job_ids: list[str], deliveries: list[int] | None = None
+    ) -> list[int | NotBegun]:
         """Mark the jobs running, in one round trip; for each, its start count, or why it
-        was not begun."""
+        was not begun. ``deliveries``: each one's delivery count (its message's), to drop
+        stale copies; none: no copy is stale."""
         pipe = self._client.pipeline(transaction=False)
         before, after = _cancelled_json()
-        for job_id in job_ids:
+        for job_id, delivery in zip(job_ids, deliveries or [0] * len(job_ids), strict=True):
             self._begin(
                 keys=[
                     result_key(job_id),
@@ -158,8 +168,9 @@ class JobStore:
                     starts_key(job_id),
                     OPEN_JOBS_KEY,
                     cancel_key(job_id),
+                    newest_key(job_id),
                 ],
-                args=[JobStatus.RUNNING.value, self._ttl_ms, job_id, before, after],
+                args=[JobStatus.RUNNING.value, self._ttl_ms, job_id, before, after, delivery],
                 client=pipe,
             )
         found: list[Any] = pipe.execute()
