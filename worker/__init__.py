@@ -3,20 +3,22 @@
 How a prompt flows, hop by hop:
 
 1. ``api_client`` validates the request (``_requests``) and, in one Lua script
-   (``_publish``), queues a Celery task message (``_task_messages``) in the Redis list
-   ``promptq`` with the job's state and a copy of its request (every key:
-   ``api_client._constants``).
+   (``_publish``), queues a Celery task message (``_task_messages``) in the scheduler's
+   waiting structure (``_schedule``: by lane, priority and tenant) with the job's state and
+   a copy of its request (every key: ``api_client._constants``), and wakes an idle worker.
 2. ``promptq worker`` (``cli.worker_command``; N processes under ``cli.supervisor``) runs the Celery
-   app (``app.celery_app``). Its transport (``app.queue_guard``) takes each message with one
-   BLMOVE into the process's own list in Redis (``fleet.custody``), so a killed process
-   loses nothing; what is not a promptq message is dropped there.
+   app (``app.celery_app``). Its transport (``app.queue_guard``) takes the best job waiting
+   with one script (``fleet.schedule``) into the process's own list in Redis
+   (``fleet.custody``), so a killed process loses nothing; what is not a promptq message is
+   dropped there.
 3. The task (``app.tasks``) turns the message into deliveries, one per job
    (``attempt.delivery``), and hands them to ``attempt.jobs``: the Celery-free core, which
    runs on an explicit ``attempt.runtime.Runtime`` (settings, Redis, store, limiter, spend,
    parking, metrics, the call loop).
 4. Each job is marked running (``fleet.store``) and attempted on the process's event loop
    (``attempt.call_loop``, ``attempt.run``): it takes a rate-limit slot (``attempt.throttle``
-   over ``fleet.limiter``), sets money aside under a spending cap (``fleet.spend``), and
+   over ``fleet.limiter``; with none soon it goes back in line, ``fleet.schedule``), sets
+   money aside under a spending cap (``fleet.spend``), and
    makes one provider call through LiteLLM (``llm.call``; content transforms in
    ``llm.content``).
 5. The outcome: an answer is stored, final (``fleet.store``); a failure is classified
