@@ -51,6 +51,9 @@ LANES_KEY: Final = f"{KEY_PREFIX}lanes"
 WEIGHTS_KEY: Final = f"{KEY_PREFIX}tenant_weights"
 LANE_NAMES_KEY: Final = f"{KEY_PREFIX}lane_names"  # hash lane -> what it calls, for status
 WAITING_KEY: Final = f"{KEY_PREFIX}waiting"
+# Lanes whose packs the workers split (a configured rate limit): a pack taken there is not
+# charged to its tenant as a whole; its jobs are, one by one (worker.attempt.jobs).
+SPLIT_LANES_KEY: Final = f"{KEY_PREFIX}split_lanes"
 SERVED_PREFIX: Final = f"{KEY_PREFIX}served:"
 SERVED_TTL_S: Final = 180
 READY_PATTERN: Final = f"{KEY_PREFIX}ready:*"

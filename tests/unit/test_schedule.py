@@ -221,3 +221,21 @@ def test_a_tenant_whose_jobs_all_went_back_keeps_its_share(lua_redis: redis.Redi
             scheduler.put_back(route(job[0]), job.encode(), cost=1, closed_s=0).run()
         queue(lua_redis, route(first[0]), f"{first[0]}-{round_ + 3}")  # its tenant queues more
     assert ran == {"a": 20, "b": 10}
+
+
+def test_a_pack_taken_in_a_lane_whose_packs_are_split_is_not_charged_whole(
+    lua_redis: redis.Redis,
+) -> None:
+    """Under a rate limit a worker splits the packs it takes: the tenant is charged for each
+    job when it is taken alone, not for the pack at once (which would let the other tenant
+    run ahead while the pack's jobs come back)."""
+    scheduler = Scheduler(lua_redis)
+    queue(lua_redis, route("a"), "pack-before", cost=16)
+    queue(lua_redis, route("a"), "pack-after", cost=16)
+    assert take(lua_redis) == ["pack-before"]
+    assert lua_redis.zscore("promptq:sched:lane-a:1", "a") == 16  # charged whole
+
+    assert scheduler.split_lane("lane-a") is False  # first marked now
+    assert take(lua_redis) == ["pack-after"]
+    assert lua_redis.hget("promptq:passes:lane-a:1", "a") == b"16"  # not charged again
+    assert scheduler.split_lane("lane-a") is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from api_client._schedule import route_of
 from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
 from worker.attempt.run import Reschedule, Started, attempt, begin, fail_unexpectedly
@@ -32,7 +33,9 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
     """
     started = begin(rt, list(deliveries))
     if len(started) > 1 and _under_a_rate_limit(rt, started):
-        # Each goes first in its line: the last first, so that they come back in order.
+        # A pack taken after its lane was marked split was not charged as a whole: its jobs
+        # are refunded nothing. Each goes first in its line, the last first, in order.
+        charged = not rt.scheduler.split_lane(route_of(started[0].request).lane)
         for job in reversed(started):
             delivery = job.delivery
             back_in_line(
@@ -41,6 +44,7 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
                 job_id=delivery.job_id,
                 deliveries=delivery.deliveries,
                 failures=delivery.state.failures,
+                refund=1 if charged else 0,
             )
         return
     ended = rt.call_loop.run([attempt(rt, job) for job in started]) if started else []

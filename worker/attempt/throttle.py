@@ -81,14 +81,17 @@ def back_in_line(
     deliveries: int,
     failures: int,
     closed_s: float = 0.0,
+    refund: int = 1,
 ) -> None:
     """Put a job back into the scheduler as a message of its own, first in its line, its
-    tenant's pass given back (blocking Redis calls); close its lane for ``closed_s``."""
+    tenant's pass given back for ``refund`` jobs (blocking Redis calls); close its lane for
+    ``closed_s``."""
     rt.store.mark_waiting(job_id)
     message = task_message(
         job_id, request, kwargs=DeliveryState(failures).encode(), retries=deliveries
     )
-    rt.scheduler.put_back(route_of(request), message, cost=1, closed_s=closed_s).run()
+    route = route_of(request)
+    rt.scheduler.put_back(route, message, cost=1, closed_s=closed_s, refund=refund).run()
 
 
 def rate_limited(rt: Runtime, deployment: Deployment) -> bool:

@@ -22,6 +22,7 @@ from api_client._schedule import (
     READY_PATTERN,
     SERVED_PREFIX,
     SERVED_TTL_S,
+    SPLIT_LANES_KEY,
     WAITING_KEY,
     WAKE,
     WEIGHTS_KEY,
@@ -29,6 +30,7 @@ from api_client._schedule import (
     entry,
     message_of,
 )
+from worker.fleet.limiter import STATE_TTL_S
 from worker.fleet.scripts import LUA_NOW_MS, ScriptCall
 
 # How many wake-ups a claim pops at most from the right end of the queue list to find a
@@ -90,7 +92,11 @@ while true do
     local served = '{SERVED_PREFIX}' .. math.floor(now_ms / 60000)
     redis.call('HINCRBY', served, best_lane .. '|' .. tenant, cost)
     redis.call('EXPIRE', served, {SERVED_TTL_S})
-    local after = pass + cost / weight
+    local charged = cost
+    if cost > 1 and redis.call('SISMEMBER', '{SPLIT_LANES_KEY}', best_lane) == 1 then
+      charged = 0  -- a pack its worker splits: each job is charged when it is taken alone
+    end
+    local after = pass + charged / weight
     redis.call('HSET', passes, '@clock', pass)
     if redis.call('LLEN', list) == 0 then
       redis.call('ZREM', sched, tenant)
@@ -122,9 +128,10 @@ return false
 
 # KEYS[1] the lanes, KEYS[2] the parked set, KEYS[3] the tenants' weights; ARGV[1..3] the
 # route (lane, rank, tenant), ARGV[4] the entry (cost|message), ARGV[5] the cost, ARGV[6] ms
-# until the lane opens (0: it is open). Queues the job first in its line, gives its tenant
-# back the pass its take cost (from the pass its take left, even if its line emptied
-# meanwhile: a tenant whose jobs are all out waiting for slots has not been idle), and closes
+# until the lane opens (0: it is open), ARGV[7] the jobs to refund. Queues the job first in
+# its line, gives its tenant back the pass its take cost (from the pass its take left, even
+# if its line emptied meanwhile: a tenant whose jobs are all out waiting for slots has not
+# been idle), and closes
 # the lane until it opens, when a parked wake-up brings a worker back to it.
 _PUT_BACK = (
     LUA_READY
@@ -141,7 +148,7 @@ if not pass then
 end
 ready_push(lane, rank, tenant, ARGV[4], true)
 local weight = tonumber(redis.call('HGET', KEYS[3], tenant) or '1') or 1
-redis.call('ZADD', sched, pass - tonumber(ARGV[5]) / weight, tenant)
+redis.call('ZADD', sched, pass - tonumber(ARGV[7]) / weight, tenant)
 local closed_ms = tonumber(ARGV[6])
 if closed_ms > 0 then
   local open_at = now_ms + closed_ms
@@ -177,14 +184,30 @@ class Scheduler:
         return bytes(found) if found else None
 
     def put_back(
-        self, route: Route, message: bytes, cost: int, closed_s: float
+        self,
+        route: Route,
+        message: bytes,
+        cost: int,
+        closed_s: float,
+        refund: int | None = None,
     ) -> ScriptCall[None]:
-        """Queue ``message`` first in its line again, its tenant's pass given back, and close
-        its lane for ``closed_s`` (0: leave it open)."""
-        args = [*route.args(), entry(cost, message), cost, max(0, int(closed_s * 1000))]
+        """Queue ``message`` first in its line again, its tenant's pass given back for
+        ``refund`` jobs (default: ``cost``, what its take was charged), and close its lane
+        for ``closed_s`` (0: leave it open)."""
+        refunded = cost if refund is None else refund
+        args = [*route.args(), entry(cost, message), cost, max(0, int(closed_s * 1000)), refunded]
         return ScriptCall(
             self._put_back, [LANES_KEY, PARKED_KEY, WEIGHTS_KEY], args, lambda reply: None
         )
+
+    def split_lane(self, lane: str) -> bool:
+        """Record that packs of ``lane`` are split by the workers that take them (so a pack
+        taken there is not charged as a whole); whether it was recorded before."""
+        pipe = self._client.pipeline()
+        pipe.sadd(SPLIT_LANES_KEY, lane)
+        pipe.expire(SPLIT_LANES_KEY, int(STATE_TTL_S))
+        added, _ = pipe.execute()
+        return not added
 
     def publish_weights(self, weights: Mapping[str, float]) -> None:
         """Write the tenants' weights the fleet schedules by (this worker's settings)."""
