@@ -236,3 +236,25 @@ def test_limits_from_headers(
     headers: dict[str, str], expected: tuple[int | None, int | None]
 ) -> None:
     assert limits_from_headers(headers) == expected
+
+
+def test_a_slot_given_back_is_the_next_one_granted(lua_redis: redis.Redis) -> None:
+    """A call not made (its job cancelled, or past its deadline, while it waited for its slot)
+    gives its slot back: the next call takes it, instead of waiting one more interval."""
+    rl, target = limiter(lua_redis), deployment(rpm=60, tpm=6000)  # a call a second
+    waits = [rl.acquire(target, tokens=100).run().wait_s for _ in range(4)]
+    assert waits[-1] == pytest.approx(2.0, abs=SLACK_S)  # a burst of two, then 1 s, 2 s
+
+    rl.give_back(target, tokens=100).run()
+
+    assert rl.acquire(target, tokens=100).run().wait_s == pytest.approx(2.0, abs=SLACK_S)
+
+
+def test_giving_back_never_frees_slots_in_the_past(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment(rpm=60)
+    rl.acquire(target, tokens=0).run()  # starts at once: its slot is now
+    for _ in range(5):
+        rl.give_back(target, tokens=0).run()
+
+    waits = [rl.acquire(target, tokens=0).run().wait_s for _ in range(4)]
+    assert waits[2] == pytest.approx(1.0, abs=SLACK_S)  # no more than the usual burst

@@ -24,7 +24,13 @@ from api_client._schemas import (
 from worker.attempt.classify import Failure, classify, response_headers
 from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
-from worker.attempt.stop import end_past_deadline, ended_cancelled, missed_deadline_s, still_wanted
+from worker.attempt.stop import (
+    end_past_deadline,
+    ended_cancelled,
+    give_back,
+    missed_deadline_s,
+    still_wanted,
+)
 from worker.attempt.throttle import Slot, slot_now, tokens_to_charge, until_slot_s, wait_in_line
 from worker.errors import REDIS_DOWN, REDIS_UNAVAILABLE, BudgetExceeded, NotConfigured
 from worker.fleet.scripts import ScriptCall, patiently, patiently_on_loop
@@ -97,8 +103,7 @@ async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
     patience_s = rt.settings.queue.visibility_timeout_s / 4
     async with rt.call_loop.permit(patience_s) as permitted:
         if not permitted:  # the process is full for too long: give the job to another
-            if call.reservation is not None:
-                await rt.loop_redis.run_one(rt.spend.release(call.reservation))
+            await give_back(rt, call.reservation, (call.deployment, call.reserved_tokens))
             await offload(_hand_back, rt, job)
             return None
         waited_s = loop.time() - prepared_at
@@ -111,6 +116,7 @@ async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
             failures=delivery.state.failures,
             slept=max(call.wait_s, waited_s) > 0,
             reservation=call.reservation,
+            slot=(call.deployment, call.reserved_tokens),
         )
         if not wanted:
             return None

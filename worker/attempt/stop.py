@@ -11,6 +11,7 @@ from worker.fleet.store import Wanted
 
 if TYPE_CHECKING:
     from worker.attempt.runtime import Runtime
+    from worker.fleet.limiter import Deployment
     from worker.fleet.spend import Reservation
 
 logger = logging.getLogger("promptq.worker")
@@ -57,11 +58,12 @@ async def still_wanted(
     failures: int,
     slept: bool,
     reservation: Reservation | None,
+    slot: tuple[Deployment, int] | None = None,
 ) -> bool:
     """Right before a call: whether it is still to be made. A job past its deadline ends
     deadline_exceeded; one that waited for its slot (``slept``) is checked for a cancel
-    meanwhile (it then ends cancelled) or an outcome. The money set aside for a call not
-    made is given back. (The rate-limit slot stays spent: the safe side of a limit.)"""
+    meanwhile (it then ends cancelled) or an outcome. What was set aside for a call not made
+    is given back: the money, and the rate-limit ``slot`` (its deployment and tokens)."""
     missed_s = missed_deadline_s(request)
     if missed_s is None and not slept:
         return True
@@ -74,6 +76,17 @@ async def still_wanted(
     else:
         message = f"the deadline passed {missed_s:.1f} s before its call could start"
         await rt.call_loop.offload(end_past_deadline, rt, job_id, message, attempts=failures)
+    await give_back(rt, reservation, slot)
+    return False
+
+
+async def give_back(
+    rt: Runtime, reservation: Reservation | None, slot: tuple[Deployment, int] | None
+) -> None:
+    """Give back what was set aside for a call that will not be made: its money and its
+    rate-limit slot."""
     if reservation is not None:
         await rt.loop_redis.run_one(rt.spend.release(reservation))
-    return False
+    if slot is not None:
+        deployment, tokens = slot
+        await rt.loop_redis.run_one(rt.limiter.give_back(deployment, tokens))

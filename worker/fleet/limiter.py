@@ -107,6 +107,26 @@ return {1, math.floor(wait), rpm, tpm}
 """
 )
 
+# ARGV: tokens the slot was charged, ttl_ms. Gives back a slot reserved for a call that was
+# not made (its job was cancelled, or its deadline passed, while it waited for the slot): the
+# deployment's next free slot moves back by one call and its tokens, never before now.
+_GIVE_BACK = (
+    _PRELUDE
+    + """
+local rpm = limit(h.rpm_cfg, h.rpm_learned)
+local tpm = limit(h.tpm_cfg, h.tpm_learned)
+if rpm > 0 and num(h.r_tat) > now then
+  h.r_tat = math.max(now, num(h.r_tat) - 60000000 / rpm)
+end
+if tpm > 0 and num(h.t_tat) > now then
+  h.t_tat = math.max(now, num(h.t_tat) - num(ARGV[1]) * 60000000 / tpm)
+end
+h.req = math.max(0, num(h.req) - 1)
+save(ARGV[2])
+return 1
+"""
+)
+
 # ARGV: token correction (charged - reserved), tokens charged, outcome, retry_after_us,
 # header rpm, header tpm, adaptive (1/0), ttl_ms, backoff_factor, recovery_per_minute,
 # backoff_settle_us, backoff_min_calls. Returns the deployment's {rpm, tpm} afterwards.
@@ -213,6 +233,7 @@ class RateLimiter:
         self._max_ahead_us = int(max_ahead_s * 1_000_000)
         self._adaptive = adaptive
         self._acquire = client.register_script(_ACQUIRE)
+        self._give_back = client.register_script(_GIVE_BACK)
         self._settle = client.register_script(_SETTLE)
         # The token limit each deployment had at its last call, so that tokens are only
         # estimated (LiteLLM's counter costs CPU) where a token limit applies.
@@ -221,6 +242,15 @@ class RateLimiter:
     def counts_tokens(self, deployment: Deployment) -> bool:
         """Whether a call to this deployment must be charged tokens before it starts."""
         return bool(deployment.tpm) or self._tpm_seen.get(deployment.identity, 0.0) > 0
+
+    def give_back(self, deployment: Deployment, tokens: int) -> ScriptCall[None]:
+        """Returns the script call that gives back a slot reserved for a call not made."""
+        return ScriptCall(
+            self._give_back,
+            keys=[deployment.redis_key],
+            args=[tokens, int(STATE_TTL_S * 1000)],
+            parse=lambda reply: None,
+        )
 
     def acquire(self, deployment: Deployment, tokens: int) -> ScriptCall[Grant]:
         """Returns the script call that reserves a slot for one call of about ``tokens``
