@@ -74,3 +74,19 @@ def test_jobs_started_are_counted_by_priority_and_bounded_tenant() -> None:
         sample("promptq_jobs_started_total", {"priority": "interactive", "tenant": "team-a"}) == 1
     )
     assert sample("promptq_jobs_started_total", {"priority": "batch", "tenant": "other"}) == 6
+
+
+def test_a_job_put_back_does_not_count_as_served(lua_redis: redis.Redis) -> None:
+    """The last minute's shares count jobs that went on to their call, not takes of jobs
+    sent back to wait for their rate limit."""
+    route = Route("lane-a", 1, "team-a", "chat m")
+    queue(lua_redis, route)
+    queue(lua_redis, route)
+    scheduler = Scheduler(lua_redis)
+    scheduler.claim("promptq:worker:test:taken")
+    message = scheduler.claim("promptq:worker:test:taken")
+    assert message is not None
+    scheduler.put_back(route, message, cost=1, closed_s=0).run()
+
+    [lane] = read_schedule(lua_redis).lanes
+    assert lane.served_last_minute == {"team-a": 1}

@@ -89,12 +89,14 @@ while true do
     if redis.call('HINCRBY', '{WAITING_KEY}', counted, -cost) <= 0 then
       redis.call('HDEL', '{WAITING_KEY}', counted)
     end
-    local served = '{SERVED_PREFIX}' .. math.floor(now_ms / 60000)
-    redis.call('HINCRBY', served, best_lane .. '|' .. tenant, cost)
-    redis.call('EXPIRE', served, {SERVED_TTL_S})
     local charged = cost
     if cost > 1 and redis.call('SISMEMBER', '{SPLIT_LANES_KEY}', best_lane) == 1 then
       charged = 0  -- a pack its worker splits: each job is charged when it is taken alone
+    end
+    if charged > 0 then
+      local served = '{SERVED_PREFIX}' .. math.floor(now_ms / 60000)
+      redis.call('HINCRBY', served, best_lane .. '|' .. tenant, charged)
+      redis.call('EXPIRE', served, {SERVED_TTL_S})
     end
     local after = pass + charged / weight
     redis.call('HSET', passes, '@clock', pass)
@@ -149,6 +151,13 @@ end
 ready_push(lane, rank, tenant, ARGV[4], true)
 local weight = tonumber(redis.call('HGET', KEYS[3], tenant) or '1') or 1
 redis.call('ZADD', sched, pass - tonumber(ARGV[7]) / weight, tenant)
+-- Nor was it served: the shares count the jobs that went on to their call.
+if tonumber(ARGV[7]) > 0 then
+  local served = '{SERVED_PREFIX}' .. math.floor(now_ms / 60000)
+  if redis.call('HINCRBY', served, lane .. '|' .. tenant, -tonumber(ARGV[7])) <= 0 then
+    redis.call('HDEL', served, lane .. '|' .. tenant)
+  end
+end
 local closed_ms = tonumber(ARGV[6])
 if closed_ms > 0 then
   local open_at = now_ms + closed_ms
