@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any
 
 from api_client import Client
-from api_client._constants import PARKED_KEY, QUEUE
+from api_client._constants import LIMITER_PREFIX, PARKED_KEY, QUEUE
 from api_client._schedule import LANES_KEY, WAKE
 from worker.app.tasks import deliveries_of
 from worker.attempt.delivery import Delivery
@@ -167,6 +167,12 @@ class Pipeline:
             for member, score in parked
             if (message := message_of_member(member)) is not None
         ]
+
+    def limiter_state(self) -> dict[bytes, bytes]:
+        """The one deployment's rate-limiter hash (times in microseconds)."""
+        [key] = self.rt.redis.keys(f"{LIMITER_PREFIX}*")
+        state: dict[bytes, bytes] = self.rt.redis.hgetall(key)  # type: ignore[assignment]
+        return state
 
     def queued(self) -> list[Message]:
         """The messages waiting to be taken: pushed on the queue list (next first), then those

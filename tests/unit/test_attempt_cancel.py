@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from api_client import Cancellation, JobFailed, JobStatus
-from api_client._constants import CONTROL_KEY, LIMITER_PREFIX, budget_key, cancel_key
+from api_client._constants import CONTROL_KEY, budget_key, cancel_key
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.pipeline import MakePipeline, Pipeline
 from tests.support.waiting import wait_until
@@ -144,7 +144,7 @@ def test_a_job_cancelled_while_it_sleeps_for_its_slot_is_not_called_and_its_mone
     budget = p.client.create_budget(1.0)
     first = p.client.submit("first", budget=budget)
     assert p.step() and first.status() is JobStatus.SUCCEEDED
-    next_slot_before = float(_limiter_state(p)[b"r_tat"])
+    next_slot_before = float(p.limiter_state()[b"r_tat"])
     second = p.client.submit("second", budget=budget)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(p.step)
@@ -160,7 +160,7 @@ def test_a_job_cancelled_while_it_sleeps_for_its_slot_is_not_called_and_its_mone
     assert int(spent[b"calls"]) == 1
     assert metric(p, "promptq_jobs_failed_total", kind="cancelled") == 1
     # Its rate-limit slot was given back: the next free slot is where it was before it.
-    assert float(_limiter_state(p)[b"r_tat"]) == pytest.approx(next_slot_before, abs=1e5)
+    assert float(p.limiter_state()[b"r_tat"]) == pytest.approx(next_slot_before, abs=1e5)
 
 
 # --- deadlines ------------------------------------------------------------------------------
@@ -220,10 +220,3 @@ def test_the_sweep_ends_a_job_waiting_past_its_deadline(
     assert pipeline.drain() == 3  # their messages are dropped when taken; the third runs
     assert server.calls_by_prompt() == {"in time": 1}
     assert later.status() is JobStatus.SUCCEEDED
-
-
-def _limiter_state(p: Pipeline) -> dict[bytes, bytes]:
-    """The one deployment's rate-limiter hash (times in microseconds)."""
-    [key] = p.rt.redis.keys(f"{LIMITER_PREFIX}*")
-    state: dict[bytes, bytes] = p.rt.redis.hgetall(key)  # type: ignore[assignment]
-    return state

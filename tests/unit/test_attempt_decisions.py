@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from api_client import JobFailed, JobStatus
-from api_client._constants import LIMITER_PREFIX, OPEN_JOBS_KEY, PARKED_KEY, QUEUE, starts_key
+from api_client._constants import OPEN_JOBS_KEY, PARKED_KEY, QUEUE, starts_key
 from api_client._schedule import LANES_KEY
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.pipeline import TAKEN_KEY, MakePipeline, Pipeline
@@ -37,13 +37,6 @@ def failure(p: Pipeline, job_id: str) -> JobFailed:
     with pytest.raises(JobFailed) as failed:
         p.client.job(job_id).result()
     return failed.value
-
-
-def limiter_state(p: Pipeline) -> dict[bytes, bytes]:
-    """The one deployment's rate-limiter hash."""
-    [key] = p.rt.redis.keys(f"{LIMITER_PREFIX}*")
-    state: dict[bytes, bytes] = p.rt.redis.hgetall(key)  # type: ignore[assignment]
-    return state
 
 
 def test_a_success_is_stored_after_one_attempt(
@@ -127,7 +120,7 @@ def test_a_429_with_retry_after_parks_for_about_the_retry_after(
     # The whole fleet pauses this deployment as long (Redis microseconds).
     seconds, micros = pipeline.rt.redis.time()
     now_us = int(seconds) * 1_000_000 + int(micros)
-    pause_s = (float(limiter_state(pipeline)[b"pause_until"]) - now_us) / 1e6
+    pause_s = (float(pipeline.limiter_state()[b"pause_until"]) - now_us) / 1e6
     assert 9.0 < pause_s <= 10.0
 
 
@@ -150,7 +143,7 @@ def test_a_job_with_no_slot_soon_waits_in_line_with_its_lane_closed_until_a_slot
     p = make_pipeline(llm={"rpm": 30}, queue={"limiter_max_sleep_s": 0})
     first = p.client.submit("first")
     assert p.step() and first.status() is JobStatus.SUCCEEDED
-    reserved_until = limiter_state(p)[b"r_tat"]
+    reserved_until = p.limiter_state()[b"r_tat"]
     second = p.client.submit("second")
     assert p.step()
 
@@ -159,7 +152,7 @@ def test_a_job_with_no_slot_soon_waits_in_line_with_its_lane_closed_until_a_slot
     assert waiting.id == second.id and waiting.retries == 1
     assert DeliveryState.decode(waiting.kwargs) == DeliveryState(0)  # no slot held
     assert second.status() is JobStatus.QUEUED  # waiting, not retrying: no attempt spent
-    assert limiter_state(p)[b"r_tat"] == reserved_until  # nothing reserved for it
+    assert p.limiter_state()[b"r_tat"] == reserved_until  # nothing reserved for it
     lanes: list[tuple[bytes, float]] = p.rt.redis.zrange(LANES_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
     [(lane, opens_at_ms)] = lanes
     assert 0.5 < (opens_at_ms - redis_now_ms(p.rt.redis)) / 1000 <= 1.0

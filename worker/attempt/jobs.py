@@ -10,7 +10,7 @@ from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
 from worker.attempt.run import Reschedule, Started, attempt, begin, fail_unexpectedly
 from worker.attempt.runtime import Runtime
-from worker.attempt.throttle import back_in_line, rate_limited
+from worker.attempt.throttle import back_in_line
 from worker.errors import REDIS_UNAVAILABLE
 from worker.fleet.delivery_state import DeliveryState
 
@@ -74,4 +74,4 @@ def _under_a_rate_limit(rt: Runtime, started: Sequence[Started]) -> bool:
     """Whether the message's first job calls a deployment with a configured rate limit (the
     jobs of a pack share their route, hence their deployment)."""
     first = started[0]
-    return rate_limited(rt, rt.deployment(first.model, first.request.llm))
+    return rt.deployment(first.model, first.request.llm).limited

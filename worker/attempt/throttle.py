@@ -94,11 +94,6 @@ def back_in_line(
     rt.scheduler.put_back(route, message, cost=1, closed_s=closed_s, refund=refund).run()
 
 
-def rate_limited(rt: Runtime, deployment: Deployment) -> bool:
-    """Whether calls to ``deployment`` have a configured rate limit."""
-    return bool(deployment.rpm or deployment.tpm)
-
-
 def until_slot_s(rt: Runtime, slot_at: float | None) -> float:
     """How long a parked job back for its reserved slot (``slot_at``, epoch seconds) waits."""
     if slot_at is None:

@@ -183,6 +183,11 @@ class Deployment:
     rpm: int | None = None
     tpm: int | None = None
 
+    @property
+    def limited(self) -> bool:
+        """Whether calls to it have a configured rate limit."""
+        return bool(self.rpm or self.tpm)
+
     @classmethod
     def of(
         cls,

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import redis
 
 from api_client._constants import PARKED_KEY, QUEUE
-from api_client._schedule import LUA_READY, Route, entry, message_of
+from api_client._schedule import LUA_READY, Route, entry
 from worker.fleet.deadlines import SWEEP_BATCH, DeadlineSweep
 from worker.fleet.scripts import LUA_NOW_MS
 
@@ -75,13 +75,31 @@ def parked_member(route: Route, message: bytes, cost: int = 1) -> bytes:
     return f"R|{route.lane}|{route.rank}|{route.tenant}|".encode() + entry(cost, message)
 
 
+class RoutedMember(NamedTuple):
+    """A parked job's member, read: where it goes back to, its job count and its message."""
+
+    lane: str
+    rank: int
+    tenant: str
+    cost: int
+    message: bytes
+
+
+def routed_member(member: bytes) -> RoutedMember | None:
+    """A parked member of a job with a route, read (None for a wake-up or an older
+    promptq's message)."""
+    if not member.startswith(b"R|"):
+        return None
+    _, lane, rank, tenant, cost, message = member.split(b"|", 5)
+    return RoutedMember(lane.decode(), int(rank), tenant.decode(), int(cost), message)
+
+
 def message_of_member(member: bytes) -> bytes | None:
     """The message a parked member carries (None for a wake-up)."""
     if member.startswith(b"W|"):
         return None
-    if member.startswith(b"R|"):
-        return message_of(member.split(b"|", 4)[4])
-    return member
+    routed = routed_member(member)
+    return member if routed is None else routed.message
 
 
 class Moved(NamedTuple):

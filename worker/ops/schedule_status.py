@@ -11,6 +11,7 @@ from api_client._constants import CONTROL_KEY, PARKED_KEY
 from api_client._polling import text_of
 from api_client._schedule import LANE_NAMES_KEY, LANES_KEY, SERVED_PREFIX, WAITING_KEY
 from api_client._schemas import PRIORITY_ORDER
+from worker.fleet.parking import routed_member
 from worker.fleet.scripts import redis_now_ms
 
 SCAN_COUNT = 1000
@@ -53,11 +54,9 @@ def read_schedule(client: redis.Redis, max_parked: int = 100_000) -> ScheduleSta
     for count, (member, _score) in enumerate(client.zscan_iter(PARKED_KEY, count=SCAN_COUNT)):
         if count >= max_parked:
             break
-        if member.startswith(b"R|"):
-            _, lane_id, rank, tenant, cost, _ = member.split(b"|", 5)
-            _add(
-                lane(text_of(lane_id)).parked, _priority(text_of(rank)), text_of(tenant), int(cost)
-            )
+        routed = routed_member(member)
+        if routed is not None:
+            _add(lane(routed.lane).parked, _priority(routed.rank), routed.tenant, routed.cost)
     minute = now_ms // 60_000
     for key in (f"{SERVED_PREFIX}{minute - 1}", f"{SERVED_PREFIX}{minute}"):
         for field_name, jobs in client.hgetall(key).items():
@@ -68,7 +67,7 @@ def read_schedule(client: redis.Redis, max_parked: int = 100_000) -> ScheduleSta
     return ScheduleStatus(sorted(lanes.values(), key=lambda s: s.name), ended)
 
 
-def _priority(rank: str) -> str:
+def _priority(rank: str | int) -> str:
     return PRIORITY_ORDER[int(rank)].value
 
 
