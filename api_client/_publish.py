@@ -22,7 +22,7 @@ from ._task_messages import _pack_envelope, _task_envelope, request_json, task_n
 # (api_client._schedule): ARGV[1..5] are the entry (cost|message), the lane, the priority's
 # rank, the tenant and what the lane calls.
 _QUEUE_IT = """
-ready_push(ARGV[2], ARGV[3], ARGV[4], ARGV[1], false)
+ready_push(ARGV[2], ARGV[3], ARGV[4], ARGV[1], '')
 redis.call('HSETNX', KEYS[#KEYS], ARGV[2], ARGV[5])
 wake()
 return 1

@@ -14,7 +14,11 @@ their rate limit. It is the one place a job waits to run:
   next, and its pass grows by the job's cost (its count of jobs) divided by its weight. A
   tenant that was idle starts at the virtual clock, so it neither banks credit while idle
   nor waits behind what others were served meanwhile.
-- Within a tenant, jobs are first in, first out.
+- Within a tenant, jobs are first in, first out: each waits at its *order*, a number the
+  structure gives it when it is queued (``promptq:admitted`` counts them). A job taken and put
+  back (for its rate limit, or a retry) keeps its order, so it goes back ahead of the jobs
+  queued after it and behind the ones queued before it, however many workers put jobs back
+  at once; a pack's jobs split apart stand at the pack's order in the pack's order.
 
 Keys (``{lane}`` is a short hash of the lane, ``{rank}`` a priority's rank, 0 = highest):
 
@@ -23,8 +27,9 @@ Keys (``{lane}`` is a short hash of the lane, ``{rank}`` a priority's rank, 0 = 
 - ``promptq:sched:{lane}:{rank}``         zset tenant -> pass; the tenants with waiting jobs
 - ``promptq:passes:{lane}:{rank}``        hash tenant -> pass when it last went idle, and
                                           ``@clock``: the pass of the last tenant served
-- ``promptq:ready:{lane}:{rank}:{tenant}`` list of ``cost|message`` entries, taken from the
-                                          right (RPOP), queued at the left
+- ``promptq:line:{lane}:{rank}:{tenant}`` zset ``cost|message`` entry -> order; the lowest
+                                          is taken first
+- ``promptq:admitted``                    the last order given to a job queued
 - ``promptq:tenant_weights``              hash tenant -> weight (the workers write it)
 - ``promptq:waiting``                     hash ``lane|rank|tenant`` -> jobs waiting, and
   ``promptq:served:{minute}``             hash ``lane|tenant`` -> jobs taken that minute
@@ -56,7 +61,8 @@ WAITING_KEY: Final = f"{KEY_PREFIX}waiting"
 SPLIT_LANES_KEY: Final = f"{KEY_PREFIX}split_lanes"
 SERVED_PREFIX: Final = f"{KEY_PREFIX}served:"
 SERVED_TTL_S: Final = 180
-READY_PATTERN: Final = f"{KEY_PREFIX}ready:*"
+LINE_PATTERN: Final = f"{KEY_PREFIX}line:*"
+ADMITTED_KEY: Final = f"{KEY_PREFIX}admitted"
 # The Celery queue entry that wakes an idle worker (a JSON string: never a message envelope).
 WAKE: Final = b'"promptq:wake"'
 # Wake-ups are pushed while the queue list holds fewer entries than this.
@@ -76,8 +82,8 @@ def lane_name(task_name: str, llm: str | None, model: str | None) -> str:
     return f"{kind} {named}{model or '(default model)'}"
 
 
-def ready_key(lane: str, rank: int, tenant: str) -> str:
-    return f"{KEY_PREFIX}ready:{lane}:{rank}:{tenant}"
+def line_key(lane: str, rank: int, tenant: str) -> str:
+    return f"{KEY_PREFIX}line:{lane}:{rank}:{tenant}"
 
 
 def sched_key(lane: str, rank: int) -> str:
@@ -89,23 +95,36 @@ def passes_key(lane: str, rank: int) -> str:
 
 
 def entry(cost: int, message: bytes | str) -> bytes:
-    """A ready list's entry: the job count the message carries, and the message."""
+    """A line's entry: the job count the message carries, and the message."""
     raw = message.encode() if isinstance(message, str) else message
     return b"%d|" % cost + raw
 
 
+def order_arg(order: float | None) -> str:
+    """A job's order as the scripts take it ('front' when it is not known)."""
+    return "front" if order is None else repr(order)
+
+
 def message_of(raw_entry: bytes) -> bytes:
-    """The message of a ready list's entry."""
+    """The message of a line's entry."""
     return raw_entry.split(b"|", 1)[1]
 
 
-# Lua functions: ready_push(lane, rank, tenant, entry, front) queues an entry (at the end
-# taken next when ``front``) and makes its tenant and lane active; wake(queue) pushes a
-# wake-up unless the queue list holds WAKE_CAP entries.
+# Lua functions: ready_push(lane, rank, tenant, entry, order) queues an entry in its line at
+# ``order`` ('' for a new job: the next order; 'front': ahead of the line, for a job whose
+# order is not known) and makes its tenant and lane active; wake() pushes a wake-up unless
+# the queue list holds WAKE_CAP entries.
 LUA_READY = f"""
-local function ready_push(lane, rank, tenant, entry, front)
-  local list = '{KEY_PREFIX}ready:' .. lane .. ':' .. rank .. ':' .. tenant
-  if front then redis.call('RPUSH', list, entry) else redis.call('LPUSH', list, entry) end
+local function ready_push(lane, rank, tenant, entry, order)
+  local line = '{KEY_PREFIX}line:' .. lane .. ':' .. rank .. ':' .. tenant
+  if order == '' then
+    order = redis.call('INCR', '{ADMITTED_KEY}')
+  elseif order == 'front' then
+    local first = redis.call('ZRANGE', line, 0, 0, 'WITHSCORES')
+    order = tonumber(first[2] or redis.call('GET', '{ADMITTED_KEY}') or '0') - 1
+  end
+  -- The same entry twice is the same delivery of the same job: it waits once.
+  if redis.call('ZADD', line, 'NX', order, entry) == 0 then return end
   local sched = '{KEY_PREFIX}sched:' .. lane .. ':' .. rank
   if not redis.call('ZSCORE', sched, tenant) then
     local passes = '{KEY_PREFIX}passes:' .. lane .. ':' .. rank

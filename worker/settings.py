@@ -128,9 +128,9 @@ class QueueSettings(_LayeredSettings):
     processes: int | None = Field(default=None, ge=1)
     # The fleet-wide rate limiter (worker.fleet.limiter): learn limits from the provider's headers
     # and 429s; reserve a slot at most max_sleep ahead and wait for it in the worker, beyond
-    # that the job waits in the scheduler, first in its line, until a slot is that near (so a
-    # job of a higher priority takes the next slot: the longer this, the longer it waits
-    # behind slots already reserved); charge a call whose max_tokens is not set this many
+    # that the job waits in the scheduler, at its place in its line, until a slot is that
+    # near (so a job of a higher priority takes the next slot: the longer this, the longer it
+    # waits behind slots already reserved); charge a call whose max_tokens is not set this many
     # reply tokens until its real usage is known.
     limiter_adaptive: bool = True
     limiter_max_sleep_s: float = Field(default=0.5, ge=0)

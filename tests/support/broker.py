@@ -36,8 +36,8 @@ def take_all(client: redis.Redis) -> list[bytes]:
     """Take every message waiting (the scheduler's structure and the queue list), in the order
     workers would take them; they are gone from Redis after."""
     scheduler, taken = Scheduler(client), []
-    while (message := scheduler.claim(SCRATCH_TAKEN_KEY)) is not None:
-        taken.append(message)
+    while (claimed := scheduler.claim(SCRATCH_TAKEN_KEY)) is not None:
+        taken.append(claimed.message)
     client.delete(SCRATCH_TAKEN_KEY)
     return taken
 

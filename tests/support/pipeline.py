@@ -59,9 +59,10 @@ class Message:
         headers = envelope["headers"]
         return cls(headers["task"], headers["id"], int(headers["retries"] or 0), args, kwargs)
 
-    def deliveries(self) -> list[Delivery]:
-        """The deliveries the Celery task would make of it (worker.app.tasks.deliveries_of)."""
-        return deliveries_of(self.task, self.id, self.retries, self.args, self.kwargs)
+    def deliveries(self, order: float | None = None) -> list[Delivery]:
+        """The deliveries the Celery task would make of it (worker.app.tasks.deliveries_of),
+        taken at ``order`` in its line."""
+        return deliveries_of(self.task, self.id, self.retries, self.args, self.kwargs, order=order)
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,12 @@ class Pipeline:
     def take(self) -> list[Delivery] | None:
         """Take the next message as a worker would (the scheduler's claim) and return its
         deliveries; None when nothing can be taken now."""
-        raw = self.rt.scheduler.claim(TAKEN_KEY)
-        if raw is None:
+        claimed = self.rt.scheduler.claim(TAKEN_KEY)
+        if claimed is None:
             return None
         self.rt.redis.delete(TAKEN_KEY)  # delivered and acknowledged at once
-        self.taken.append(raw)
-        return Message.decode(raw).deliveries()
+        self.taken.append(claimed.message)
+        return Message.decode(claimed.message).deliveries(claimed.order)
 
     def step(self) -> bool:
         """Run the next message's jobs (REDIS_UNAVAILABLE propagates, as to the Celery shell);

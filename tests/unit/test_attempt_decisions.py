@@ -14,8 +14,9 @@ import redis
 from api_client import JobFailed, JobStatus
 from api_client._constants import OPEN_JOBS_KEY, PARKED_KEY, QUEUE, starts_key
 from api_client._schedule import LANES_KEY
+from tests.support.broker import take_all
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
-from tests.support.pipeline import TAKEN_KEY, MakePipeline, Pipeline
+from tests.support.pipeline import TAKEN_KEY, MakePipeline, Message, Pipeline
 from tests.support.redis_server import RedisServer
 from worker.attempt.jobs import run_jobs
 from worker.attempt.retry import JITTER
@@ -147,7 +148,7 @@ def test_a_job_with_no_slot_soon_waits_in_line_with_its_lane_closed_until_a_slot
     second = p.client.submit("second")
     assert p.step()
 
-    assert p.parked() == []  # no job parked: it waits in the scheduler, first in line
+    assert p.parked() == []  # no job parked: it waits in the scheduler, at its place
     [waiting] = p.queued()
     assert waiting.id == second.id and waiting.retries == 1
     assert DeliveryState.decode(waiting.kwargs) == DeliveryState(0)  # no slot held
@@ -165,6 +166,28 @@ def test_a_job_with_no_slot_soon_waits_in_line_with_its_lane_closed_until_a_slot
     result = second.result()
     assert result is not None and result.attempts == 1
     assert len(server.requests) == 2
+
+
+def test_jobs_sent_back_in_line_together_keep_the_order_they_were_queued_in(
+    make_pipeline: MakePipeline, server: ScriptedOpenAIServer
+) -> None:
+    """Several workers take a tenant's next jobs at once, find no slot, and put them back in
+    whatever order their threads get there: each goes back to its own place in the line."""
+    p = make_pipeline(llm={"rpm": 30}, queue={"limiter_max_sleep_s": 0})
+    p.client.submit("takes the burst")
+    assert p.step()
+    packed = p.client.submit_many(["pack 0", "pack 1", "pack 2"])
+    single = p.client.submit("queued after the pack")
+    assert p.step()  # the pack, split under the rate limit: its jobs back in line
+    taken = [p.take() for _ in packed]
+    for deliveries in taken:  # in the order taken: the last is put back last
+        assert deliveries is not None
+        run_jobs(p.rt, deliveries)
+    p.advance()  # their lane opens
+
+    again = [Message.decode(raw).id for raw in take_all(p.rt.redis)]
+    assert again == [*(job.id for job in packed), single.id]
+    assert len(server.requests) == 1
 
 
 def test_a_spending_cap_with_no_room_fails_the_job_without_a_call(
@@ -196,10 +219,12 @@ def test_an_unknown_task_in_a_pack_fails_that_job_and_the_others_run(
     [message] = pipeline.queued()
     assert message.task == "promptq.pack"
     broker = pipeline.rt.redis
-    raw = pipeline.rt.scheduler.claim(TAKEN_KEY)
-    assert raw is not None
+    claimed = pipeline.rt.scheduler.claim(TAKEN_KEY)
+    assert claimed is not None
     broker.delete(TAKEN_KEY)
-    broker.rpush(QUEUE, _renamed_task(raw, 1, "promptq.nope"))  # a message pushed as it is
+    broker.rpush(
+        QUEUE, _renamed_task(claimed.message, 1, "promptq.nope")
+    )  # a message pushed as it is
     assert pipeline.drain() == 1
     failed = failure(pipeline, jobs[1].id)
     assert (failed.kind, failed.attempts) == ("bad_request", 0)

@@ -74,3 +74,17 @@ def test_a_packs_entries_are_deliveries_and_entries_naming_no_job_are_dropped() 
         ("b", None, "promptq.nope"),  # fails as bad_request when run
     ]
     assert all(d.state == DeliveryState() and d.deliveries == 1 for d in found)
+
+
+def test_a_delivery_stands_at_its_messages_order_and_a_packs_jobs_in_turn_within_it() -> None:
+    request = {"messages": [{"role": "user", "content": "hi"}]}
+    [single] = deliveries_of(TASK_NAME, "job-1", 0, [request], {}, order=7.0)
+    [unknown] = deliveries_of(TASK_NAME, "job-1", 0, [request], {})
+    assert (single.order, unknown.order) == (7.0, None)
+
+    entries = [{"task": TASK_NAME, "id": f"j{n}", "request": request} for n in range(4)]
+    packed = deliveries_of(PACK_TASK_NAME, "pack-1", 0, [entries], {}, order=12.0)
+    orders = [d.order for d in packed if d.order is not None]
+    assert len(orders) == len(entries) and orders[0] == 12.0
+    assert orders == sorted(set(orders)) and all(order < 13 for order in orders)
+    assert all(d.order is None for d in deliveries_of(PACK_TASK_NAME, "p", 0, [entries], {}))

@@ -1,4 +1,4 @@
-"""worker.fleet.parking: parked jobs come back to the scheduler when due, once, first in line."""
+"""worker.fleet.parking: parked jobs come back to the scheduler when due, once, at their place."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from api_client._constants import PARKED_KEY, QUEUE
-from api_client._schedule import WAKE, Route
+from api_client._schedule import LANES_KEY, WAKE, Route, line_key, sched_key
 from worker.fleet import parking as parking_module
 from worker.fleet.parking import Parking, ParkingMover
 from worker.fleet.schedule import Scheduler, queued_count
@@ -19,13 +19,14 @@ ROUTE = Route(lane="lane-a", rank=1, tenant="default", lane_name="chat test")
 
 def taken_next(client: redis.Redis) -> bytes | None:
     """The message a worker would take next (and takes)."""
-    return Scheduler(client).claim("promptq:worker:test:taken")
+    claimed = Scheduler(client).claim("promptq:worker:test:taken")
+    return None if claimed is None else claimed.message
 
 
 def test_a_job_is_scheduled_only_once_due(lua_redis: redis.Redis) -> None:
     parking = Parking(lua_redis)
-    parking.park(ROUTE, b"later", delay_s=30)
-    parking.park(ROUTE, b"now", delay_s=0)
+    parking.park(ROUTE, b"later", delay_s=30, order=None)
+    parking.park(ROUTE, b"now", delay_s=0, order=None)
 
     moved = parking.move_due()
     assert moved.moved == 1
@@ -43,26 +44,39 @@ def test_an_empty_parked_set_has_nothing_due(lua_redis: redis.Redis) -> None:
 def test_a_due_job_wakes_a_worker(lua_redis: redis.Redis) -> None:
     """Idle workers block on the queue list: a job coming due pushes a wake-up there."""
     parking = Parking(lua_redis)
-    parking.park(ROUTE, b"due", delay_s=0)
+    parking.park(ROUTE, b"due", delay_s=0, order=None)
     parking.move_due()
 
     assert lua_redis.lrange(QUEUE, 0, -1) == [WAKE]
     assert queued_count(lua_redis) == 1  # the wake-up is not a message
 
 
-def test_a_due_job_goes_first_in_its_line(lua_redis: redis.Redis) -> None:
-    """A retry coming due was admitted before what its tenant queued since."""
-    lua_redis.eval(
-        "redis.call('RPUSH', KEYS[1], '1|queued-later')", 1, "promptq:ready:lane-a:1:default"
-    )
-    lua_redis.zadd("promptq:sched:lane-a:1", {"default": 0})
-    lua_redis.zadd("promptq:lanes", {"lane-a": 0})
+def queue_at(client: redis.Redis, message: bytes, order: float) -> None:
+    """Queue ``message`` in ROUTE's line at ``order``."""
+    client.zadd(line_key(ROUTE.lane, ROUTE.rank, ROUTE.tenant), {b"1|" + message: order})
+    client.zadd(sched_key(ROUTE.lane, ROUTE.rank), {ROUTE.tenant: 0})
+    client.zadd(LANES_KEY, {ROUTE.lane: 0})
+
+
+def test_a_due_job_goes_back_at_its_order_in_its_line(lua_redis: redis.Redis) -> None:
+    """A retry coming due goes behind what its tenant queued before it, ahead of the rest."""
+    queue_at(lua_redis, b"queued before", 3)
+    queue_at(lua_redis, b"queued after", 5)
     parking = Parking(lua_redis)
-    parking.park(ROUTE, b"due", delay_s=0)
+    parking.park(ROUTE, b"due", delay_s=0, order=4)
     parking.move_due()
 
-    assert taken_next(lua_redis) == b"due"
-    assert taken_next(lua_redis) == b"queued-later"
+    taken = [taken_next(lua_redis) for _ in range(3)]
+    assert taken == [b"queued before", b"due", b"queued after"]
+
+
+def test_a_due_job_of_no_known_order_goes_first_in_its_line(lua_redis: redis.Redis) -> None:
+    queue_at(lua_redis, b"queued", 1)
+    parking = Parking(lua_redis)
+    parking.park(ROUTE, b"due", delay_s=0, order=None)
+    parking.move_due()
+
+    assert [taken_next(lua_redis) for _ in range(2)] == [b"due", b"queued"]
 
 
 def test_an_older_parked_message_goes_to_the_queue_list(lua_redis: redis.Redis) -> None:
@@ -77,7 +91,7 @@ def test_an_older_parked_message_goes_to_the_queue_list(lua_redis: redis.Redis) 
 def test_move_due_takes_at_most_its_limit(lua_redis: redis.Redis) -> None:
     parking = Parking(lua_redis)
     for n in range(5):
-        parking.park(ROUTE, f"job-{n}".encode(), delay_s=0)
+        parking.park(ROUTE, f"job-{n}".encode(), delay_s=0, order=None)
 
     assert parking.move_due(limit=3) == (3, 0.0)  # two more are due
     assert parking.move_due(limit=3) == (2, None)
@@ -90,7 +104,7 @@ def test_the_mover_requeues_a_job_when_it_is_due(lua_redis: redis.Redis) -> None
     mover.start()
     try:
         parked_at = time.monotonic()
-        parking.park(ROUTE, b"soon", delay_s=0.3)
+        parking.park(ROUTE, b"soon", delay_s=0.3, order=None)
         deadline = parked_at + WAIT_S
         while queued_count(lua_redis) == 0:
             assert time.monotonic() < deadline, "the parked job never came back"
@@ -112,7 +126,7 @@ def test_parking_a_job_wakes_the_mover_at_once(
     try:
         wait_for_idle = parking.move_due()  # nothing parked: the mover sleeps 600 s
         assert wait_for_idle == (0, None)
-        parking.park(ROUTE, b"now", delay_s=0)
+        parking.park(ROUTE, b"now", delay_s=0, order=None)
         deadline = time.monotonic() + WAIT_S
         while queued_count(lua_redis) == 0:
             assert time.monotonic() < deadline, "the mover slept through the park"
@@ -137,8 +151,20 @@ def test_the_mover_survives_redis_errors(caplog: pytest.LogCaptureFixture) -> No
 
 def test_jobs_coming_due_together_keep_their_order(lua_redis: redis.Redis) -> None:
     parking = Parking(lua_redis)
-    for n in range(3):
-        lua_redis.zadd(PARKED_KEY, {b"R|lane-a|1|default|1|" + f"job-{n}".encode(): n})
+    for n in (2, 0, 1):  # parked out of order, and all due at once
+        parking.park(ROUTE, f"job-{n}".encode(), delay_s=0, order=n)
     parking.move_due()
 
     assert [taken_next(lua_redis) for _ in range(3)] == [b"job-0", b"job-1", b"job-2"]
+
+
+def test_jobs_an_older_promptq_parked_come_back_first_in_due_order(
+    lua_redis: redis.Redis,
+) -> None:
+    queue_at(lua_redis, b"queued", 1)
+    for n in range(3):
+        lua_redis.zadd(PARKED_KEY, {b"R|lane-a|1|default|1|" + f"job-{n}".encode(): n})
+    Parking(lua_redis).move_due()
+
+    taken = [taken_next(lua_redis) for _ in range(4)]
+    assert taken == [b"job-0", b"job-1", b"job-2", b"queued"]

@@ -15,6 +15,7 @@ from api_client._schedule import (
     LANE_NAMES_KEY,
     LANES_KEY,
     LUA_READY,
+    WAITING_KEY,
     WAKE,
     WAKE_CAP,
     Route,
@@ -22,7 +23,7 @@ from api_client._schedule import (
     route_of,
 )
 from tests.support.broker import take_all
-from worker.fleet.schedule import Scheduler, queued_count
+from worker.fleet.schedule import Claimed, Scheduler, queued_count
 from worker.fleet.scripts import redis_now_ms
 
 TAKEN = "promptq:worker:test:taken"
@@ -34,18 +35,24 @@ def route(tenant: str = "default", rank: int = 1, lane: str = "lane-a") -> Route
 
 def queue(client: redis.Redis, on: Route, message: str, cost: int = 1) -> None:
     """Queue a message as the client's publish does (at the end of its line, with a wake-up)."""
-    script = LUA_READY + "ready_push(ARGV[1], ARGV[2], ARGV[3], ARGV[4], false) wake() return 1"
+    script = LUA_READY + "ready_push(ARGV[1], ARGV[2], ARGV[3], ARGV[4], '') wake() return 1"
     client.eval(script, 0, *on.args(), entry(cost, message.encode()))
 
 
-def take(client: redis.Redis, count: int = 1) -> list[str]:
+def claim(client: redis.Redis, count: int = 1) -> list[Claimed]:
+    """Take up to ``count`` jobs as workers would, with their orders."""
     scheduler, taken = Scheduler(client), []
     for _ in range(count):
-        message = scheduler.claim(TAKEN)
-        if message is None:
+        claimed = scheduler.claim(TAKEN)
+        if claimed is None:
             break
-        taken.append(message.decode())
+        taken.append(claimed)
     return taken
+
+
+def take(client: redis.Redis, count: int = 1) -> list[str]:
+    """Take up to ``count`` jobs as workers would; their messages."""
+    return [claimed.message.decode() for claimed in claim(client, count)]
 
 
 def test_a_higher_priority_is_taken_first_whatever_was_queued_before(
@@ -139,7 +146,7 @@ def test_a_claim_removes_the_wake_up_that_woke_it(lua_redis: redis.Redis) -> Non
     queue(lua_redis, route(), "job")
     lua_redis.lmove(QUEUE, TAKEN, "RIGHT", "LEFT")  # the blocking take a wake-up ends
 
-    assert Scheduler(lua_redis).claim(TAKEN, drop_wake=True) == b"job"
+    assert Scheduler(lua_redis).claim(TAKEN, drop_wake=True) == Claimed(b"job", 1)
     assert lua_redis.lrange(TAKEN, 0, -1) == [b"job"]
 
 
@@ -156,10 +163,11 @@ def test_a_job_put_back_goes_first_and_its_lane_closes_until_a_slot_is_near(
     for n in range(2):
         queue(lua_redis, route("a"), f"a-{n}")
         queue(lua_redis, route("b"), f"b-{n}")
-    [first] = take(lua_redis)
+    [(message, order)] = claim(lua_redis)
+    first = message.decode()
     scheduler = Scheduler(lua_redis)
 
-    scheduler.put_back(route(first[0]), first.encode(), cost=1, closed_s=5).run()
+    scheduler.put_back(route(first[0]), message, cost=1, closed_s=5, order=order).run()
 
     opens_at = lua_redis.zscore(LANES_KEY, "lane-a")
     assert opens_at is not None and 4_000 < opens_at - redis_now_ms(lua_redis) <= 5_000
@@ -171,11 +179,38 @@ def test_a_job_put_back_goes_first_and_its_lane_closes_until_a_slot_is_near(
 
 def test_a_lane_put_back_with_no_wait_stays_open(lua_redis: redis.Redis) -> None:
     queue(lua_redis, route(), "job")
-    [job] = take(lua_redis)
+    [(job, order)] = claim(lua_redis)
 
-    Scheduler(lua_redis).put_back(route(), job.encode(), cost=1, closed_s=0).run()
+    Scheduler(lua_redis).put_back(route(), job, cost=1, closed_s=0, order=order).run()
 
     assert lua_redis.zcard(PARKED_KEY) == 0 and take(lua_redis) == ["job"]
+
+
+def test_jobs_put_back_in_any_order_are_taken_again_in_the_order_queued(
+    lua_redis: redis.Redis,
+) -> None:
+    """Workers put jobs back at the same time, in no particular order: each goes back to its
+    place, ahead of what was queued after it."""
+    for n in range(6):
+        queue(lua_redis, route(), f"job-{n}")
+    taken = claim(lua_redis, 4)
+    scheduler = Scheduler(lua_redis)
+    for message, order in (taken[2], taken[0], taken[3], taken[1]):
+        scheduler.put_back(route(), message, cost=1, closed_s=0, order=order).run()
+
+    assert take(lua_redis, 7) == [f"job-{n}" for n in range(6)]
+
+
+def test_a_job_put_back_whose_order_is_not_known_goes_first(lua_redis: redis.Redis) -> None:
+    """A message pushed on the queue list has no place in a line: it goes ahead of it."""
+    queue(lua_redis, route(), "queued")
+    lua_redis.lpush(QUEUE, b"pushed")
+    [pushed] = claim(lua_redis)
+    assert pushed == Claimed(b"pushed", None)
+
+    Scheduler(lua_redis).put_back(route(), b"pushed", cost=1, closed_s=0, order=None).run()
+
+    assert take(lua_redis, 3) == ["pushed", "queued"]
 
 
 def test_the_client_queues_each_job_on_its_route(lua_redis: redis.Redis) -> None:
@@ -215,11 +250,12 @@ def test_a_tenant_whose_jobs_all_went_back_keeps_its_share(lua_redis: redis.Redi
         queue(lua_redis, route("b"), f"b-{n}")
     ran: Counter[str] = Counter()
     for round_ in range(30):
-        first, *others = take(lua_redis, 6)
-        ran[first[0]] += 1
-        for job in reversed(others):
-            scheduler.put_back(route(job[0]), job.encode(), cost=1, closed_s=0).run()
-        queue(lua_redis, route(first[0]), f"{first[0]}-{round_ + 3}")  # its tenant queues more
+        (first, _), *others = claim(lua_redis, 6)
+        tenant = chr(first[0])
+        ran[tenant] += 1
+        for job, order in others:
+            scheduler.put_back(route(chr(job[0])), job, cost=1, closed_s=0, order=order).run()
+        queue(lua_redis, route(tenant), f"{tenant}-{round_ + 3}")  # its tenant queues more
     assert ran == {"a": 20, "b": 10}
 
 
@@ -239,3 +275,19 @@ def test_a_pack_taken_in_a_lane_whose_packs_are_split_is_not_charged_whole(
     assert take(lua_redis) == ["pack-after"]
     assert lua_redis.hget("promptq:passes:lane-a:1", "a") == b"16"  # not charged again
     assert scheduler.split_lane("lane-a") is True
+
+
+def test_jobs_an_older_promptq_queued_are_taken_in_their_order(lua_redis: redis.Redis) -> None:
+    """Before jobs had orders, lines were lists taken from the right; a worker starting moves
+    them into today's lines, in order, their counts unchanged."""
+    older = "promptq:ready:lane-a:1:default"
+    lua_redis.lpush(older, b"1|first", b"1|second")
+    lua_redis.zadd("promptq:sched:lane-a:1", {"default": 0})
+    lua_redis.zadd(LANES_KEY, {"lane-a": 0})
+    lua_redis.hset(WAITING_KEY, "lane-a|1|default", 2)
+    queue(lua_redis, route(), "queued since")
+
+    assert Scheduler(lua_redis).adopt_older_lines() == 2
+    assert Scheduler(lua_redis).adopt_older_lines() == 0
+    assert lua_redis.hget(WAITING_KEY, "lane-a|1|default") == b"3"
+    assert take(lua_redis, 4) == ["queued since", "first", "second"]

@@ -15,8 +15,10 @@ from worker.ops.schedule_status import read_schedule, schedule_lines
 
 
 def queue(client: redis.Redis, on: Route, cost: int = 1) -> None:
-    script = LUA_READY + "ready_push(ARGV[1], ARGV[2], ARGV[3], ARGV[4], false) return 1"
-    client.eval(script, 0, *on.args(), entry(cost, b"message"))
+    """Queue a message of its own (each job's message differs) on ``on``."""
+    script = LUA_READY + "ready_push(ARGV[1], ARGV[2], ARGV[3], ARGV[4], '') return 1"
+    message = b"message %d" % client.incr("test:messages")
+    client.eval(script, 0, *on.args(), entry(cost, message))
 
 
 def test_status_counts_jobs_by_lane_priority_and_tenant(lua_redis: redis.Redis) -> None:
@@ -25,7 +27,7 @@ def test_status_counts_jobs_by_lane_priority_and_tenant(lua_redis: redis.Redis) 
     queue(lua_redis, batch_a, cost=16)  # a pack
     queue(lua_redis, batch_a, cost=4)
     queue(lua_redis, Route("lane-a", 0, "default", "chat openai/gpt"))
-    Parking(lua_redis).park(Route("lane-a", 1, "team-b", ""), b"retry", delay_s=60)
+    Parking(lua_redis).park(Route("lane-a", 1, "team-b", ""), b"retry", delay_s=60, order=None)
     for _ in range(2):  # the interactive job, then the pack
         Scheduler(lua_redis).claim("promptq:worker:test:taken")
     lua_redis.zadd(LANES_KEY, {"lane-a": redis_now_ms(lua_redis) + 5_000})
@@ -84,9 +86,9 @@ def test_a_job_put_back_does_not_count_as_served(lua_redis: redis.Redis) -> None
     queue(lua_redis, route)
     scheduler = Scheduler(lua_redis)
     scheduler.claim("promptq:worker:test:taken")
-    message = scheduler.claim("promptq:worker:test:taken")
-    assert message is not None
-    scheduler.put_back(route, message, cost=1, closed_s=0).run()
+    claimed = scheduler.claim("promptq:worker:test:taken")
+    assert claimed is not None
+    scheduler.put_back(route, claimed.message, cost=1, closed_s=0, order=claimed.order).run()
 
     [lane] = read_schedule(lua_redis).lanes
     assert lane.served_last_minute == {"team-a": 1}

@@ -166,8 +166,9 @@ class WarmUpStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is un
 
 
 class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
-    """Writes this worker's tenant weights for the fleet's scheduler, and runs the app's
-    ParkingMover for as long as the worker runs."""
+    """Writes this worker's tenant weights for the fleet's scheduler (and moves jobs an older
+    promptq queued into its structure), and runs the app's ParkingMover for as long as the
+    worker runs."""
 
     label = "promptq parking"
 
@@ -175,6 +176,8 @@ class ParkingStep(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is u
         runtime = worker.app.runtime
         try:
             runtime.scheduler.publish_weights(runtime.settings.tenants)
+            if adopted := runtime.scheduler.adopt_older_lines():
+                logger.info("%d job(s) an older promptq queued moved into the scheduler", adopted)
         except redis.RedisError as exc:
             logger.warning("cannot write the tenants' weights yet (others' stand): %s", exc)
         worker.app.parking_mover.start()

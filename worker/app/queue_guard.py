@@ -38,7 +38,7 @@ from kombu.transport.virtual.base import Base64
 from api_client._constants import QUEUE
 from api_client._schedule import WAKE
 from worker.fleet.custody import this_process
-from worker.fleet.schedule import CLAIM_SCRIPT, CLAIM_SHA, claim_keys
+from worker.fleet.schedule import CLAIM_SCRIPT, CLAIM_SHA, ORDER_HEADER, claim_keys, claimed
 
 logger = logging.getLogger("promptq.worker")
 
@@ -207,17 +207,21 @@ class GuardedChannel(kombu_redis.Channel):
         source, command = self._taking_from, self._take_command
         try:
             try:
-                taken = self.client.parse_response(self.client.connection, command, **options)
+                reply = self.client.parse_response(self.client.connection, command, **options)
             except redis.ResponseError as exc:  # the claim script failed
                 self._claim_failed(exc)
             except self.connection_errors:
                 # The next take returns to the queue whatever this one may have moved.
                 self.client.connection.disconnect()
                 raise
+            order = None
             if command == "EVALSHA":
+                claim = claimed(reply)
+                taken, order = (None, None) if claim is None else claim
                 self._drop_wake = False
                 self._claim_next = taken is not None  # none now: block until woken
             else:
+                taken = reply
                 self._claim_next = True  # woken, timed out, or a message: claim next
                 self._drop_wake = taken == WAKE
             if taken is None or source is None or taken == WAKE:
@@ -225,7 +229,7 @@ class GuardedChannel(kombu_redis.Channel):
                 if source is not None:
                     self._queue_cycle.rotate(source)
                 raise Empty()
-            self._deliver_taken(source, taken)
+            self._deliver_taken(source, taken, order)
             return True
         finally:
             self._in_poll = None  # type: ignore[assignment]  # kombu's False default
@@ -241,9 +245,10 @@ class GuardedChannel(kombu_redis.Channel):
         this_process().answered()
         raise Empty() from None
 
-    def _deliver_taken(self, source: str, taken: bytes) -> None:
-        """Deliver a message this process took from ``source``, or drop it from its custody
-        when it is not a message envelope."""
+    def _deliver_taken(self, source: str, taken: bytes, order: float | None) -> None:
+        """Deliver a message this process took from ``source`` (with its ``order`` in its
+        line, when taken from the scheduler: the task reads it as ORDER_HEADER), or drop it
+        from its custody when it is not a message envelope."""
         try:
             message = json.loads(taken)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -251,6 +256,8 @@ class GuardedChannel(kombu_redis.Channel):
         problem = envelope_problem(message)
         if problem is not None:
             self._drop_taken(taken, problem)
+        if order is not None:
+            message["headers"] = {**(message.get("headers") or {}), ORDER_HEADER: order}
         self._queue_cycle.rotate(source)
         self.connection.taken = taken  # recorded as delivered with it (CustodyQoS.append)
         try:

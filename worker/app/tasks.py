@@ -15,6 +15,7 @@ from worker.attempt.delivery import Delivery
 from worker.attempt.jobs import run_jobs
 from worker.errors import REDIS_UNAVAILABLE
 from worker.fleet.delivery_state import DeliveryState
+from worker.fleet.schedule import ORDER_HEADER
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -55,14 +56,23 @@ def pack(task: Task, jobs: list[Any]) -> None:
 
 
 def deliveries_of(
-    task_name: str, message_id: str, retries: int, args: Sequence[Any], kwargs: Mapping[str, Any]
+    task_name: str,
+    message_id: str,
+    retries: int,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    *,
+    order: float | None = None,
 ) -> list[Delivery]:
     """The deliveries a message carries, from its task's name, id and ``retries`` header (the
-    job's deliveries before this one) and its arguments. Pure: the tasks above use it, and so
+    job's deliveries before this one), its arguments and its order in its line (a pack's jobs
+    stand at the pack's order, in the pack's order). Pure: the tasks above use it, and so
     does the tests' in-process pipeline (tests/support/pipeline.py)."""
     if task_name == PACK_TASK_NAME:
         (jobs,) = args
-        return [d for d in (_unpacked(entry) for entry in jobs) if d is not None]
+        orders = [None if order is None else order + n / len(jobs) for n in range(len(jobs))]
+        unpacked = (_unpacked(entry, at) for entry, at in zip(jobs, orders, strict=True))
+        return [d for d in unpacked if d is not None]
     (request,) = args
     delivery = Delivery(
         job_id=message_id,
@@ -71,12 +81,15 @@ def deliveries_of(
         state=DeliveryState.decode(kwargs),
         deliveries=retries + 1,  # a parked job comes back as a new delivery
         task_name=task_name,
+        order=order,
     )
     return [delivery]
 
 
 def _deliveries(task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[Delivery]:
-    return deliveries_of(task.name, task.request.id, task.request.retries, args, kwargs)
+    request = task.request
+    order = request.get(ORDER_HEADER)  # set by worker.app.queue_guard from the claim
+    return deliveries_of(task.name, request.id, request.retries, args, kwargs, order=order)
 
 
 def _run(task: Task, deliveries: Sequence[Delivery]) -> None:
@@ -99,7 +112,7 @@ def _requeue(task: Task, exc: BaseException) -> NoReturn:
     raise Reject(f"Redis unavailable: {exc}", requeue=True) from None
 
 
-def _unpacked(entry: Any) -> Delivery | None:
+def _unpacked(entry: Any, order: float | None) -> Delivery | None:
     """A pack's entry as a delivery of its job; None (logged) for an entry that names no job."""
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
         logger.warning("dropped a pack entry that names no job")
@@ -110,4 +123,5 @@ def _unpacked(entry: Any) -> Delivery | None:
         request_type=REQUEST_TYPES.get(task_name),
         request=entry.get("request"),
         task_name=task_name,
+        order=order,
     )

@@ -20,3 +20,6 @@ class Delivery:
     state: DeliveryState = field(default_factory=DeliveryState)
     deliveries: int = 1  # the job's deliveries, this one included
     task_name: str = ""  # the message's task, as it named it
+    # Where the job stands in its line (api_client._schedule): it goes back there when it is
+    # put back or parked. None when not known (a message pushed on the Celery queue list).
+    order: float | None = None

@@ -34,18 +34,10 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
     started = begin(rt, list(deliveries))
     if len(started) > 1 and _under_a_rate_limit(rt, started):
         # A pack taken after its lane was marked split was not charged as a whole: its jobs
-        # are refunded nothing. Each goes first in its line, the last first, in order.
+        # are refunded nothing. Each goes back at its place in its line (the pack's).
         charged = not rt.scheduler.split_lane(route_of(started[0].request).lane)
         for job in reversed(started):
-            delivery = job.delivery
-            back_in_line(
-                rt,
-                job.request,
-                job_id=delivery.job_id,
-                deliveries=delivery.deliveries,
-                failures=delivery.state.failures,
-                refund=1 if charged else 0,
-            )
+            back_in_line(rt, job.request, job.delivery, refund=1 if charged else 0)
         return
     ended = rt.call_loop.run([attempt(rt, job) for job in started]) if started else []
     redis_error = next((e for e in ended if isinstance(e, REDIS_UNAVAILABLE)), None)
@@ -66,6 +58,7 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
             state=DeliveryState(retry.failures),
             deliveries=delivery.deliveries,
             delay_s=retry.wait_s,
+            order=delivery.order,
         )
         logger.info("job %s: retry in %.2f s: %s", delivery.job_id, retry.wait_s, retry.summary)
 

@@ -37,8 +37,10 @@ def come_back_later(
     state: DeliveryState,
     deliveries: int,
     delay_s: float,
+    order: float | None,
 ) -> None:
     """Park the job as a message of its own, due in ``delay_s``, carrying ``state``, after
-    ``deliveries`` deliveries of the job (blocking Redis call)."""
+    ``deliveries`` deliveries of the job; it comes back at ``order`` in its line (None: ahead
+    of it) (blocking Redis call)."""
     message = task_message(job_id, request, kwargs=state.encode(), retries=deliveries)
-    parking.park(route_of(request), message, delay_s)
+    parking.park(route_of(request), message, delay_s, order=order)

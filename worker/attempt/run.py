@@ -144,6 +144,7 @@ def _hand_back(rt: Runtime, job: Started) -> None:
         state=delivery.state,
         deliveries=delivery.deliveries,
         delay_s=0.0,
+        order=delivery.order,
     )
 
 
@@ -224,16 +225,7 @@ async def _prepare(
         grant = await rt.loop_redis.run_one(rt.limiter.acquire(deployment, tokens))
         slot = slot_now(rt, deployment, grant, tokens)
         if slot is None:  # no slot soon: back in line, for the next one
-            await offload(
-                wait_in_line,
-                rt,
-                deployment,
-                request,
-                grant,
-                job_id=job_id,
-                deliveries=delivery.deliveries,
-                failures=delivery.state.failures,
-            )
+            await offload(wait_in_line, rt, deployment, request, grant, delivery)
             return None
     else:
         slot = Slot(delivery.state.reserved_tokens, until_slot_s(rt, delivery.state.slot_at))

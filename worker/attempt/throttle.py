@@ -14,6 +14,7 @@ from worker.fleet.delivery_state import DeliveryState
 from worker.llm import call as llm
 
 if TYPE_CHECKING:
+    from worker.attempt.delivery import Delivery
     from worker.attempt.runtime import Runtime
     from worker.fleet.limiter import Deployment, Grant
 
@@ -51,23 +52,18 @@ def wait_in_line(
     deployment: Deployment,
     request: JobRequest,
     grant: Grant,
-    *,
-    job_id: str,
-    deliveries: int,
-    failures: int,
+    delivery: Delivery,
 ) -> None:
     """Give the worker back while the job waits for its rate limit: it goes back into the
-    scheduler first in its line, and its lane closes until a slot is near, so that the next
-    slot goes to the best job waiting then, not to whichever asked first (blocking Redis
-    call). ``deliveries`` counts the job's deliveries, this one included. No retry is spent.
+    scheduler at its place in its line, and its lane closes until a slot is near, so that the
+    next slot goes to the best job waiting then, not to whichever asked first (blocking Redis
+    call). No retry is spent.
     """
-    back_in_line(
-        rt, request, job_id=job_id, deliveries=deliveries, failures=failures, closed_s=grant.wait_s
-    )
+    back_in_line(rt, request, delivery, closed_s=grant.wait_s)
     rt.metrics.limiter_waited(deployment.model, "parked", grant.wait_s)
     logger.info(
         "job %s waits %.1f s in line for the rate limit of %s",
-        job_id,
+        delivery.job_id,
         grant.wait_s,
         deployment.model,
     )
@@ -76,22 +72,21 @@ def wait_in_line(
 def back_in_line(
     rt: Runtime,
     request: JobRequest,
+    delivery: Delivery,
     *,
-    job_id: str,
-    deliveries: int,
-    failures: int,
     closed_s: float = 0.0,
     refund: int = 1,
 ) -> None:
-    """Put a job back into the scheduler as a message of its own, first in its line, its
-    tenant's pass given back for ``refund`` jobs (blocking Redis calls); close its lane for
-    ``closed_s``."""
-    rt.store.mark_waiting(job_id)
-    message = task_message(
-        job_id, request, kwargs=DeliveryState(failures).encode(), retries=deliveries
+    """Put a delivered job back into the scheduler as a message of its own, at its order in
+    its line, its tenant's pass given back for ``refund`` jobs (blocking Redis calls); close
+    its lane for ``closed_s``. Its failures so far go with it; no slot does."""
+    rt.store.mark_waiting(delivery.job_id)
+    state = DeliveryState(delivery.state.failures).encode()
+    message = task_message(delivery.job_id, request, kwargs=state, retries=delivery.deliveries)
+    put_back = rt.scheduler.put_back(
+        route_of(request), message, 1, closed_s, order=delivery.order, refund=refund
     )
-    route = route_of(request)
-    rt.scheduler.put_back(route, message, cost=1, closed_s=closed_s, refund=refund).run()
+    put_back.run()
 
 
 def until_slot_s(rt: Runtime, slot_at: float | None) -> float:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import redis
 
 from api_client._constants import PARKED_KEY, QUEUE
-from api_client._schedule import LUA_READY, Route, entry
+from api_client._schedule import LUA_READY, Route, entry, order_arg
 from worker.fleet.deadlines import SWEEP_BATCH, DeadlineSweep
 from worker.fleet.scripts import LUA_NOW_MS
 
@@ -37,10 +37,11 @@ return 1
 """
 )
 
-# Members of the parked set: ``R|lane|rank|tenant|cost|message``, a job that goes back into
-# the scheduler's structure (api_client._schedule) first in its line; ``W|lane``, a wake-up
-# for a lane that opens (worker.fleet.schedule); anything else, a message (parked by an
-# older promptq) pushed on the queue list as it is.
+# Members of the parked set: ``Q|lane|rank|tenant|order|cost|message``, a job that goes back
+# into the scheduler's structure (api_client._schedule) at its order in its line ('front':
+# ahead of it); ``W|lane``, a wake-up for a lane that opens (worker.fleet.schedule); from an
+# older promptq, ``R|lane|rank|tenant|cost|message`` (a job that goes back ahead of its line)
+# and anything else, a message pushed on the queue list as it is.
 # KEYS[1] the parked set, KEYS[2] the queue; ARGV[1] how many at most. Returns how many moved
 # and the ms until the next parked member is due (-1: none is parked).
 _MOVE_DUE = (
@@ -48,13 +49,18 @@ _MOVE_DUE = (
     + LUA_NOW_MS
     + """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[1]))
--- Each job goes first in its line: the latest due first, so the earliest is taken first.
+-- The latest due first: of jobs going back ahead of their line, the earliest is taken first.
 for i = #due, 1, -1 do
   local member = due[i]
   local kind = string.sub(member, 1, 2)
-  if kind == 'R|' then
+  if kind == 'Q|' then
+    local lane, rank, tenant, order, rest =
+      string.match(member, '^Q|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+    ready_push(lane, rank, tenant, rest, order)
+    wake()
+  elseif kind == 'R|' then
     local lane, rank, tenant, rest = string.match(member, '^R|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-    ready_push(lane, rank, tenant, rest, true)
+    ready_push(lane, rank, tenant, rest, 'front')
     wake()
   elseif kind == 'W|' then
     wake()
@@ -70,9 +76,10 @@ return {#due, math.max(0, tonumber(next[2]) - now_ms)}
 )
 
 
-def parked_member(route: Route, message: bytes, cost: int = 1) -> bytes:
-    """The parked set's member for a job on ``route`` (see _MOVE_DUE)."""
-    return f"R|{route.lane}|{route.rank}|{route.tenant}|".encode() + entry(cost, message)
+def parked_member(route: Route, message: bytes, order: float | None, cost: int = 1) -> bytes:
+    """The parked set's member for a job on ``route`` at ``order`` (see _MOVE_DUE)."""
+    where = f"Q|{route.lane}|{route.rank}|{route.tenant}|{order_arg(order)}|"
+    return where.encode() + entry(cost, message)
 
 
 class RoutedMember(NamedTuple):
@@ -88,9 +95,12 @@ class RoutedMember(NamedTuple):
 def routed_member(member: bytes) -> RoutedMember | None:
     """A parked member of a job with a route, read (None for a wake-up or an older
     promptq's message)."""
-    if not member.startswith(b"R|"):
+    if member.startswith(b"Q|"):
+        _, lane, rank, tenant, _order, cost, message = member.split(b"|", 6)
+    elif member.startswith(b"R|"):
+        _, lane, rank, tenant, cost, message = member.split(b"|", 5)
+    else:
         return None
-    _, lane, rank, tenant, cost, message = member.split(b"|", 5)
     return RoutedMember(lane.decode(), int(rank), tenant.decode(), int(cost), message)
 
 
@@ -122,10 +132,10 @@ class Parking:
         self._move_due = client.register_script(_MOVE_DUE)
         self.parked = threading.Event()  # set by park(): wakes this process's mover
 
-    def park(self, route: Route, message: bytes, delay_s: float) -> None:
+    def park(self, route: Route, message: bytes, delay_s: float, *, order: float | None) -> None:
         """Park a job's message for ``delay_s``: then it goes back to the scheduler on
-        ``route``."""
-        member = parked_member(route, message)
+        ``route``, at ``order`` in its line (None: ahead of it)."""
+        member = parked_member(route, message, order)
         self._park(keys=[PARKED_KEY], args=[member, max(0, int(delay_s * 1000))])
         self.parked.set()
 

@@ -3,23 +3,24 @@
 The structure and its order are described in api_client._schedule. A worker process takes
 with ``claim`` (one script: the best job of an open lane, or a message pushed on the Celery
 queue list, moved into the process's taken list in the same step, worker.fleet.custody);
-a job whose rate limit has no slot soon goes back with ``put_back``, first in its line, and
-closes its lane until a slot is near.
+a job whose rate limit has no slot soon goes back with ``put_back``, at its order in its
+line, and closes its lane until a slot is near.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import redis
 
 from api_client._constants import KEY_PREFIX, PARKED_KEY, QUEUE
 from api_client._schedule import (
     LANES_KEY,
+    LINE_PATTERN,
     LUA_READY,
     RANKS,
-    READY_PATTERN,
     SERVED_PREFIX,
     SERVED_TTL_S,
     SPLIT_LANES_KEY,
@@ -29,9 +30,14 @@ from api_client._schedule import (
     Route,
     entry,
     message_of,
+    order_arg,
 )
 from worker.fleet.limiter import STATE_TTL_S
 from worker.fleet.scripts import LUA_NOW_MS, ScriptCall
+
+# The header a worker process adds to a message it delivers from a claim: the job's order in
+# its line (Claimed.order), which its task reads to put it back at the same place.
+ORDER_HEADER = "promptq_order"
 
 # How many wake-ups a claim pops at most from the right end of the queue list to find a
 # message under them.
@@ -39,10 +45,10 @@ _MAX_WAKES_POPPED = 64
 
 # KEYS[1] the lanes, KEYS[2] the queue list, KEYS[3] this process's taken list, KEYS[4] the
 # tenants' weights; ARGV[1] a wake-up to remove from the taken list first ('' for none).
-# Moves the next job into the taken list and returns it (nil when none can be taken now):
-# the best of the open lanes (highest priority, then the tenant with the lowest pass), or a
-# message pushed on the queue list itself, which ranks as the default priority and goes before
-# the structure's jobs of that priority.
+# Moves the next job into the taken list and returns {message, its order} (nil when none can
+# be taken now): the best of the open lanes (highest priority, then the tenant with the lowest
+# pass, then its lowest order), or {message} for a message pushed on the queue list itself,
+# which ranks as the default priority and goes before the structure's jobs of that priority.
 _CLAIM = (
     LUA_NOW_MS
     + f"""
@@ -70,7 +76,7 @@ if not best_lane then
   if not pushed then return false end
   redis.call('RPOP', KEYS[2])
   redis.call('LPUSH', KEYS[3], pushed)
-  return pushed
+  return {{pushed}}
 end
 local sched = '{KEY_PREFIX}sched:' .. best_lane .. ':' .. best_rank
 local passes = '{KEY_PREFIX}passes:' .. best_lane .. ':' .. best_rank
@@ -78,9 +84,10 @@ while true do
   local first = redis.call('ZRANGE', sched, 0, 0, 'WITHSCORES')
   if #first == 0 then break end
   local tenant, pass = first[1], tonumber(first[2])
-  local list = '{KEY_PREFIX}ready:' .. best_lane .. ':' .. best_rank .. ':' .. tenant
-  local item = redis.call('RPOP', list)
-  if item then
+  local line = '{KEY_PREFIX}line:' .. best_lane .. ':' .. best_rank .. ':' .. tenant
+  local first = redis.call('ZPOPMIN', line)
+  if #first > 0 then
+    local item, order = first[1], first[2]
     local bar = string.find(item, '|', 1, true)
     local cost = tonumber(string.sub(item, 1, bar - 1))
     local message = string.sub(item, bar + 1)
@@ -100,7 +107,7 @@ while true do
     end
     local after = pass + charged / weight
     redis.call('HSET', passes, '@clock', pass)
-    if redis.call('LLEN', list) == 0 then
+    if redis.call('ZCARD', line) == 0 then
       redis.call('ZREM', sched, tenant)
       redis.call('HSET', passes, tenant, after)
     else
@@ -119,7 +126,7 @@ while true do
       redis.call('ZREM', KEYS[1], best_lane)
     end
     redis.call('LPUSH', KEYS[3], message)
-    return message
+    return {{message, order}}
   end
   redis.call('ZREM', sched, tenant)
 end
@@ -129,12 +136,12 @@ return false
 )
 
 # KEYS[1] the lanes, KEYS[2] the parked set, KEYS[3] the tenants' weights; ARGV[1..3] the
-# route (lane, rank, tenant), ARGV[4] the entry (cost|message), ARGV[5] the cost, ARGV[6] ms
-# until the lane opens (0: it is open), ARGV[7] the jobs to refund. Queues the job first in
-# its line, gives its tenant back the pass its take cost (from the pass its take left, even
-# if its line emptied meanwhile: a tenant whose jobs are all out waiting for slots has not
-# been idle), and closes
-# the lane until it opens, when a parked wake-up brings a worker back to it.
+# route (lane, rank, tenant), ARGV[4] the entry (cost|message), ARGV[5] its order ('front'
+# when not known), ARGV[6] ms until the lane opens (0: it is open), ARGV[7] the jobs to
+# refund. Queues the job again at its order in its line, gives its tenant back the pass its
+# take cost (from the pass its take left, even if its line emptied meanwhile: a tenant whose
+# jobs are all out waiting for slots has not been idle), and closes the lane until it opens,
+# when a parked wake-up brings a worker back to it.
 _PUT_BACK = (
     LUA_READY
     + LUA_NOW_MS
@@ -148,7 +155,7 @@ if not pass then
   local passes = '{KEY_PREFIX}passes:' .. lane .. ':' .. rank
   pass = tonumber(redis.call('HGET', passes, tenant) or redis.call('HGET', passes, '@clock') or '0')
 end
-ready_push(lane, rank, tenant, ARGV[4], true)
+ready_push(lane, rank, tenant, ARGV[4], ARGV[5])
 local weight = tonumber(redis.call('HGET', KEYS[3], tenant) or '1') or 1
 redis.call('ZADD', sched, pass - tonumber(ARGV[7]) / weight, tenant)
 -- Nor was it served: the shares count the jobs that went on to their call.
@@ -169,6 +176,31 @@ return 1
 )
 
 
+# The lines of promptq before jobs had orders: lists ``promptq:ready:{lane}:{rank}:{tenant}``
+# of entries, the next taken from the right.
+_OLDER_LINES_PATTERN = f"{KEY_PREFIX}ready:*"
+
+# KEYS: lines of an older promptq. Moves each one's entries into the line of today, in their
+# order, behind what waits there (they keep their tenant's place and their waiting counts).
+_ADOPT = (
+    LUA_READY
+    + f"""
+local moved = 0
+for _, key in ipairs(KEYS) do
+  local lane, rank, tenant = string.match(key, '^{KEY_PREFIX}ready:([^:]*):([^:]*):(.*)$')
+  while lane do
+    local item = redis.call('RPOP', key)
+    if not item then break end
+    local cost = tonumber(string.match(item, '^(%d+)|')) or 1
+    redis.call('HINCRBY', '{WAITING_KEY}', lane .. '|' .. rank .. '|' .. tenant, -cost)
+    ready_push(lane, rank, tenant, item, '')
+    moved = moved + 1
+  end
+end
+return moved
+"""
+)
+
 CLAIM_SCRIPT = _CLAIM
 CLAIM_SHA = hashlib.sha1(_CLAIM.encode()).hexdigest()  # noqa: S324  (Redis names scripts so)
 
@@ -178,6 +210,22 @@ def claim_keys(taken_key: str) -> list[str]:
     return [LANES_KEY, QUEUE, taken_key, WEIGHTS_KEY]
 
 
+class Claimed(NamedTuple):
+    """A job taken: its message, and its order in its line (None: not known, for a message
+    pushed on the queue list)."""
+
+    message: bytes
+    order: float | None
+
+
+def claimed(reply: Any) -> Claimed | None:
+    """The claim script's reply, read (None: nothing could be taken)."""
+    if not reply:
+        return None
+    message, *order = reply
+    return Claimed(bytes(message), float(order[0]) if order else None)
+
+
 class Scheduler:
     """The workers' side of the waiting structure: take, put back, publish tenant weights."""
 
@@ -185,12 +233,12 @@ class Scheduler:
         self._client = client
         self._claim = client.register_script(_CLAIM)
         self._put_back = client.register_script(_PUT_BACK)
+        self._adopt = client.register_script(_ADOPT)
 
-    def claim(self, taken_key: str, drop_wake: bool = False) -> bytes | None:
-        """Move the next job into ``taken_key`` and return its message (None: none now),
-        removing a wake-up from the taken list first when ``drop_wake``."""
-        found = self._claim(keys=claim_keys(taken_key), args=[WAKE if drop_wake else b""])
-        return bytes(found) if found else None
+    def claim(self, taken_key: str, drop_wake: bool = False) -> Claimed | None:
+        """Move the next job into ``taken_key`` and return it (None: none now), removing a
+        wake-up from the taken list first when ``drop_wake``."""
+        return claimed(self._claim(keys=claim_keys(taken_key), args=[WAKE if drop_wake else b""]))
 
     def put_back(
         self,
@@ -198,13 +246,16 @@ class Scheduler:
         message: bytes,
         cost: int,
         closed_s: float,
+        *,
+        order: float | None,
         refund: int | None = None,
     ) -> ScriptCall[None]:
-        """Queue ``message`` first in its line again, its tenant's pass given back for
-        ``refund`` jobs (default: ``cost``, what its take was charged), and close its lane
-        for ``closed_s`` (0: leave it open)."""
+        """Queue ``message`` again at ``order`` in its line (None: ahead of it), its tenant's
+        pass given back for ``refund`` jobs (default: ``cost``, what its take was charged),
+        and close its lane for ``closed_s`` (0: leave it open)."""
         refunded = cost if refund is None else refund
-        args = [*route.args(), entry(cost, message), cost, max(0, int(closed_s * 1000)), refunded]
+        closed_ms = max(0, int(closed_s * 1000))
+        args = [*route.args(), entry(cost, message), order_arg(order), closed_ms, refunded]
         return ScriptCall(
             self._put_back, [LANES_KEY, PARKED_KEY, WEIGHTS_KEY], args, lambda reply: None
         )
@@ -218,6 +269,12 @@ class Scheduler:
         added, _ = pipe.execute()
         return not added
 
+    def adopt_older_lines(self) -> int:
+        """Move the jobs an older promptq queued (in lines without orders) into today's
+        lines; how many moved. A worker does it when it starts."""
+        keys = [key for key in self._client.scan_iter(match=_OLDER_LINES_PATTERN)]
+        return int(self._adopt(keys=keys)) if keys else 0
+
     def publish_weights(self, weights: Mapping[str, float]) -> None:
         """Write the tenants' weights the fleet schedules by (this worker's settings)."""
         pipe = self._client.pipeline()
@@ -229,24 +286,19 @@ class Scheduler:
 
 def ready_messages(client: redis.Redis, chunk: int = 500) -> Iterator[bytes]:
     """Every message waiting in the structure (read in chunks; a job may move meanwhile)."""
-    for key in client.scan_iter(match=READY_PATTERN, count=chunk):
-        start = 0
-        while True:
-            items: list[bytes] = client.lrange(key, start, start + chunk - 1)  # type: ignore[assignment]
-            for item in items:
-                yield message_of(item)
-            if len(items) < chunk:
-                break
-            start += chunk
+    for key in client.scan_iter(match=LINE_PATTERN, count=chunk):
+        for item, _ in client.zscan_iter(key, count=chunk):
+            yield message_of(item)
 
 
 def queued_count(client: redis.Redis) -> int:
     """How many messages wait to be taken: in the structure, and pushed on the queue list
     (its wake-ups are not messages)."""
-    keys = list(client.scan_iter(match=READY_PATTERN))
+    keys = list(client.scan_iter(match=LINE_PATTERN))
     pipe = client.pipeline(transaction=False)
-    for key in (*keys, QUEUE):
-        pipe.llen(key)
+    for key in keys:
+        pipe.zcard(key)
+    pipe.llen(QUEUE)
     pipe.lpos(QUEUE, WAKE.decode(), count=0)
     *lengths, wakes = pipe.execute()
     return sum(int(n) for n in lengths) - len(wakes or [])
