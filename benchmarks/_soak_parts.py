@@ -24,6 +24,7 @@ from api_client._constants import KEY_PREFIX, PARKED_KEY, PRIORITY_LISTS, QUEUE,
 from api_client._polling import text_of
 from worker.app.embedded import START_TIMEOUT_S, RedisServerProcess
 from worker.fleet.custody import taken_keys
+from worker.fleet.schedule import ready_messages
 
 # --- Redis -------------------------------------------------------------------------------------
 
@@ -60,10 +61,11 @@ def _blob(values: Iterable[Any]) -> bytes:
 
 
 def where_is(client: redis.Redis, job_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """For each job: its promptq:state and starts values, and which of the queue (any priority
-    list), the worker processes' taken lists, kombu's unacked hash and the parked set hold a
-    message naming it."""
-    queued = _blob(m for name in (QUEUE, *PRIORITY_LISTS) for m in client.lrange(name, 0, -1))
+    """For each job: its promptq:state and starts values, and which of the queue (the
+    scheduler's structure, any priority list), the worker processes' taken lists, kombu's
+    unacked hash and the parked set hold a message naming it."""
+    pushed = [m for name in (QUEUE, *PRIORITY_LISTS) for m in client.lrange(name, 0, -1)]
+    queued = _blob([*pushed, *ready_messages(client)])
     taken = _blob(m for key in taken_keys(client) for m in client.lrange(key, 0, -1))
     unacked = _blob(client.hvals(UNACKED_KEY))
     parked = _blob(client.zrange(PARKED_KEY, 0, -1))
