@@ -103,6 +103,25 @@ HTTP_CASES: dict[str, tuple[Reply, Expected]] = {
         Reply(429, headers={"retry-after-ms": "1500"}),
         (ErrorKind.RATE_LIMITED, True, 429, 1.5),
     ),
+    "429 x-ms-retry-after-ms": (
+        Reply(429, headers={"x-ms-retry-after-ms": "250"}),
+        (ErrorKind.RATE_LIMITED, True, 429, 0.25),
+    ),
+    "429 reset duration": (
+        Reply(
+            429,
+            headers={"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m3s"},
+        ),
+        (ErrorKind.RATE_LIMITED, True, 429, 63.0),
+    ),
+    "429 retry_after in the body": (
+        Reply(429, body={"error": {"message": "slow down", "retry_after": 30}}),
+        (ErrorKind.RATE_LIMITED, True, 429, 30.0),
+    ),
+    "429 try again in the message": (
+        Reply(429, body={"error": {"message": "Rate limit reached. Please try again in 1.5s."}}),
+        (ErrorKind.RATE_LIMITED, True, 429, 1.5),
+    ),
     "429 no header": (Reply(429), (ErrorKind.RATE_LIMITED, True, 429, None)),
     "429 Retry-After not a number": (
         Reply(429, headers={"Retry-After": "soon"}),

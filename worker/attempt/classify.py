@@ -17,6 +17,7 @@ from worker.errors import (
     MalformedResponse,
     NotConfigured,
 )
+from worker.llm.retry_after import retry_after_s as stated_retry_after_s
 
 # Statuses worth another attempt: rate limits, timeouts, conflicts and server-side trouble
 # (529 is Anthropic's "overloaded").
@@ -153,15 +154,20 @@ def _message_of(exc: BaseException) -> str:
 
 
 def retry_after_s(exc: BaseException) -> float | None:
-    """The provider's Retry-After (or retry-after-ms) in seconds, if it sent one."""
-    for headers in response_headers(exc):
-        milliseconds = _number(headers.get("retry-after-ms"))
-        if milliseconds is not None:
-            return milliseconds / 1000
-        seconds = _number(headers.get("retry-after"))
-        if seconds is not None:
-            return seconds
-    return None
+    """How long the provider asked to wait before calling again, if it said (its headers, or
+    its error's body: worker.llm.retry_after)."""
+    return stated_retry_after_s(response_headers(exc), body=_body_of(exc))
+
+
+def _body_of(exc: BaseException) -> str:
+    """The error's text: LiteLLM's message (which quotes the provider's body) and the
+    response's body when it was read."""
+    text = _message_of(exc)
+    try:
+        body = getattr(getattr(exc, "response", None), "text", "")
+    except Exception:  # an httpx response not read: no body to add
+        body = ""
+    return f"{text}\n{body}" if isinstance(body, str) and body else text
 
 
 def response_headers(exc: BaseException) -> list[Mapping[str, Any]]:
@@ -175,14 +181,6 @@ def response_headers(exc: BaseException) -> list[Mapping[str, Any]]:
         if isinstance(headers, Mapping):
             found.append(headers)
     return found
-
-
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if number >= 0 else None
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
