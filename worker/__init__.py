@@ -15,7 +15,8 @@ How a prompt flows, hop by hop:
    (``attempt.delivery``), and hands them to ``attempt.jobs``: the Celery-free core, which
    runs on an explicit ``attempt.runtime.Runtime`` (settings, Redis, store, limiter, spend,
    parking, metrics, the call loop).
-4. Each job is marked running (``fleet.store``) and attempted on the process's event loop
+4. Each job is marked running (``attempt.begin`` over ``fleet.store``; an invalid or
+   cancelled one ends there) and attempted on the process's event loop
    (``attempt.call_loop``, ``attempt.run``): it takes a rate-limit slot (``attempt.throttle``
    over ``fleet.limiter``; with none soon it goes back in line, ``fleet.schedule``), sets
    money aside under a spending cap (``fleet.spend``), and
@@ -23,17 +24,20 @@ How a prompt flows, hop by hop:
    ``llm.content``).
 5. The outcome: an answer is stored, final (``fleet.store``); a failure is classified
    (``attempt.classify``) and either stored or retried after the retry policy's wait
-   (``attempt.retry``). Every wait, a retry's, a far rate-limit slot's or a hand-back's,
-   goes one way: the job is parked in Redis until due (``attempt.later`` over
-   ``fleet.parking``). Then Celery acknowledges the message; if Redis could not be reached,
-   the message is rejected back to the queue instead.
+   (``attempt.retry``); a 429 whose Retry-After is longer than any backoff pauses the
+   deployment, and the job waits in line (``attempt.throttle``). A retry's or a hand-back's
+   wait goes one way: the job is parked in Redis until due (``attempt.later`` over
+   ``fleet.parking``); a job waiting for its rate limit waits in the scheduler's line. Then
+   Celery acknowledges the message; if Redis could not be reached, the message is rejected
+   back to the queue instead.
 6. The client reads the outcome (``api_client``); ``promptq batch`` (``batch``) does so for a
    whole JSONL file.
 
 Beside the flow: dead processes' messages go back to the queue (``fleet.custody``), and a
 safety net re-publishes jobs whose message was lost anyway (``fleet.reconcile``). A client
 cancels jobs in Redis (``api_client._cancel``, whose Lua every end of a job goes through);
-a worker ends a job early, cancelled or past its deadline (``attempt.stop``), and the
+a worker ends a job without an answer, failed, cancelled or past its deadline
+(``attempt.stop``), and the
 parking mover also sweeps the jobs waiting past their deadline (``fleet.deadlines``);
 ``ops`` holds the metrics, ``promptq status`` and ``promptq config``; ``fake_provider`` is an
 OpenAI-compatible server for trying promptq without a provider.

@@ -18,9 +18,9 @@ from tests.support.broker import take_all
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.pipeline import TAKEN_KEY, MakePipeline, Message, Pipeline
 from tests.support.redis_server import RedisServer
+from worker.attempt.begin import begin
 from worker.attempt.jobs import run_jobs
 from worker.attempt.retry import JITTER
-from worker.attempt.run import begin
 from worker.errors import REDIS_UNAVAILABLE
 from worker.fleet.delivery_state import DeliveryState
 from worker.fleet.scripts import redis_now_ms
@@ -105,8 +105,10 @@ def test_exhausted_retries_fail_the_job_with_the_providers_kind_and_status(
 
 
 def test_a_429_with_retry_after_parks_for_about_the_retry_after(
-    pipeline: Pipeline, server: ScriptedOpenAIServer
+    make_pipeline: MakePipeline, server: ScriptedOpenAIServer
 ) -> None:
+    # A Retry-After within the longest backoff: a retry, after it.
+    pipeline = make_pipeline(llm={"retry_max_wait": 20})
     server.script(Reply(status=429, headers={"Retry-After": "10"}))
     job = pipeline.client.submit("too fast")
     assert pipeline.step()
@@ -123,6 +125,43 @@ def test_a_429_with_retry_after_parks_for_about_the_retry_after(
     now_us = int(seconds) * 1_000_000 + int(micros)
     pause_s = (float(pipeline.limiter_state()[b"pause_until"]) - now_us) / 1e6
     assert 9.0 < pause_s <= 10.0
+
+
+def test_a_429_with_a_retry_after_beyond_any_backoff_pauses_without_spending_a_retry(
+    pipeline: Pipeline, server: ScriptedOpenAIServer
+) -> None:
+    """A quota spent for minutes or hours: the job waits in line until the pause ends
+    (longer than LLM_RETRY_MAX_WAIT, 0.2 s here), as its deployment's other jobs do."""
+    server.script(Reply(status=429, headers={"Retry-After": "2"}))
+    job = pipeline.client.submit("quota spent")
+    assert pipeline.step()
+
+    assert pipeline.parked() == []  # no retry parked
+    [waiting] = pipeline.queued()
+    assert waiting.id == job.id and DeliveryState.decode(waiting.kwargs) == DeliveryState(0)
+    assert job.status() is JobStatus.QUEUED
+    lanes: list[tuple[bytes, float]] = pipeline.rt.redis.zrange(LANES_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
+    [(_, opens_at_ms)] = lanes
+    assert 1.5 < (opens_at_ms - redis_now_ms(pipeline.rt.redis)) / 1000 <= 2.0
+    assert metric(pipeline, "promptq_limiter_waits_total", model=MODEL, how="paused") == 1
+    assert metric(pipeline, "promptq_retries_total", model=MODEL, kind="rate_limited") == 0
+
+    pipeline.drain(timeout_s=10, skip_waits=False)  # in real time: after the pause, it runs
+    result = job.result()
+    assert result is not None and result.attempts == 1  # the refused call is no attempt
+    assert len(server.requests) == 2
+
+
+def test_a_pause_past_the_jobs_deadline_ends_it_at_once(
+    pipeline: Pipeline, server: ScriptedOpenAIServer
+) -> None:
+    server.script(Reply(status=429, headers={"Retry-After": "600"}))
+    job = pipeline.client.submit("in a hurry", deadline_s=30)
+    assert pipeline.step()
+
+    failed = failure(pipeline, job.id)
+    assert (failed.kind, failed.attempts) == ("deadline_exceeded", 0)
+    assert pipeline.queued() == [] and pipeline.parked() == []
 
 
 def test_a_permanent_400_fails_at_once(pipeline: Pipeline, server: ScriptedOpenAIServer) -> None:

@@ -6,10 +6,12 @@ import logging
 from collections.abc import Sequence
 
 from api_client._schedule import route_of
+from worker.attempt.begin import Started, begin
 from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
-from worker.attempt.run import Reschedule, Started, attempt, begin, fail_unexpectedly
+from worker.attempt.run import Reschedule, attempt
 from worker.attempt.runtime import Runtime
+from worker.attempt.stop import fail_unexpectedly
 from worker.attempt.throttle import back_in_line
 from worker.errors import REDIS_UNAVAILABLE
 from worker.fleet.delivery_state import DeliveryState

@@ -1,12 +1,15 @@
 """The one way a job comes back later: a message of its own, parked in Redis until it is due.
 
-Every wait a job meets goes through ``come_back_later``, into the fleet's parked set
-(worker.fleet.parking), which any worker moves back to the queue as jobs come due:
+A wait for a time goes through ``come_back_later``, into the fleet's parked set
+(worker.fleet.parking), which any worker moves back into the scheduler as jobs come due, each
+at its place in its line:
 
 - a retry after a transient failure, after the retry policy's backoff (worker.attempt.retry);
-- a rate-limit slot further away than PROMPTQ_LIMITER_MAX_SLEEP_S, reserved (back shortly
-  before it) or not found (back to ask again) (worker.attempt.throttle);
 - a hand-back, when the process has had no free permit for too long (back at once).
+
+A wait for the rate limit (no slot within PROMPTQ_LIMITER_MAX_SLEEP_S, or the deployment
+paused by a long Retry-After) is not parked: the job goes back into its line in the scheduler,
+whose lane stays closed until a slot is near (worker.attempt.throttle).
 
 No worker holds a waiting job in its memory, so a fleet can hold any number of them, a worker
 that stops loses none, and the scheduler has one structure to order. The parked message

@@ -9,33 +9,40 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
-
 from api_client._schemas import (
     EmbeddingResult,
     ErrorKind,
-    JobError,
     JobRequest,
     JobResult,
     JobStatus,
     Outcome,
     PromptResult,
 )
+from worker.attempt.begin import Started
 from worker.attempt.classify import Failure, classify, response_headers
 from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
 from worker.attempt.stop import (
     end_past_deadline,
     ended_cancelled,
+    fail,
     give_back,
     missed_deadline_s,
     still_wanted,
 )
-from worker.attempt.throttle import Slot, slot_now, tokens_to_charge, until_slot_s, wait_in_line
+from worker.attempt.throttle import (
+    Slot,
+    paused_for_long,
+    slot_now,
+    tokens_to_charge,
+    until_slot_s,
+    wait_in_line,
+    wait_out_pause,
+)
 from worker.errors import REDIS_DOWN, REDIS_UNAVAILABLE, BudgetExceeded, NotConfigured
-from worker.fleet.scripts import ScriptCall, patiently, patiently_on_loop
+from worker.fleet.scripts import ScriptCall, patiently_on_loop
 from worker.fleet.spend import Reservation
-from worker.fleet.store import FINISH_PATIENCE_S, Marked, NotBegun
+from worker.fleet.store import FINISH_PATIENCE_S, Marked
 from worker.llm import call as llm
 
 if TYPE_CHECKING:
@@ -55,34 +62,6 @@ class Reschedule:
     wait_s: float
     failures: int
     summary: str = field(repr=False)
-
-
-@dataclass(frozen=True)
-class Started:
-    """A job marked running, with its request and the model it goes to."""
-
-    delivery: Delivery
-    request: JobRequest
-    model: str
-
-
-def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
-    """Mark a message's jobs running in one round trip. Returns the ones to attempt; the
-    others end here: an unknown task, an invalid request, a job that already has an outcome
-    (a duplicate delivery, or a job cancelled or expired while it waited), one cancelled
-    while it ran, one past its deadline, a job that killed its workers too often, a model this
-    worker cannot call."""
-    parsed = [(d, r) for d, r in ((d, _parsed(rt, d)) for d in deliveries) if r is not None]
-    starts = rt.store.begin(
-        [delivery.job_id for delivery, _ in parsed],
-        [delivery.deliveries for delivery, _ in parsed],
-    )
-    started = []
-    for (delivery, request), count in zip(parsed, starts, strict=True):
-        model = _model_to_call(rt, delivery, request, count)
-        if model is not None:
-            started.append(Started(delivery, request, model))
-    return started
 
 
 async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
@@ -146,58 +125,6 @@ def _hand_back(rt: Runtime, job: Started) -> None:
         delay_s=0.0,
         order=delivery.order,
     )
-
-
-def fail_unexpectedly(rt: Runtime, job_id: str, exc: BaseException) -> None:
-    """A bug in promptq ended the job's attempt: log it and fail the job as ``internal``."""
-    logger.error("job %s: unexpected %s in the worker", job_id, type(exc).__name__, exc_info=exc)
-    message = f"unexpected {type(exc).__name__} in the worker (see its log)"
-    fail(rt, job_id, Failure(ErrorKind.INTERNAL, message), attempts=0)
-
-
-def _parsed(rt: Runtime, delivery: Delivery) -> JobRequest | None:
-    if delivery.request_type is None:
-        unknown = f"unknown task {delivery.task_name[:60]!r}"
-        fail(rt, delivery.job_id, Failure(ErrorKind.BAD_REQUEST, unknown), attempts=0)
-        return None
-    try:
-        return delivery.request_type.model_validate(delivery.request)
-    except ValidationError as exc:
-        failure = Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}")
-        fail(rt, delivery.job_id, failure, attempts=0)
-        return None
-
-
-def _model_to_call(
-    rt: Runtime, delivery: Delivery, request: JobRequest, starts: int | NotBegun
-) -> str | None:
-    """The model a job marked running (``starts`` times so far) goes to; None when the job
-    ends here."""
-    job_id = delivery.job_id
-    if starts is NotBegun.ENDED or starts is NotBegun.STALE:
-        # Not a duplicate only: the message of a job cancelled or expired while it waited
-        # stays queued until it is taken, and ends here; and an older copy of a job that has
-        # come back since (its worker died before acknowledging it) is not run twice.
-        logger.debug("job %s: dropped a delivery (%s)", job_id, starts.name.lower())
-        return None
-    if starts is NotBegun.CANCELLED:
-        ended_cancelled(rt, job_id)
-        return None
-    missed_s = missed_deadline_s(request)
-    if missed_s is not None:
-        message = f"the deadline passed {missed_s:.1f} s before a worker could start the job"
-        end_past_deadline(rt, job_id, message, attempts=delivery.state.failures)
-        return None
-    redeliveries = starts - delivery.deliveries
-    if redeliveries > rt.settings.queue.max_redeliveries:
-        message = f"the worker running this job died {redeliveries} times"
-        fail(rt, job_id, Failure(ErrorKind.WORKER_LOST, message), attempts=delivery.state.failures)
-        return None
-    try:
-        return llm.model_of(rt.llm_settings(request.llm), request)
-    except NotConfigured as exc:
-        fail(rt, job_id, classify(exc), attempts=0)
-        return None
 
 
 @dataclass(frozen=True)
@@ -333,6 +260,9 @@ def _after_failure(
         retry_after_s=failure.retry_after_s,
         headers=headers,
     )
+    if rate_limited and paused_for_long(call.llm, failure.retry_after_s):
+        wait_out_pause(rt, delivery, call.request, call.deployment.model, failure)
+        return None
     failures = delivery.state.failures
     # A call refused before it was sent (missing key, say) is not an attempt.
     attempts = failures if isinstance(exc, NotConfigured) else failures + 1
@@ -380,19 +310,3 @@ def _book_calls(
 
 def _not_booked(call: _Call, exc: BaseException) -> None:
     logger.warning("rate limit and spend of %s not updated: %s", call.deployment.model, exc)
-
-
-def fail(rt: Runtime, job_id: str, failure: Failure, *, attempts: int) -> None:
-    """Store the job's failure (unless it already has an outcome)."""
-    error = JobError(
-        kind=failure.kind,
-        message=failure.message,
-        status_code=failure.status_code,
-        attempts=attempts,
-    )
-    # A failure that cost a provider call is worth waiting for Redis to store (up to
-    # FINISH_PATIENCE_S) rather than running the job again later.
-    stored = rt.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error))
-    if patiently(stored.run, FINISH_PATIENCE_S):
-        rt.metrics.job_failed(failure.kind)
-        logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())

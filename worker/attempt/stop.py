@@ -1,4 +1,4 @@
-"""Ending a job early, without a call: it was cancelled, or its deadline has passed."""
+"""Ending a job without an answer: it failed, was cancelled, or its deadline passed."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import time
 from typing import TYPE_CHECKING
 
 from api_client._schemas import ErrorKind, JobError, JobRequest, JobStatus, Outcome
-from worker.fleet.store import Wanted
+from worker.attempt.classify import Failure
+from worker.fleet.scripts import patiently
+from worker.fleet.store import FINISH_PATIENCE_S, Wanted
 
 if TYPE_CHECKING:
     from worker.attempt.runtime import Runtime
@@ -90,3 +92,26 @@ async def give_back(
     if slot is not None:
         deployment, tokens = slot
         await rt.loop_redis.run_one(rt.limiter.give_back(deployment, tokens))
+
+
+def fail(rt: Runtime, job_id: str, failure: Failure, *, attempts: int) -> None:
+    """Store the job's failure (unless it already has an outcome)."""
+    error = JobError(
+        kind=failure.kind,
+        message=failure.message,
+        status_code=failure.status_code,
+        attempts=attempts,
+    )
+    # A failure that cost a provider call is worth waiting for Redis to store (up to
+    # FINISH_PATIENCE_S) rather than running the job again later.
+    stored = rt.store.finish(job_id, Outcome(status=JobStatus.FAILED, error=error))
+    if patiently(stored.run, FINISH_PATIENCE_S):
+        rt.metrics.job_failed(failure.kind)
+        logger.warning("job %s failed after %d attempt(s): %s", job_id, attempts, failure.summary())
+
+
+def fail_unexpectedly(rt: Runtime, job_id: str, exc: BaseException) -> None:
+    """A bug in promptq ended the job's attempt: log it and fail the job as ``internal``."""
+    logger.error("job %s: unexpected %s in the worker", job_id, type(exc).__name__, exc_info=exc)
+    message = f"unexpected {type(exc).__name__} in the worker (see its log)"
+    fail(rt, job_id, Failure(ErrorKind.INTERNAL, message), attempts=0)

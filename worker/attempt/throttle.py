@@ -10,13 +10,16 @@ from typing import TYPE_CHECKING
 from api_client._schedule import route_of
 from api_client._schemas import JobRequest
 from api_client._task_messages import task_message
+from worker.attempt.stop import end_past_deadline, missed_deadline_s
 from worker.fleet.delivery_state import DeliveryState
 from worker.llm import call as llm
 
 if TYPE_CHECKING:
+    from worker.attempt.classify import Failure
     from worker.attempt.delivery import Delivery
     from worker.attempt.runtime import Runtime
     from worker.fleet.limiter import Deployment, Grant
+    from worker.settings import LLMSettings
 
 logger = logging.getLogger("promptq.worker")
 
@@ -66,6 +69,35 @@ def wait_in_line(
         delivery.job_id,
         grant.wait_s,
         deployment.model,
+    )
+
+
+def paused_for_long(llm_settings: LLMSettings, retry_after_s: float | None) -> bool:
+    """Whether a provider's Retry-After on a 429 is a pause (a quota spent for minutes or
+    hours) rather than a wait before a retry: longer than the longest backoff
+    (LLM_RETRY_MAX_WAIT)."""
+    return retry_after_s is not None and retry_after_s > llm_settings.retry_max_wait
+
+
+def wait_out_pause(
+    rt: Runtime, delivery: Delivery, request: JobRequest, model: str, failure: Failure
+) -> None:
+    """The job waits in line until its deployment's pause ends (the limiter holds the whole
+    fleet's calls to ``model`` until then): no retry is spent, and the refused call is not
+    counted as an attempt. A job whose deadline comes first ends now (blocking Redis calls)."""
+    pause_s = failure.retry_after_s or 0.0
+    missed_s = missed_deadline_s(request, after_s=pause_s)
+    if missed_s is not None:
+        message = f"the provider paused calls until {missed_s:.1f} s after its deadline"
+        end_past_deadline(rt, delivery.job_id, message, attempts=delivery.state.failures)
+        return
+    back_in_line(rt, request, delivery, closed_s=pause_s)
+    rt.metrics.limiter_waited(model, "paused", pause_s)
+    logger.warning(
+        "job %s waits %.0f s in line: the provider paused calls (%s)",
+        delivery.job_id,
+        pause_s,
+        failure.summary(),
     )
 
 

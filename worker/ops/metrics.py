@@ -39,7 +39,7 @@ OTHER_MODEL = "other"
 MAX_TENANTS = 100
 OTHER_TENANT = "other"
 
-Wait = Literal["slept", "parked"]
+Wait = Literal["slept", "parked", "paused"]
 
 
 class Metrics:
