@@ -32,7 +32,7 @@ BAD_CONFIGURATIONS: dict[str, tuple[dict[str, str], str | None, tuple[str, ...]]
         None,
         ("PROMPTQ_CONCURRENCY", "lots"),
     ),
-    "zero timeout": ({"LLM_TIMEOUT": "0"}, None, ("LLM_TIMEOUT",)),
+    "negative timeout": ({"LLM_TIMEOUT": "-5"}, None, ("LLM_TIMEOUT",)),
     "infinite timeout": ({"LLM_TIMEOUT": "inf"}, None, ("LLM_TIMEOUT",)),
     "negative redeliveries": (
         {"PROMPTQ_MAX_REDELIVERIES": "-1"},
