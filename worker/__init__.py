@@ -41,7 +41,7 @@ OpenAI-compatible server for trying promptq without a provider.
 
 Packages import only the layers beneath them (tests/unit/test_architecture.py pins it):
 ``settings`` (over ``settings_sources``, ``config_file``: what of an OpenHands config is
-passed by, and ``tenant_weights``) and ``errors`` (every worker exception) at the bottom; then ``fleet`` (state in
-Redis) and ``llm`` (the LiteLLM boundary); ``ops``; ``attempt`` (one attempt of one job);
-``app`` (the Celery shell); ``batch`` and ``cli`` on top.
+passed by, and ``tenant_weights``) and ``errors`` (every worker exception) at the bottom;
+then ``fleet`` (state in Redis) and ``llm`` (the LiteLLM boundary); ``ops``; ``attempt`` (one
+attempt of one job); ``app`` (the Celery shell); ``batch`` and ``cli`` on top.
 """

@@ -99,15 +99,19 @@ def load_config_file(config_path: str | os.PathLike[str] | None, problems: list[
                 f"{name} in {where}: unknown top-level key (settings go in a table: [llm], "
                 "[promptq], [rate_limits] or [tenants])"
             )
-    llm: dict[str, Any] = {}
-    named: dict[str, dict[str, Any]] = {}
-    for key, value in data.get("llm", {}).items():
-        if isinstance(value, dict) and key not in TABLE_VALUED_KEYS:
-            named[key] = _without_agent_keys(value, f"[llm.{key}]", ignored)
-        else:
-            llm[key] = value
+    llm = {k: v for k, v in data.get("llm", {}).items() if not _is_group(k, v)}
     tables = {**data, "llm": _without_agent_keys(llm, "[llm]", ignored)}
+    named = {
+        key: _without_agent_keys(value, f"[llm.{key}]", ignored)
+        for key, value in data.get("llm", {}).items()
+        if _is_group(key, value)
+    }
     return ConfigFile(path, tables, named, tuple(ignored))
+
+
+def _is_group(key: str, value: Any) -> bool:
+    """Whether [llm]'s ``key`` is a [llm.NAME] configuration rather than a setting."""
+    return isinstance(value, dict) and key not in TABLE_VALUED_KEYS
 
 
 def _without_agent_keys(table: dict[str, Any], where: str, ignored: list[str]) -> dict[str, Any]:

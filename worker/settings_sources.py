@@ -57,7 +57,7 @@ class _WithoutUnset(PydanticBaseSettingsSource):
 def without_unset(values: Mapping[str, Any], unset: Mapping[str, frozenset[Any]]) -> dict[str, Any]:
     """``values`` without those that read as unset: a value in ``unset[name]``, given as is or
     as text (an environment variable's "0"); the key "*" lists what reads as unset for any
-    setting."""
+    setting ("" there: an empty list or table too)."""
     anywhere = unset.get("*", frozenset())
     return {
         name: value
@@ -67,6 +67,8 @@ def without_unset(values: Mapping[str, Any], unset: Mapping[str, frozenset[Any]]
 
 
 def _among(value: Any, unset: frozenset[Any]) -> bool:
+    if isinstance(value, list | dict):  # an empty list or table is as empty as ""
+        return not value and "" in unset
     if isinstance(value, bool) or not isinstance(value, str | int | float):
         return False
     if value in unset:
