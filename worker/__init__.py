@@ -20,8 +20,9 @@ How a prompt flows, hop by hop:
    (``attempt.call_loop``, ``attempt.run``): it takes a rate-limit slot (``attempt.throttle``
    over ``fleet.limiter``; with none soon it goes back in line, ``fleet.schedule``), sets
    money aside under a spending cap (``fleet.spend``), and
-   makes one provider call through LiteLLM (``llm.call``; content transforms in
-   ``llm.content``).
+   makes one provider call through LiteLLM (``llm.call``: its arguments, the worker's
+   sampling defaults and the prompt's length check; content transforms in ``llm.content``,
+   the answer read in ``llm.answers``).
 5. The outcome: an answer is stored, final (``fleet.store``); a failure is classified
    (``attempt.classify``) and either stored or retried after the retry policy's wait
    (``attempt.retry``); a 429 whose Retry-After is longer than any backoff pauses the
@@ -43,7 +44,8 @@ parking mover also sweeps the jobs waiting past their deadline (``fleet.deadline
 OpenAI-compatible server for trying promptq without a provider.
 
 Packages import only the layers beneath them (tests/unit/test_architecture.py pins it):
-``settings`` and ``errors`` (every worker exception) at the bottom; then ``fleet`` (state in
-Redis) and ``llm`` (the LiteLLM boundary); ``ops``; ``attempt`` (one attempt of one job);
-``app`` (the Celery shell); ``batch`` and ``cli`` on top.
+``settings`` (over ``settings_sources``, ``config_file``: what of an OpenHands config is
+passed by, and ``tenant_weights``) and ``errors`` (every worker exception) at the bottom;
+then ``fleet`` (state in Redis) and ``llm`` (the LiteLLM boundary); ``ops``; ``attempt`` (one
+attempt of one job); ``app`` (the Celery shell); ``batch`` and ``cli`` on top.
 """

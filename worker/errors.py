@@ -10,6 +10,7 @@ WorkerError                    anything the worker raises of its own
     ├── NotConfigured          the worker lacks what it needs to call this model
     ├── MalformedResponse      the provider's answer is not a usable completion
     ├── ContextWindowExceeded  the prompt (plus max_tokens) does not fit the model
+    │   └── PromptTooLong      the prompt is longer than LLM_MAX_INPUT_TOKENS: no call made
     └── ContentPolicyViolation the provider refused the prompt or the answer
 
 Redis being unreachable is not one of these: the worker meets it as redis-py's and kombu's own
@@ -17,6 +18,8 @@ exceptions (REDIS_UNAVAILABLE), and gives the message back to the queue.
 """
 
 from __future__ import annotations
+
+from typing import ClassVar
 
 import redis
 from kombu.exceptions import OperationalError
@@ -54,6 +57,9 @@ class BudgetExceeded(WorkerError):
 class AttemptProblem(WorkerError):
     """A failed attempt that promptq itself recognised (before, during or after the call)."""
 
+    # Raised before any request was sent: not an attempt (it spends no retry, counts no call).
+    before_call: ClassVar[bool] = False
+
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -63,6 +69,8 @@ class AttemptProblem(WorkerError):
 class NotConfigured(AttemptProblem):
     """The worker is missing what it needs to call this model (model name, API key...)."""
 
+    before_call = True
+
 
 class MalformedResponse(AttemptProblem):
     """The provider answered with a body that is not a usable completion."""
@@ -70,6 +78,12 @@ class MalformedResponse(AttemptProblem):
 
 class ContextWindowExceeded(AttemptProblem):
     """The prompt (plus max_tokens) does not fit the model's context window."""
+
+
+class PromptTooLong(ContextWindowExceeded):
+    """The prompt is longer than LLM_MAX_INPUT_TOKENS allows; found before the call."""
+
+    before_call = True
 
 
 class ContentPolicyViolation(AttemptProblem):

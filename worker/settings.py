@@ -2,83 +2,61 @@
 
 from __future__ import annotations
 
-import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from api_client._constants import DEFAULT_REDIS_URL, DEFAULT_RESULT_TTL_S
-from api_client._schemas import TENANT_PATTERN
+from api_client._schemas import RESERVED_PARAMS
+from worker.config_file import RETIRED, ConfigFile, load_config_file
 from worker.errors import ConfigError
+from worker.settings_sources import LayeredSettings, file_tables, without_unset
+from worker.tenant_weights import DEFAULT_TENANT_WEIGHT, TENANTS_ENV, tenant_weights
 
 S = TypeVar("S", bound=BaseSettings)
 
-CONFIG_ENV = "PROMPTQ_CONFIG"
-DEFAULT_CONFIG_PATH = Path("config.toml")
-# Tenants' weights in the environment: NAME=WEIGHT pairs separated by commas ("team-a=2,b=0.5").
-TENANTS_ENV = "PROMPTQ_TENANTS"
-# The weight of a tenant that [tenants] and PROMPTQ_TENANTS do not list.
-DEFAULT_TENANT_WEIGHT = 1.0
 
-# The tables of the config file being loaded, handed to the settings sources below.
-_file_tables: ContextVar[Mapping[str, Mapping[str, Any]]] = ContextVar(
-    "_file_tables", default=MappingProxyType({})
-)
-
-
-class _FileTable(PydanticBaseSettingsSource):
-    """One table of config.toml as a settings source (below the environment in precedence)."""
-
-    def __init__(self, settings_cls: type[BaseSettings], table: str) -> None:
-        super().__init__(settings_cls)
-        self._values = dict(_file_tables.get().get(table, {}))
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._values.get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return self._values
-
-
-class _LayeredSettings(BaseSettings):
-    """Precedence: explicit arguments, then environment, then the file's table, then defaults."""
-
-    config_table: ClassVar[str] = ""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _FileTable(settings_cls, cls.config_table)
-
-
-class LLMSettings(_LayeredSettings):
-    """The model call, as OpenHands documents its LLM settings (env LLM_*, or [llm] in the file)."""
+class LLMSettings(LayeredSettings):
+    """The model call, as OpenHands defines its LLM settings (env LLM_*, or [llm] in the file)."""
 
     model_config = SettingsConfigDict(
         env_prefix="LLM_", extra="forbid", frozen=True, allow_inf_nan=False
     )
     config_table: ClassVar[str] = "llm"
+    # As in OpenHands: an empty value anywhere is unset, and so are the zeros its template
+    # ships (`timeout = 0`...) and its embedding model "local" (a local embedder, not a LiteLLM
+    # model). Unset in one source, the next one (or the default) gives the setting.
+    unset_values: ClassVar[Mapping[str, frozenset[Any]]] = MappingProxyType(
+        {
+            "*": frozenset({""}),
+            "timeout": frozenset({0}),
+            "max_output_tokens": frozenset({0}),
+            "max_input_tokens": frozenset({0}),
+            "embedding_model": frozenset({"local"}),
+        }
+    )
 
     model: str | None = None
     api_key: SecretStr | None = None
     base_url: str | None = None
     api_version: str | None = None
+    # LiteLLM's provider for a model named without one (custom_llm_provider="openai" sends
+    # "my-model" to an OpenAI-compatible base_url as is).
+    custom_llm_provider: str | None = None
+    # The endpoint of ollama/ and ollama_chat/ models (chat and embeddings), over base_url.
+    ollama_base_url: str | None = None
+    # Bedrock's credentials and region, handed to LiteLLM with each call.
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_region_name: str | None = None
     embedding_model: str | None = None
+    embedding_base_url: str | None = None  # the endpoint of embeddings calls, over base_url
     embedding_deployment_name: str | None = None
     drop_params: bool = True
     disable_vision: bool = False
@@ -89,6 +67,19 @@ class LLMSettings(_LayeredSettings):
     retry_max_wait: float = Field(default=120.0, gt=0)
     retry_multiplier: float = Field(default=2.0, gt=0)
     timeout: float = Field(default=300.0, gt=0)
+    # Defaults for the chat requests that do not set them (worker.llm.call.params_of); unset:
+    # the provider's own. max_output_tokens is the default max_tokens.
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)
+    seed: int | None = None
+    reasoning_effort: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    safety_settings: list[dict[str, str]] | None = None
+    completion_kwargs: dict[str, Any] | None = None  # any other LiteLLM parameters
+    # A chat prompt longer than this (LiteLLM's count) fails as context_window_exceeded
+    # without a call.
+    max_input_tokens: int | None = Field(default=None, ge=1)
     # The provider's limits for each model this worker calls, shared by the whole fleet
     # (requests and tokens per minute); [rate_limits."MODEL"] in the file overrides them.
     rpm: int | None = Field(default=None, gt=0)
@@ -98,8 +89,22 @@ class LLMSettings(_LayeredSettings):
     input_cost_per_token: float | None = Field(default=None, ge=0)
     output_cost_per_token: float | None = Field(default=None, ge=0)
 
+    @field_validator("completion_kwargs")
+    @classmethod
+    def _no_worker_parameters(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        # The same parameters a request may not set: the key, endpoint, retries are the worker's.
+        owned = sorted(RESERVED_PARAMS & (value or {}).keys())
+        if owned:
+            raise ValueError(f"{', '.join(owned)}: the worker sets these itself")
+        return value
 
-class QueueSettings(_LayeredSettings):
+    def secrets(self) -> tuple[str, ...]:
+        """The secret values these settings hold (API key, AWS keys), to keep out of output."""
+        found = (getattr(self, name) for name in type(self).model_fields)
+        return tuple(s.get_secret_value() for s in found if isinstance(s, SecretStr) and s)
+
+
+class QueueSettings(LayeredSettings):
     """How the worker uses Redis and Celery (env PROMPTQ_*, or [promptq] in the file)."""
 
     model_config = SettingsConfigDict(
@@ -170,6 +175,9 @@ class Settings(BaseModel):
     named_llms: Mapping[str, LLMSettings] = Field(default_factory=dict)
     # Each tenant's weight in the fleet's fair share ([tenants] and PROMPTQ_TENANTS).
     tenants: Mapping[str, float] = Field(default_factory=dict)
+    # What the config file set that configures an OpenHands agent, not a queue, passed by:
+    # "[agent]", "max_message_chars in [llm]"... (worker.config_file).
+    ignored: tuple[str, ...] = ()
 
     def tenant_weight(self, name: str) -> float:
         """The weight of tenant ``name`` (a request's tenant_name) in the fleet's fair share:
@@ -205,28 +213,23 @@ def load_settings(
     The file is ``config_path``, else $PROMPTQ_CONFIG, else ./config.toml when it exists.
     Raises ConfigError naming every bad key.
     """
-    path, tables = read_config_file(config_path)
-    named_tables = {k: v for k, v in tables.get("llm", {}).items() if isinstance(v, dict)}
-    if named_tables:  # the [llm] source reads only the table's own values
-        plain = {k: v for k, v in tables["llm"].items() if k not in named_tables}
-        tables = {**tables, "llm": plain}
-    source = f"[{{table}}] of {path}" if path else "[{table}] of config.toml"
     problems: list[str] = []
-    token = _file_tables.set(tables)
+    config = load_config_file(config_path, problems)
+    tables, path = config.tables, config.path
+    source = f"[{{table}}] of {config.where}"
+    token = file_tables.set(tables)
     try:
         llm_settings = _build(LLMSettings, llm, "LLM_", source.format(table="llm"), problems)
         queue_settings = _build(
             QueueSettings, queue, "PROMPTQ_", source.format(table="promptq"), problems
         )
     finally:
-        _file_tables.reset(token)
+        file_tables.reset(token)
     rate_limits = _model_limits(tables.get("rate_limits", {}), path, problems)
-    tenants = _tenant_weights(
-        tables.get("tenants", {}), os.environ.get(TENANTS_ENV), path, problems
-    )
+    tenants = tenant_weights(tables.get("tenants", {}), os.environ.get(TENANTS_ENV), path, problems)
     named_llms = {}
     if llm_settings is not None:
-        named_llms = _named_llms(llm_settings, named_tables, path, problems)
+        named_llms = _named_llms(llm_settings, config, problems)
     if llm_settings is None or queue_settings is None or problems:
         raise ConfigError("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
     settings = Settings(
@@ -235,6 +238,7 @@ def load_settings(
         rate_limits=rate_limits,
         named_llms=named_llms,
         tenants=tenants,
+        ignored=config.ignored,
     )
     _check_waits_fit(settings)
     _check_prices(settings.llm)
@@ -251,20 +255,19 @@ _LLM_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 def _named_llms(
-    base: LLMSettings,
-    tables: Mapping[str, Mapping[str, Any]],
-    path: Path | None,
-    problems: list[str],
+    base: LLMSettings, config: ConfigFile, problems: list[str]
 ) -> dict[str, LLMSettings]:
-    """Each [llm.NAME] table over the default LLM settings (the table's values win)."""
+    """Each [llm.NAME] table over the default LLM settings (the table's values win; one that
+    reads as unset, `timeout = 0` say, leaves [llm]'s)."""
     named: dict[str, LLMSettings] = {}
     inherited = base.model_dump()
-    for name, table in tables.items():
-        where = f"[llm.{name}] of {path or 'config.toml'}"
+    for name, table in config.named_llms.items():
+        where = f"[llm.{name}] of {config.where}"
         if not _LLM_NAME.fullmatch(name):
             problems.append(f"{where}: a configuration name is letters, digits, _ and -")
             continue
-        built = _build(LLMSettings, {**inherited, **table}, "LLM_", where, problems)
+        own = without_unset(table, LLMSettings.unset_values)
+        built = _build(LLMSettings, {**inherited, **own}, "LLM_", where, problems)
         if built is not None:
             named[name] = built
     return named
@@ -289,73 +292,6 @@ def _model_limits(
                     message = "unknown setting (rpm and tpm are)"
                 problems.append(f"{field} in {where}: {message} (got {error['input']!r})")
     return limits
-
-
-def _tenant_weights(
-    table: Mapping[str, Any], env_text: str | None, path: Path | None, problems: list[str]
-) -> dict[str, float]:
-    """Each tenant's weight: the [tenants] table, then PROMPTQ_TENANTS' entries over it (the
-    environment wins, tenant by tenant). A bad name or weight is a problem naming its key."""
-    weights: dict[str, float] = {}
-    where = f"[tenants] of {path or 'config.toml'}"
-    for name, value in table.items():
-        if isinstance(value, Mapping):  # `team.a = 2` is a table "team" to TOML
-            problems.append(
-                f"tenants.{name} in {where}: a weight is a number, not a table (quote a name "
-                f'with dots: "{name}.x" = 2)'
-            )
-        elif (weight := _checked_tenant(name, value, value, where, problems)) is not None:
-            weights[name] = weight
-    seen: set[str] = set()
-    for name, raw in parse_tenants_env(env_text or "", problems):
-        if name in seen:
-            problems.append(f"tenants.{name} in {TENANTS_ENV}: listed twice")
-            continue
-        seen.add(name)
-        try:
-            number: float | None = float(raw)
-        except ValueError:
-            number = None
-        if (weight := _checked_tenant(name, number, raw, TENANTS_ENV, problems)) is not None:
-            weights[name] = weight
-    return weights
-
-
-def parse_tenants_env(text: str, problems: list[str]) -> list[tuple[str, str]]:
-    """The (name, weight text) pairs of PROMPTQ_TENANTS: ``NAME=WEIGHT`` separated by commas,
-    spaces around either ignored. A pair without ``=`` is a problem."""
-    pairs = []
-    for entry in text.split(","):
-        if not entry.strip():
-            continue
-        name, sep, weight = entry.partition("=")
-        if not sep:
-            problems.append(
-                f"{TENANTS_ENV}: each entry is NAME=WEIGHT, separated by commas (got {entry!r})"
-            )
-            continue
-        pairs.append((name.strip(), weight.strip()))
-    return pairs
-
-
-def _checked_tenant(
-    name: str, value: Any, given: Any, where: str, problems: list[str]
-) -> float | None:
-    """``value`` as tenant ``name``'s weight, or None after naming the problem (``given``:
-    the value as the user wrote it)."""
-    if not re.fullmatch(TENANT_PATTERN, name):
-        problems.append(
-            f"tenants.{name} in {where}: a tenant name matches {TENANT_PATTERN} (letters, "
-            "digits and _.:-, 1 to 64 characters)"
-        )
-        return None
-    number = value if isinstance(value, int | float) and not isinstance(value, bool) else None
-    if number is None or not math.isfinite(number) or number <= 0:
-        problems.append(
-            f"tenants.{name} in {where}: a weight is a finite number > 0 (got {given!r})"
-        )
-        return None
-    return float(number)
 
 
 def _check_waits_fit(settings: Settings) -> None:
@@ -385,15 +321,6 @@ def _check_prices(llm: LLMSettings) -> None:
         )
 
 
-# Settings promptq had once, and why they went: named as such when a config file still sets one.
-RETIRED = {
-    "eta_task_limit": "no longer used (a job waiting for its retry is parked in Redis, not held "
-    "in worker memory): remove it",
-    "limiter_max_ahead_s": "no longer used (slots are reserved at most limiter_max_sleep_s "
-    "ahead; a job waits for a later one in the scheduler): remove it",
-}
-
-
 def _build(
     cls: type[S],
     explicit: Mapping[str, Any] | None,
@@ -410,32 +337,15 @@ def _build(
             if error["type"] == "extra_forbidden":
                 problems.append(f"{field} in {where}: {RETIRED.get(field, 'unknown setting')}")
             else:
-                got = "" if field == "api_key" else f" (got {error['input']!r})"
+                got = "" if _quiet(cls, field) else f" (got {error['input']!r})"
                 problems.append(f"{env_prefix}{field.upper()} ({field} in {where}): {message}{got}")
         return None
 
 
-def read_config_file(
-    config_path: str | os.PathLike[str] | None = None,
-) -> tuple[Path | None, dict[str, Any]]:
-    """The config file load_settings reads for ``config_path`` and its tables; (None, {})
-    when there is none. Raises ConfigError naming the problem."""
-    named = config_path if config_path is not None else os.environ.get(CONFIG_ENV)
-    if named:
-        path = Path(named)
-        if not path.is_file():
-            given_by = "the config file given" if config_path is not None else CONFIG_ENV
-            raise ConfigError(f"{given_by}: config file {path} does not exist")
-    elif DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
-    else:
-        return None, {}
-    try:
-        with path.open("rb") as file:
-            data = tomllib.load(file)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    for table in ("llm", "promptq", "rate_limits", "tenants"):
-        if not isinstance(data.get(table, {}), dict):
-            raise ConfigError(f"{table} in {path} must be a table ([{table}])")
-    return path, data
+def _quiet(cls: type[BaseSettings], field: str) -> bool:
+    """Whether a bad value of ``field`` stays out of the message: secrets, and LiteLLM
+    parameters (they may hold headers with credentials)."""
+    info = cls.model_fields.get(field)
+    return info is not None and (
+        SecretStr in get_args(info.annotation) or field == "completion_kwargs"
+    )

@@ -32,7 +32,7 @@ BAD_CONFIGURATIONS: dict[str, tuple[dict[str, str], str | None, tuple[str, ...]]
         None,
         ("PROMPTQ_CONCURRENCY", "lots"),
     ),
-    "zero timeout": ({"LLM_TIMEOUT": "0"}, None, ("LLM_TIMEOUT",)),
+    "negative timeout": ({"LLM_TIMEOUT": "-5"}, None, ("LLM_TIMEOUT",)),
     "infinite timeout": ({"LLM_TIMEOUT": "inf"}, None, ("LLM_TIMEOUT",)),
     "negative redeliveries": (
         {"PROMPTQ_MAX_REDELIVERIES": "-1"},
@@ -52,6 +52,12 @@ BAD_CONFIGURATIONS: dict[str, tuple[dict[str, str], str | None, tuple[str, ...]]
     ),
     "unknown key in [llm]": ({}, "[llm]\nretries_max = 3\n", ("retries_max", "[llm]")),
     "unknown key in [promptq]": ({}, "[promptq]\nconcurency = 3\n", ("concurency", "[promptq]")),
+    "typo beside OpenHands' tables": (
+        {},
+        "[agent]\nenable_cmd = true\n\n[llm]\ntemprature = 0.2\n",
+        ("temprature", "[llm]"),
+    ),
+    "unknown table": ({}, "[promtq]\nconcurrency = 3\n", ("[promtq]", "unknown table")),
     "bad value in the file": (
         {},
         '[llm]\nnum_retries = "three"\n',

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from api_client._schemas import EmbeddingRequest, PromptRequest
 from worker.attempt.call_loop import CallLoop
-from worker.llm.call import Completion, Embedding, acall
+from worker.llm.answers import Completion, Embedding
+from worker.llm.call import acall
 from worker.settings import LLMSettings
 
 # One loop for every test's calls, as a worker process has one: LiteLLM keeps its HTTP clients

@@ -31,6 +31,7 @@ from tests.support.threads import off_main_thread
 from worker.attempt.classify import classify
 from worker.errors import MalformedResponse, NotConfigured
 from worker.fake_provider.replies import estimate_tokens
+from worker.llm import answers
 from worker.llm import call as llm
 from worker.settings import LLMSettings, load_settings
 
@@ -169,9 +170,10 @@ def test_embeddings_reserve_no_reply_tokens() -> None:
     tokens = llm.prompt_tokens("openai/text-embedding-3-small", request)
 
     assert tokens >= len(TEXTS)
-    assert llm.estimate_tokens("openai/text-embedding-3-small", request, 512) == tokens
+    settings = _settings(max_output_tokens=100)  # a default for chat replies only
+    assert llm.estimate_tokens(settings, "openai/text-embedding-3-small", request, 512) == tokens
     usage = Usage(prompt_tokens=7, total_tokens=7)
-    assert llm.charged_tokens(usage, request) == 7
+    assert llm.charged_tokens(settings, usage, request) == 7
 
 
 def test_the_worker_owns_the_call_arguments() -> None:
@@ -275,7 +277,7 @@ def _response(data: list[Any]) -> Any:
 def test_vectors_come_back_in_input_order() -> None:
     data = [{"index": 1, "embedding": [2.0]}, SimpleNamespace(index=0, embedding=[1])]
 
-    assert llm._vectors_of(_response(data), 2) == [[1.0], [2.0]]
+    assert answers._vectors_of(_response(data), 2) == [[1.0], [2.0]]
 
 
 @pytest.mark.parametrize(
@@ -291,4 +293,4 @@ def test_vectors_come_back_in_input_order() -> None:
 )
 def test_a_malformed_embedding_response_is_malformed(data: list[Any]) -> None:
     with pytest.raises(MalformedResponse):
-        llm._vectors_of(_response(data), 2)
+        answers._vectors_of(_response(data), 2)

@@ -18,6 +18,7 @@ from tests.support.llm_calls import complete
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from worker.attempt.classify import classify
 from worker.errors import ConfigError
+from worker.llm import answers
 from worker.llm import call as llm
 from worker.llm.content import IMAGE_PLACEHOLDER
 from worker.settings import LLMSettings, load_settings
@@ -280,7 +281,7 @@ def test_anthropic_cache_reads_are_reported() -> None:
         prompt_tokens=2000, completion_tokens=5, total_tokens=2005, cache_read_input_tokens=1500
     )
 
-    assert llm._usage_of(usage).cached_tokens == 1500
+    assert answers._usage_of(usage).cached_tokens == 1500
 
 
 def test_no_cache_information_means_zero_cached_tokens(server: ScriptedOpenAIServer) -> None:

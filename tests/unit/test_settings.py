@@ -263,7 +263,7 @@ def test_settings_are_frozen() -> None:
         ("LLM_NUM_RETRIES", "-1"),
         ("LLM_NUM_RETRIES", "many"),
         ("LLM_NUM_RETRIES", "2.5"),
-        ("LLM_TIMEOUT", "0"),
+        ("LLM_TIMEOUT", "-1"),  # 0 reads as unset, as OpenHands' template has it
         ("LLM_TIMEOUT", "abc"),
         ("LLM_DROP_PARAMS", "perhaps"),
         ("PROMPTQ_VISIBILITY_TIMEOUT_S", "0"),

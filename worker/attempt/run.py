@@ -39,11 +39,18 @@ from worker.attempt.throttle import (
     wait_in_line,
     wait_out_pause,
 )
-from worker.errors import REDIS_DOWN, REDIS_UNAVAILABLE, BudgetExceeded, NotConfigured
+from worker.errors import (
+    REDIS_DOWN,
+    REDIS_UNAVAILABLE,
+    AttemptProblem,
+    BudgetExceeded,
+    NotConfigured,
+)
 from worker.fleet.scripts import ScriptCall, patiently_on_loop
 from worker.fleet.spend import Reservation
 from worker.fleet.store import FINISH_PATIENCE_S, Marked
 from worker.llm import call as llm
+from worker.llm.answers import Answer, Embedding
 
 if TYPE_CHECKING:
     from worker.attempt.runtime import Runtime
@@ -182,7 +189,7 @@ async def _reserve_spend(
 
 
 async def _after_success(
-    rt: Runtime, delivery: Delivery, call: _Call, answer: llm.Answer, latency_s: float
+    rt: Runtime, delivery: Delivery, call: _Call, answer: Answer, latency_s: float
 ) -> None:
     """Store the answer and book what it cost, in one round trip."""
     job_id, attempts = delivery.job_id, delivery.state.failures + 1
@@ -192,7 +199,7 @@ async def _after_success(
     result = _result_of(job_id, answer, cost_usd, attempts, latency_s)
     store = rt.store.finish(job_id, Outcome(status=JobStatus.SUCCEEDED, result=result))
     usage = answer.usage
-    charged = llm.charged_tokens(usage, call.request) if usage.total_tokens else 0
+    charged = llm.charged_tokens(call.llm, usage, call.request) if usage.total_tokens else 0
     book = _book_calls(
         rt,
         call,
@@ -218,7 +225,7 @@ async def _after_success(
 
 
 def _result_of(
-    job_id: str, answer: llm.Answer, cost_usd: float | None, attempts: int, latency_s: float
+    job_id: str, answer: Answer, cost_usd: float | None, attempts: int, latency_s: float
 ) -> JobResult:
     """The stored result of a successful call."""
     common: dict[str, Any] = {
@@ -230,7 +237,7 @@ def _result_of(
         "latency_s": latency_s,
         "created": datetime.now(UTC),
     }
-    if isinstance(answer, llm.Embedding):
+    if isinstance(answer, Embedding):
         return EmbeddingResult(vectors=answer.vectors, **common)
     return PromptResult(
         content=answer.content,
@@ -264,8 +271,8 @@ def _after_failure(
         wait_out_pause(rt, delivery, call.request, call.deployment.model, failure)
         return None
     failures = delivery.state.failures
-    # A call refused before it was sent (missing key, say) is not an attempt.
-    attempts = failures if isinstance(exc, NotConfigured) else failures + 1
+    # A call refused before it was sent (missing key, prompt too long) is not an attempt.
+    attempts = failures if isinstance(exc, AttemptProblem) and exc.before_call else failures + 1
     if failure.retryable and failures < call.llm.num_retries:
         wait_s = rt.retry_policy(call.request.llm).wait_s(failures, failure.retry_after_s)
         missed_s = missed_deadline_s(call.request, after_s=wait_s)

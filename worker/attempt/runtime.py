@@ -122,9 +122,9 @@ class Runtime:
 
     @cached_property
     def secrets(self) -> tuple[str, ...]:
-        """Every API key this worker holds, to scrub from error messages."""
+        """Every secret this worker holds (API keys, AWS keys), to scrub from error messages."""
         configs = [self.settings.llm, *self.settings.named_llms.values()]
-        return tuple({c.api_key.get_secret_value() for c in configs if c.api_key})
+        return tuple({secret for config in configs for secret in config.secrets()})
 
     def close(self) -> None:
         """Release what was made: the call loop's Redis clients, then the loop and its thread,

@@ -37,7 +37,10 @@ def tokens_to_charge(rt: Runtime, deployment: Deployment, request: JobRequest) -
     applies (LiteLLM's counter costs CPU)."""
     if not rt.limiter.counts_tokens(deployment):
         return 0
-    return llm.estimate_tokens(deployment.model, request, rt.settings.queue.limiter_reply_tokens)
+    reply_tokens = rt.settings.queue.limiter_reply_tokens
+    return llm.estimate_tokens(
+        rt.llm_settings(request.llm), deployment.model, request, reply_tokens
+    )
 
 
 def slot_now(rt: Runtime, deployment: Deployment, grant: Grant, tokens: int) -> Slot | None:

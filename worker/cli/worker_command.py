@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from api_client._constants import QUEUE
 from worker.cli.options import POOLS, config_option
+from worker.config_file import ignored_notice
 from worker.errors import EXIT_USAGE
 from worker.settings import Settings, load_settings
 
@@ -53,6 +54,9 @@ def run_worker(args: argparse.Namespace, celery_args: Sequence[str]) -> int:
     """Start a Celery worker on the promptq queue, or a supervisor of several; a bad setting
     stops it here, named."""
     settings = load_settings(args.config)
+    notice = ignored_notice(settings.ignored)
+    if notice and args.process_index is None:  # once, not once per supervised process
+        print(f"promptq worker: {notice}", file=sys.stderr)
     if args.concurrency is not None and args.concurrency < 1:
         print("promptq worker: --concurrency must be at least 1", file=sys.stderr)
         return EXIT_USAGE

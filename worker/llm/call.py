@@ -1,5 +1,5 @@
 """The only module that imports litellm: one provider call per attempt (a chat completion or
-an embeddings call), and its cost."""
+an embeddings call), its arguments, estimates and cost."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 # Use the model price map bundled with LiteLLM instead of fetching it from GitHub at import.
@@ -22,9 +21,10 @@ from api_client._schemas import EmbeddingRequest, JobRequest, PromptRequest, Usa
 from worker.errors import (
     ContentPolicyViolation,
     ContextWindowExceeded,
-    MalformedResponse,
     NotConfigured,
+    PromptTooLong,
 )
+from worker.llm.answers import Answer, completion_of, embedding_of
 from worker.llm.content import with_cache_marks, without_images
 from worker.settings import LLMSettings
 
@@ -38,32 +38,13 @@ setattr(litellm, "DEFAULT_MAX_RETRIES", 0)  # noqa: B010 (a Final in LiteLLM's s
 for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
-
-@dataclass(frozen=True)
-class Completion:
-    """What one successful call produced, in promptq's terms."""
-
-    model: str
-    message: dict[str, Any]
-    content: str | None
-    finish_reason: str | None
-    usage: Usage
-    cost_usd: float | None
-    headers: dict[str, str]  # the provider's response headers, as LiteLLM passes them on
-
-
-@dataclass(frozen=True)
-class Embedding:
-    """What one successful embeddings call produced, in promptq's terms."""
-
-    model: str
-    vectors: list[list[float]]  # one per input text, in input order
-    usage: Usage
-    cost_usd: float | None
-    headers: dict[str, str]
-
-
-Answer = Completion | Embedding
+# The parameters OpenHands' [llm] settings of the same names give the chat requests that do
+# not set them (LLM_MAX_OUTPUT_TOKENS is the default max_tokens: see params_of).
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "seed", "reasoning_effort", "safety_settings")
+# What a request caps its reply with: one of them set, no default cap is added.
+_REPLY_CAPS = frozenset({"max_tokens", "max_completion_tokens"})
+# Providers whose models Ollama serves: their endpoint is LLM_OLLAMA_BASE_URL when set.
+_OLLAMA = frozenset({"ollama", "ollama_chat"})
 
 
 def model_of(settings: LLMSettings, request: JobRequest) -> str:
@@ -98,12 +79,31 @@ def priced_as(settings: LLMSettings, request: JobRequest, model: str) -> str:
     return model
 
 
-def reply_token_budget(request: JobRequest) -> int | None:
-    """The reply tokens the request caps itself at (max_tokens), which providers reserve."""
+def params_of(settings: LLMSettings, request: PromptRequest) -> dict[str, Any]:
+    """The parameters a chat call is sent with: the request's own over the worker's defaults
+    (LLM_COMPLETION_KWARGS, then the SAMPLING_DEFAULTS, and LLM_MAX_OUTPUT_TOKENS as max_tokens
+    unless the request caps its reply itself)."""
+    defaults = dict(settings.completion_kwargs or {})
+    for name in SAMPLING_DEFAULTS:
+        if (value := getattr(settings, name)) is not None:
+            defaults[name] = value
+    if settings.max_output_tokens is not None:
+        defaults["max_tokens"] = settings.max_output_tokens
+    if not defaults:
+        return request.params
+    if _REPLY_CAPS & request.params.keys():  # max_completion_tokens and max_tokens conflict
+        defaults = {k: v for k, v in defaults.items() if k not in _REPLY_CAPS}
+    return {**defaults, **request.params}
+
+
+def reply_token_budget(settings: LLMSettings, request: JobRequest) -> int | None:
+    """The reply tokens a call caps itself at (max_tokens, the request's or the worker's
+    default), which providers reserve."""
     if isinstance(request, EmbeddingRequest):
         return 0  # an embedding has no reply tokens
+    params = params_of(settings, request)
     for name in ("max_completion_tokens", "max_tokens"):
-        value = request.params.get(name)
+        value = params.get(name)
         if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
             return value
     return None
@@ -126,16 +126,18 @@ def _tokens_of_text(model: str, text: str) -> int:
         return len(text) // 4 + 1
 
 
-def reply_tokens_of(request: JobRequest, default: int) -> int:
-    """The reply tokens to expect: max_tokens when the request sets it, else ``default``."""
-    budget = reply_token_budget(request)
+def reply_tokens_of(settings: LLMSettings, request: JobRequest, default: int) -> int:
+    """The reply tokens to expect: the call's max_tokens when it has one, else ``default``."""
+    budget = reply_token_budget(settings, request)
     return default if budget is None else budget
 
 
-def estimate_tokens(model: str, request: JobRequest, reply_tokens: int) -> int:
+def estimate_tokens(
+    settings: LLMSettings, model: str, request: JobRequest, reply_tokens: int
+) -> int:
     """What a call will count against a tokens-per-minute limit, before it is made: the
     prompt plus max_tokens, else ``reply_tokens``."""
-    return prompt_tokens(model, request) + reply_tokens_of(request, reply_tokens)
+    return prompt_tokens(model, request) + reply_tokens_of(settings, request, reply_tokens)
 
 
 def estimate_cost_usd(
@@ -149,7 +151,7 @@ def estimate_cost_usd(
         settings,
         price_model,
         prompt_tokens(model, request),
-        reply_tokens_of(request, reply_tokens),
+        reply_tokens_of(settings, request, reply_tokens),
     )
     if price is None:
         raise NotConfigured(
@@ -176,10 +178,10 @@ def _priced(
     return float(prompt_usd) + float(reply_usd)
 
 
-def charged_tokens(usage: Usage, request: JobRequest) -> int:
+def charged_tokens(settings: LLMSettings, usage: Usage, request: JobRequest) -> int:
     """What a finished call counted against the provider's token limit: the prompt plus the
-    reply, or plus max_tokens when the request set it (providers reserve it up front)."""
-    budget = reply_token_budget(request)
+    reply, or plus max_tokens when the call had one (providers reserve it up front)."""
+    budget = reply_token_budget(settings, request)
     reply = usage.completion_tokens if budget is None else max(budget, usage.completion_tokens)
     return usage.prompt_tokens + reply
 
@@ -188,26 +190,27 @@ def call_arguments(settings: LLMSettings, request: PromptRequest, model: str) ->
     """The keyword arguments of the one litellm.completion call for ``request`` (a pure
     function of its inputs and LiteLLM's model map, so tests can check them without HTTP).
 
-    The request's parameters come last but cannot override the worker's: the request schema
-    refuses those (api_client._schemas.RESERVED_PARAMS).
+    The parameters (params_of) come last but cannot override the worker's: the request
+    schema and LLMSettings refuse those (api_client._schemas.RESERVED_PARAMS).
     """
     messages = request.messages
     if settings.disable_vision:
         messages = without_images(messages)
-    if settings.caching_prompt and takes_cache_marks(model):
+    if settings.caching_prompt and takes_cache_marks(_qualified(settings, model)):
         messages = with_cache_marks(messages)
     return {
         "model": model,
         "messages": messages,
         "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
-        "base_url": settings.base_url,
+        "base_url": endpoint_of(settings, model),
         "api_version": settings.api_version,
         "drop_params": settings.drop_params,
         "timeout": settings.timeout,
         # Celery owns the retry budget: one HTTP request per attempt.
         "max_retries": 0,
         "num_retries": 0,
-        **request.params,
+        **_provider_arguments(settings),
+        **params_of(settings, request),
     }
 
 
@@ -220,14 +223,47 @@ def embedding_arguments(
         "model": model,
         "input": request.input,
         "api_key": settings.api_key.get_secret_value() if settings.api_key else None,
-        "api_base": settings.base_url,
+        "api_base": endpoint_of(settings, model, embedding=True),
         "api_version": settings.api_version,
         "drop_params": settings.drop_params,
         "timeout": settings.timeout,
         "max_retries": 0,
         "num_retries": 0,
+        **_provider_arguments(settings),
         **request.params,
     }
+
+
+def endpoint_of(settings: LLMSettings, model: str, *, embedding: bool = False) -> str | None:
+    """Where a call to ``model`` goes: for embeddings LLM_EMBEDDING_BASE_URL when set, for a
+    model Ollama serves LLM_OLLAMA_BASE_URL when set, else LLM_BASE_URL."""
+    if embedding and settings.embedding_base_url:
+        return settings.embedding_base_url
+    if settings.ollama_base_url and _qualified(settings, model).split("/")[0] in _OLLAMA:
+        return settings.ollama_base_url
+    return settings.base_url
+
+
+def _provider_arguments(settings: LLMSettings) -> dict[str, Any]:
+    """LiteLLM's arguments for LLM_CUSTOM_LLM_PROVIDER and Bedrock's AWS settings, when set
+    (LiteLLM never sends these to a provider as request parameters)."""
+    found: dict[str, Any] = {
+        "custom_llm_provider": settings.custom_llm_provider,
+        "aws_region_name": settings.aws_region_name,
+    }
+    for name in ("aws_access_key_id", "aws_secret_access_key"):
+        secret = getattr(settings, name)
+        found[name] = secret.get_secret_value() if secret else None
+    return {name: value for name, value in found.items() if value is not None}
+
+
+def _qualified(settings: LLMSettings, model: str) -> str:
+    """``model`` with its provider in front: LLM_CUSTOM_LLM_PROVIDER's, when set and the name
+    does not start with it already."""
+    provider = settings.custom_llm_provider
+    if provider and not model.startswith(f"{provider}/"):
+        return f"{provider}/{model}"
+    return model
 
 
 async def acall(settings: LLMSettings, request: JobRequest) -> Answer:
@@ -236,10 +272,28 @@ async def acall(settings: LLMSettings, request: JobRequest) -> Answer:
     model = callable_model(settings, request)
     if isinstance(request, EmbeddingRequest):
         response = await litellm.aembedding(**embedding_arguments(settings, request, model))
-        return _embedding_of(response, settings, request, model)
+        price_model = priced_as(settings, request, model)
+
+        def price(usage: Usage) -> float | None:
+            return _priced(settings, price_model, usage.prompt_tokens, 0)
+
+        return embedding_of(response, len(request.input), model, price)
+    _check_prompt_fits(settings, model, request)
     with _mapped_errors():
         response = await litellm.acompletion(**call_arguments(settings, request, model))
-    return _completion_of(response, settings)
+    return completion_of(response, partial(_cost_usd, response, settings=settings))
+
+
+def _check_prompt_fits(settings: LLMSettings, model: str, request: PromptRequest) -> None:
+    """PromptTooLong, before any request, for a prompt longer than LLM_MAX_INPUT_TOKENS."""
+    if settings.max_input_tokens is None:
+        return
+    counted = prompt_tokens(model, request)
+    if counted > settings.max_input_tokens:
+        raise PromptTooLong(
+            f"the prompt is {counted} tokens (LiteLLM's count for {model}), more than "
+            f"LLM_MAX_INPUT_TOKENS ({settings.max_input_tokens}): no request was sent"
+        )
 
 
 async def warm_up() -> None:
@@ -258,7 +312,11 @@ def callable_model(settings: LLMSettings, request: JobRequest) -> str:
     """The model a request goes to, once it is known the worker can call it (NotConfigured
     otherwise: no model, or no key where the provider needs one)."""
     model = model_of(settings, request)
-    _check_credentials(model, settings.api_key is not None, settings.base_url)
+    aws_keys = settings.aws_access_key_id and settings.aws_secret_access_key
+    has_credentials = settings.api_key is not None or bool(aws_keys)
+    embedding = isinstance(request, EmbeddingRequest)
+    endpoint = endpoint_of(settings, model, embedding=embedding)
+    _check_credentials(_qualified(settings, model), has_credentials, endpoint)
     return model
 
 
@@ -271,46 +329,6 @@ def _mapped_errors() -> Iterator[None]:
         raise ContextWindowExceeded(str(exc), status_code=exc.status_code) from exc
     except ContentPolicyViolationError as exc:
         raise ContentPolicyViolation(str(exc), status_code=exc.status_code) from exc
-
-
-def _embedding_of(
-    response: Any, settings: LLMSettings, request: EmbeddingRequest, model: str
-) -> Embedding:
-    usage = _usage_of(getattr(response, "usage", None))
-    return Embedding(
-        model=str(getattr(response, "model", None) or model),
-        vectors=_vectors_of(response, len(request.input)),
-        usage=usage,
-        cost_usd=_priced(settings, priced_as(settings, request, model), usage.prompt_tokens, 0),
-        headers=_headers_of(response),
-    )
-
-
-def _vectors_of(response: Any, expected: int) -> list[list[float]]:
-    """The response's vectors in input order; MalformedResponse unless there is one list of
-    numbers per input text."""
-    data = getattr(response, "data", None)
-    if not isinstance(data, list) or len(data) != expected:
-        found = len(data) if isinstance(data, list) else "no"
-        raise MalformedResponse(f"the provider returned {found} embeddings for {expected} texts")
-    by_index: dict[int, list[float]] = {}
-    for position, item in enumerate(data):
-        index, vector = _field(item, "index"), _field(item, "embedding")
-        index = position if index is None else index
-        numbers = isinstance(vector, list) and all(
-            isinstance(x, int | float) and not isinstance(x, bool) for x in vector
-        )
-        if not numbers or not vector or not isinstance(index, int) or index in by_index:
-            raise MalformedResponse(f"the provider returned a malformed embedding at {position}")
-        by_index[index] = [float(x) for x in vector]
-    if sorted(by_index) != list(range(expected)):
-        raise MalformedResponse("the provider's embedding indexes do not match the texts")
-    return [by_index[index] for index in range(expected)]
-
-
-def _field(item: Any, name: str) -> Any:
-    """A field of a response item, which LiteLLM gives as a dict or an object."""
-    return item.get(name) if isinstance(item, dict) else getattr(item, name, None)
 
 
 @lru_cache(maxsize=256)
@@ -349,51 +367,7 @@ def _check_credentials(model: str, has_key: bool, base_url: str | None) -> None:
         )
 
 
-def _completion_of(response: Any, settings: LLMSettings) -> Completion:
-    choices = getattr(response, "choices", None)
-    if not choices:
-        raise MalformedResponse("the provider returned a completion without choices")
-    choice = choices[0]
-    message = {k: v for k, v in choice.message.model_dump().items() if v is not None}
-    usage = _usage_of(getattr(response, "usage", None))
-    return Completion(
-        model=str(response.model),
-        message=message,
-        content=choice.message.content,
-        finish_reason=choice.finish_reason,
-        usage=usage,
-        cost_usd=_cost_usd(response, usage, settings),
-        headers=_headers_of(response),
-    )
-
-
-def _usage_of(usage: Any) -> Usage:
-    """LiteLLM's usage in promptq's terms. Prompt tokens read from the provider's cache are
-    in prompt_tokens_details.cached_tokens (OpenAI's form, which LiteLLM fills for most
-    providers) or cache_read_input_tokens (Anthropic's)."""
-    details = getattr(usage, "prompt_tokens_details", None)
-    cached = getattr(details, "cached_tokens", None) or getattr(
-        usage, "cache_read_input_tokens", None
-    )
-    return Usage(
-        prompt_tokens=_count(getattr(usage, "prompt_tokens", 0)),
-        completion_tokens=_count(getattr(usage, "completion_tokens", 0)),
-        total_tokens=_count(getattr(usage, "total_tokens", 0)),
-        cached_tokens=_count(cached),
-    )
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
-def _headers_of(response: Any) -> dict[str, str]:
-    hidden = getattr(response, "_hidden_params", None) or {}
-    headers = hidden.get("additional_headers") if isinstance(hidden, dict) else None
-    return {str(k): str(v) for k, v in headers.items()} if isinstance(headers, dict) else {}
-
-
-def _cost_usd(response: Any, usage: Usage, settings: LLMSettings) -> float | None:
+def _cost_usd(response: Any, usage: Usage, *, settings: LLMSettings) -> float | None:
     """The call's price: from LLM_INPUT_COST_PER_TOKEN / LLM_OUTPUT_COST_PER_TOKEN when set
     (they win over LiteLLM's map; cached prompt tokens count at the input price), else from
     the price map bundled with LiteLLM, else None."""

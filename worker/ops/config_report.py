@@ -10,16 +10,14 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 
 from api_client._polling import redact_url
-from worker.settings import (
-    TENANTS_ENV,
-    ModelLimits,
-    load_settings,
-    parse_tenants_env,
-    read_config_file,
-)
+from worker.config_file import load_config_file
+from worker.settings import ModelLimits, load_settings
+from worker.settings_sources import without_unset
+from worker.tenant_weights import TENANTS_ENV, parse_tenants_env
 
 MASK = "********"
 NOT_SET = "(not set)"
+PASSED_BY = "(passed by: OpenHands' agent setting)"
 
 
 @dataclass(frozen=True)
@@ -35,21 +33,23 @@ def describe_settings(
     config_path: str | None = None, *, llm_overrides: Mapping[str, Any] | None = None
 ) -> list[SettingRow]:
     """Every LLM_* and PROMPTQ_* setting with the value a worker would run with, and its source,
-    then what the file's [llm.NAME] and [rate_limits."MODEL"] tables set and each weight of a
-    tenant listed by [tenants] or PROMPTQ_TENANTS (``tenants.NAME``).
+    then what the file's [llm.NAME] and [rate_limits."MODEL"] tables set, each weight of a
+    tenant listed by [tenants] or PROMPTQ_TENANTS (``tenants.NAME``), and what of an OpenHands
+    config the worker passes by (``[agent]``, ``max_message_chars in [llm]``...).
 
     Settings are loaded as a worker loads them (``llm_overrides`` as explicit values, the
     way `-s KEY=VALUE` gives them), so a bad value raises ConfigError naming its key.
     Precedence, highest first: flag, environment, the config file's table, default.
     """
     settings = load_settings(config_path, llm=llm_overrides)
-    path, tables = read_config_file(config_path)
+    config = load_config_file(config_path, [])
+    path, tables = config.path, config.tables
     env_names = {name.upper() for name in os.environ}  # pydantic-settings ignores case
     rows: list[SettingRow] = []
     for model, overrides in ((settings.llm, llm_overrides or {}), (settings.queue, {})):
         cls = type(model)
         prefix = str(cls.model_config.get("env_prefix", ""))
-        table: Mapping[str, Any] = tables.get(cls.config_table, {})
+        table = without_unset(tables.get(cls.config_table, {}), cls.unset_values)
         for field_name in cls.model_fields:
             env_name = f"{prefix}{field_name}".upper()
             if field_name in overrides:
@@ -62,7 +62,7 @@ def describe_settings(
                 source = "default"
             rows.append(SettingRow(env_name, _display(model, field_name), source))
     for name, named in settings.named_llms.items():  # what each [llm.NAME] table sets
-        for field_name in tables["llm"][name]:
+        for field_name in without_unset(config.named_llms[name], named.unset_values):
             rows.append(
                 SettingRow(
                     f"[llm.{name}] {field_name}", _display(named, field_name), f"file ({path})"
@@ -76,6 +76,7 @@ def describe_settings(
     for tenant, weight in settings.tenants.items():  # the others weigh 1
         source = "environment" if tenant in from_env else f"file ({path}) [tenants]"
         rows.append(SettingRow(f"tenants.{tenant}", _number(weight), source))
+    rows += [SettingRow(name, PASSED_BY, f"file ({path})") for name in settings.ignored]
     return rows
 
 
@@ -85,6 +86,8 @@ def _display(model: BaseModel, field_name: str) -> str:
         return NOT_SET
     if isinstance(value, SecretStr):
         return MASK
+    if isinstance(value, dict):  # LiteLLM parameters: headers may hold credentials
+        return "{" + ", ".join(f"{key}: {MASK}" for key in value) + "}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
