@@ -19,7 +19,7 @@ from api_client._constants import QUEUE, starts_key, state_key
 from api_client._requests import build_request
 from api_client._task_messages import task_message
 from tests.support.broker import settled
-from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES
+from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, module_worker
 from tests.support.invariants import dump_redis
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
@@ -68,6 +68,11 @@ def test_messages_and_per_request_model(client: Client, provider: ScriptedOpenAI
     assert request.body["messages"] == messages
 
 
+# A provider's Retry-After up to 4 s is a retry's wait here (a longer one would pause the
+# deployment: test_ratelimit); the backoff alone waits 0.05 s.
+worker = module_worker(args=("--concurrency", "16"), env={"LLM_RETRY_MAX_WAIT": "4"})
+
+
 def test_429_with_retry_after_then_success(client: Client, provider: ScriptedOpenAIServer) -> None:
     provider.script(Reply(status=429, headers={"Retry-After": "0.6"}))
 
@@ -75,7 +80,7 @@ def test_429_with_retry_after_then_success(client: Client, provider: ScriptedOpe
 
     assert result.attempts == 2
     first, second = provider.requests
-    # The backoff alone would wait at most LLM_RETRY_MAX_WAIT (0.2 s): Retry-After won.
+    # The backoff alone would wait 0.05 s: Retry-After won.
     assert second.received_at - first.received_at >= 0.6
 
 

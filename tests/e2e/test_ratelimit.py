@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from api_client import Client
+from api_client import Client, JobStatus
 from tests.support.e2e_worker import CANARY_KEY, NUM_RETRIES, worker_env
 from tests.support.metrics import metrics_url, sample, scrape, summed
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
@@ -17,6 +17,7 @@ from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess, worker_fleet
 from worker.fleet.limiter import BURST_S, Deployment, RateLimiter, read_limiters
 
+MODEL = "openai/test-model"
 RPM = 120  # one call every 0.5 s for the whole fleet
 TOKENS_MODEL = "openai/tokens-model"
 TPM = 6000  # 100 tokens a second, for TOKENS_MODEL only
@@ -120,6 +121,39 @@ def test_a_retry_after_slows_the_whole_fleet(
     assert min(r.received_at for r in later) >= refused.received_at + 2.0 - ARRIVAL_SLACK_S
 
 
+def test_a_retry_after_beyond_any_backoff_pauses_the_deployment_and_spends_no_retry(
+    client: Client,
+    provider: ScriptedOpenAIServer,
+    shared: redis.Redis,
+    workers: list[WorkerProcess],
+) -> None:
+    """A quota spent for a while (a Retry-After longer than LLM_RETRY_MAX_WAIT, 0.2 s here):
+    the job that met it waits in line with the others, no retry spent, and all run after."""
+    pause_s = 2.0
+    paused_before = summed(workers, "promptq_limiter_waits_total", model=MODEL, how="paused")
+    headers = {"Retry-After": str(pause_s), "x-ratelimit-limit-requests": "100000"}
+    provider.script(Reply(status=429, headers=headers))
+    first = client.submit("meets the quota")
+    [refused] = provider.wait_for_requests(1, timeout_s=WAIT_S)
+
+    def paused() -> bool:
+        limiters = read_limiters(shared)
+        return any(s.paused_for_s > 0 for s in limiters) and first.status() is JobStatus.QUEUED
+
+    wait_until(paused, WAIT_S)  # waiting in line, not retrying
+    others = [client.submit(f"after the quota {n}") for n in range(3)]
+    results = [job.wait(timeout=WAIT_S) for job in [first, *others]]
+
+    assert [r.attempts for r in results] == [1] * 4  # the refused call was no attempt
+    later = [r for r in provider.requests if r is not refused]
+    assert len(later) == 4
+    assert min(r.received_at for r in later) >= refused.received_at + pause_s - ARRIVAL_SLACK_S
+    retries = summed(workers, "promptq_retries_total", model=MODEL, kind="rate_limited")
+    assert retries == 0
+    paused_after = summed(workers, "promptq_limiter_waits_total", model=MODEL, how="paused")
+    assert paused_after - paused_before == 1
+
+
 def test_waiting_for_capacity_spends_no_retry(
     client: Client,
     provider: ScriptedOpenAIServer,
@@ -142,10 +176,8 @@ def test_waiting_for_capacity_spends_no_retry(
             headers={"x-ratelimit-limit-requests": "100000"},
         ).run()
 
-    model = "openai/test-model"
-
     def parked(name: str) -> float:  # over the fleet: this job is the only one running
-        return summed(workers, name, model=model, how="parked")
+        return summed(workers, name, model=MODEL, how="parked")
 
     waits_before = parked("promptq_limiter_waits_total")
     seconds_before = parked("promptq_limiter_wait_seconds_total")

@@ -19,6 +19,7 @@ from api_client._constants import (
     state_key,
     taken_key,
 )
+from tests.support.e2e_worker import module_worker
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.worker_process import WorkerProcess
@@ -136,6 +137,11 @@ def test_a_running_worker_answers_the_ping(
     [name] = status.workers
     assert name.startswith(f"promptq-{worker.pid}@")
     assert name in format_status(status)
+
+
+# The provider's Retry-After of 3 s below is a retry's wait (a longer one than
+# LLM_RETRY_MAX_WAIT would pause the deployment instead).
+worker = module_worker(env={"LLM_RETRY_MAX_WAIT": "4"})
 
 
 def test_a_retry_parked_until_due_is_counted(
