@@ -23,22 +23,17 @@ growth after warm-up. Retry waits are scaled down (LLM_RETRY_MIN_WAIT=1, MAX_WAI
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from _fleet import fleet
+
 from api_client import Client, JobFailed, PromptRequest
 from api_client._requests import build_request
-from worker.app.embedded import RedisServerProcess
-from worker.fake_provider import FakeProvider, FakeProviderConfig
+from worker.fake_provider import FakeProviderConfig
 
-MODEL = "openai/bench-model"
-WARM_UP_MODEL = "openai/warm-up"
 MAX_TOKENS = 20  # per prompt in the tpm mode
 RETRY_ENV = {"LLM_RETRY_MIN_WAIT": "1", "LLM_RETRY_MAX_WAIT": "10"}
 
@@ -63,33 +58,6 @@ def rss_mb(pid: int, field: str) -> float:
         if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def start_workers(
-    env: dict[str, str], count: int, concurrency: int, logs: Path
-) -> list[subprocess.Popen[bytes]]:
-    processes = []
-    for n in range(count):
-        log = (logs / f"worker-{n}.log").open("wb")
-        command = [sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"]
-        command += ["--processes", "1", "--concurrency", str(concurrency)]
-        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
-    return processes
-
-
-def wait_ready(
-    client: Client, processes: list[subprocess.Popen[bytes]], timeout_s: float = 120
-) -> None:
-    """Every worker has taken and finished one job (so LiteLLM is loaded everywhere)."""
-    deadline = time.monotonic() + timeout_s
-    jobs = client.submit_many(
-        build_request("warm up", None, WARM_UP_MODEL, {}) for _ in range(len(processes) * 4)
-    )
-    for job in client.as_completed(jobs, timeout=max(1.0, deadline - time.monotonic())):
-        job.wait(timeout=1)
-    for process in processes:
-        if process.poll() is not None:
-            raise SystemExit(f"a worker exited with {process.returncode}")
 
 
 def submit_and_collect(
@@ -124,55 +92,34 @@ def run_mode(mode: str, args: argparse.Namespace, directory: Path) -> Outcome:
         provider_config = FakeProviderConfig(
             rpm=args.rpm, burst_s=args.burst, latency_s=args.latency
         )
-    logs = directory / mode
-    logs.mkdir()
-    redis_server = RedisServerProcess(shutil.which("redis-server") or "redis-server", logs)
-    redis_server.start()
-    provider = FakeProvider(provider_config).start()
-    config = logs / "config.toml"
-    config.write_text(f'[rate_limits."{WARM_UP_MODEL}"]  # no limits of ours for the warm-up\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_"))}
-    env |= RETRY_ENV | {
-        "PROMPTQ_CONFIG": str(config),
-        "PROMPTQ_REDIS_URL": redis_server.url,
-        "LLM_MODEL": MODEL,
-        "LLM_API_KEY": "sk-bench",
-        "LLM_BASE_URL": provider.base_url,
+    settings = RETRY_ENV | {
         "PROMPTQ_LIMITER_ADAPTIVE": "true" if mode == "adaptive" else "false",
     }
-    env |= dict(item.split("=", 1) for item in args.env)
     if mode == "configured":
-        env["LLM_RPM"] = str(args.rpm)
+        settings["LLM_RPM"] = str(args.rpm)
     if tokens_mode:
-        env["LLM_TPM"] = str(provider_config.tpm)
-    processes = start_workers(env, args.workers, args.concurrency, logs)
-    try:
-        with Client(redis_server.url) as client:
-            wait_ready(client, processes)
-            warm = provider.stats()
-            baseline = [rss_mb(p.pid, "VmRSS") for p in processes]
-            params = {"max_tokens": MAX_TOKENS} if tokens_mode else {}
-            requests = [
-                build_request(f"prompt number {n:05d}", None, None, params)
-                for n in range(args.prompts)
-            ]
-            ideal_s = args.prompts / args.rpm * 60
-            succeeded, failed, elapsed_s = submit_and_collect(
-                client, requests, timeout_s=ideal_s * 5 + 120
-            )
-            stats = provider.stats()
-            peaks = [rss_mb(p.pid, "VmHWM") for p in processes]
-            growth = [rss_mb(p.pid, "VmRSS") - b for p, b in zip(processes, baseline, strict=True)]
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        provider.stop()
-        redis_server.stop()
+        settings["LLM_TPM"] = str(provider_config.tpm)
+    with fleet(
+        directory / mode,
+        provider_config,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        settings=settings,
+        extra_env=args.env,
+    ) as f:
+        warm = f.provider.stats()
+        baseline = [rss_mb(p.pid, "VmRSS") for p in f.workers]
+        params = {"max_tokens": MAX_TOKENS} if tokens_mode else {}
+        requests = [
+            build_request(f"prompt number {n:05d}", None, None, params) for n in range(args.prompts)
+        ]
+        ideal_s = args.prompts / args.rpm * 60
+        succeeded, failed, elapsed_s = submit_and_collect(
+            f.client, requests, timeout_s=ideal_s * 5 + 120
+        )
+        stats = f.provider.stats()
+        peaks = [rss_mb(p.pid, "VmHWM") for p in f.workers]
+        growth = [rss_mb(p.pid, "VmRSS") - b for p, b in zip(f.workers, baseline, strict=True)]
     requests_made = stats["requests"] - warm["requests"]
     rate_limited = stats["rate_limited"] - warm["rate_limited"]
     return Outcome(
