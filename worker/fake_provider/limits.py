@@ -51,7 +51,7 @@ class Shape:
         if self.kind == "bucket" and self.size and self.size < 1:
             raise ValueError("a bucket must hold at least 1 request")
         if self.kind != "bucket" and not 0 < self.size <= 60:
-            raise ValueError(f"a {self.kind} window must last more than 0 and at most 60 s")
+            raise ValueError(f"{self.kind}:S needs S above 0 and at most 60 (seconds)")
 
     @classmethod
     def parse(cls, text: str) -> Shape:
