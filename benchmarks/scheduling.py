@@ -24,86 +24,36 @@ that the workers are told of (LLM_RPM), and W `promptq worker` processes:
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
 from pathlib import Path
 
+import _fleet
 import redis
+from _fleet import Fleet
 
-from api_client import Client, ClientSettings, PromptResult
+from api_client import PromptResult
 from api_client._constants import budget_key
-from worker.app.embedded import RedisServerProcess
-from worker.fake_provider import FakeProvider, FakeProviderConfig
-
-MODEL = "openai/bench-model"
-WARM_UP_MODEL = "openai/warm-up"
+from worker.fake_provider import FakeProviderConfig
 
 
-@dataclass
-class Fleet:
-    client: Client
-    provider: FakeProvider
-
-
-@contextmanager
 def fleet(
     directory: Path, args: argparse.Namespace, rpm: int, extra_config: str = ""
-) -> Iterator[Fleet]:
-    """A fresh redis-server, the fake provider limited to ``rpm`` (and the workers told so),
-    and args.workers worker processes, warmed up."""
-    directory.mkdir()
-    redis_server = RedisServerProcess(shutil.which("redis-server") or "redis-server", directory)
-    redis_server.start()
-    provider = FakeProvider(
-        FakeProviderConfig(rpm=rpm, burst_s=args.burst, latency_s=args.latency)
-    ).start()
-    config = directory / "config.toml"
-    config.write_text(
-        f'[rate_limits."{WARM_UP_MODEL}"]  # no limits of ours for the warm-up\n{extra_config}'
+) -> AbstractContextManager[Fleet]:
+    """The benchmarks' fleet (benchmarks/_fleet.py), the provider limited to ``rpm`` and the
+    workers told so."""
+    return _fleet.fleet(
+        directory,
+        FakeProviderConfig(rpm=rpm, burst_s=args.burst, latency_s=args.latency),
+        workers=args.workers,
+        concurrency=args.concurrency,
+        settings={"LLM_RPM": str(rpm)},
+        extra_env=args.env,
+        extra_config=extra_config,
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "PROMPTQ_"))}
-    env |= {
-        "PROMPTQ_CONFIG": str(config),
-        "PROMPTQ_REDIS_URL": redis_server.url,
-        "LLM_MODEL": MODEL,
-        "LLM_API_KEY": "sk-bench",
-        "LLM_BASE_URL": provider.base_url,
-        "LLM_RPM": str(rpm),
-    }
-    env |= dict(item.split("=", 1) for item in args.env)
-    processes = []
-    for n in range(args.workers):
-        log = (directory / f"worker-{n}.log").open("wb")
-        command = [sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"]
-        command += ["--processes", "1", "--concurrency", str(args.concurrency)]
-        processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
-    try:
-        with Client(settings=ClientSettings(redis_url=redis_server.url)) as client:
-            warm = client.submit_many(
-                {"prompt": "warm up", "model": WARM_UP_MODEL} for _ in range(args.workers * 4)
-            )
-            for job in client.as_completed(warm, timeout=120):
-                job.wait(timeout=1)
-            yield Fleet(client, provider)
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        provider.stop()
-        redis_server.stop()
 
 
 def percentile(values: list[float], fraction: float) -> float:

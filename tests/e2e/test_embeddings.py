@@ -21,7 +21,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.threads import off_main_thread
 from tests.support.worker_process import WorkerProcess
 from worker.fake_provider.replies import estimate_tokens
-from worker.fleet.limiter import read_limiters
+from worker.fleet.limiter_status import read_limiters
 
 EMBEDDING_MODEL = "openai/text-embedding-3-small"
 PRICE_PER_TOKEN = 2e-8  # LiteLLM's price of text-embedding-3-small

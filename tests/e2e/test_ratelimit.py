@@ -15,7 +15,8 @@ from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess, worker_fleet
-from worker.fleet.limiter import BURST_S, Deployment, RateLimiter, read_limiters
+from worker.fleet.limiter import BURST_S, Deployment, RateLimiter
+from worker.fleet.limiter_status import read_limiters
 
 MODEL = "openai/test-model"
 RPM = 120  # one call every 0.5 s for the whole fleet

@@ -23,8 +23,10 @@ import pytest
 from openai.types import CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
+from tests.support.clock import FakeClock
 from tests.support.threads import off_main_thread
 from worker.fake_provider import FakeProvider, FakeProviderConfig, embedding_of, main
+from worker.fake_provider.limits import Shape
 
 RATE_HEADERS = (
     "x-ratelimit-limit-requests",
@@ -34,16 +36,6 @@ RATE_HEADERS = (
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-tokens",
 )
-
-
-class FakeClock:
-    """The limiter's clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Conn:
@@ -255,6 +247,19 @@ def test_burst_limits_how_much_of_the_minute_is_spent_at_once() -> None:
         conn.close()
     assert (status, headers["x-ratelimit-limit-requests"]) == (429, "600")
     assert headers["retry-after-ms"] == "100"
+
+
+def test_the_server_enforces_the_configured_shape() -> None:
+    clock = FakeClock()
+    config = FakeProviderConfig(rpm=1200, shape=Shape("window", 1))  # 20 in each second
+    with FakeProvider(config, clock=clock) as fp:
+        conn = connect(fp)
+        statuses = [conn.chat()[0] for _ in range(21)]
+        clock.now += 0.5
+        status, headers, _ = conn.chat()
+        conn.close()
+    assert statuses == [200] * 20 + [429]
+    assert (status, headers["retry-after-ms"], headers["retry-after"]) == (429, "500", "1")
 
 
 def test_a_request_larger_than_the_burst_waits_for_a_full_bucket_and_leaves_a_debt() -> None:

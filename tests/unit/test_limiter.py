@@ -1,4 +1,5 @@
-"""worker.fleet.limiter's Lua scripts, on fakeredis (lupa) and on a real redis-server alike."""
+"""worker.fleet.limiter's Lua scripts (and limiter_status's reading of their state), on fakeredis
+(lupa) and on a real redis-server alike."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from worker.fleet.limiter import (
     Deployment,
     RateLimiter,
     limits_from_headers,
-    read_limiters,
 )
+from worker.fleet.limiter_status import read_limiters
 
 KEY = "sk-limiter-test-secret-0123456789"
 # Waits are computed from Redis server time: allow for the time the test itself takes.

@@ -12,6 +12,10 @@ embedding is a unit vector derived from a hash of the text. Limits behave like a
   when given (what a provider reserves), else plus the reply's tokens (known in advance, the
   reply being deterministic); an embeddings request its input's estimated tokens. A request
   larger than ``tpm`` gets a 429 without ``Retry-After`` ("Request too large"), as from OpenAI.
+- ``shape`` enforces the limits the other ways providers do (``limits.Shape``): a bucket N
+  requests deep (``bucket:N``, down to 1), fixed windows of S seconds (``window:S``), any S
+  seconds (``sliding:S``); ``ramp`` caps how fast the admitted rate may rise (``limits.Ramp``:
+  from a fraction of the limit, by at most X % a minute). The headers state the limits alone.
 - Completion tokens are words: ``max_tokens`` truncates the reply to that many words
   (``finish_reason`` "length" when it cut something).
 - Admitted requests wait ``latency`` ± ``jitter`` seconds, then answer 200 or, for an

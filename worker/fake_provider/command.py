@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from .config import FakeProviderConfig, url_host
+from .limits import Ramp, Shape
 
 
 def _number(
@@ -28,6 +29,13 @@ def _number(
         return value
 
     return parse
+
+
+def _shape(text: str) -> Shape:
+    try:
+        return Shape.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +61,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         metavar="SECONDS",
         help="seconds of the rpm/tpm budget usable at once (default 60: the whole minute)",
+    )
+    add(
+        "--enforce",
+        type=_shape,
+        default=Shape(),
+        metavar="SHAPE",
+        help="how rpm/tpm are enforced: bucket (default: --burst seconds deep), bucket:N (N "
+        "requests deep), window:S (fixed S-second windows), sliding:S (any S seconds)",
+    )
+    add(
+        "--ramp",
+        type=_number(float, 0),
+        default=0.0,
+        metavar="PERCENT",
+        help="the allowed rate grows by at most this much a minute, from --ramp-start of the "
+        "limit (default 0: no ramp)",
+    )
+    add(
+        "--ramp-start",
+        type=_number(float, 0.001, 1),
+        default=0.5,
+        metavar="FRACTION",
+        help="where a ramp starts, as a fraction of the limit (default: 0.5)",
     )
     add(
         "--latency",
@@ -90,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         rpm=args.rpm,
         tpm=args.tpm,
         burst_s=args.burst,
+        shape=args.enforce,
+        ramp=Ramp(args.ramp, args.ramp_start) if args.ramp else None,
         latency_s=args.latency,
         jitter_s=args.jitter,
         error_rate=args.error_rate,
@@ -120,9 +153,13 @@ async def _serve_until_signalled(config: FakeProviderConfig) -> None:
         with contextlib.suppress(NotImplementedError, ValueError, RuntimeError):
             loop.add_signal_handler(signum, stopping.set)
     latency = f"{config.latency_s:g}s" + (f"±{config.jitter_s:g}s" if config.jitter_s else "")
+    shape = f", enforce={config.shape}" if config.shape != Shape() else ""
+    if config.ramp is not None:
+        shape += f", ramp={config.ramp.percent_per_minute:g}%/min from {config.ramp.start:g}"
     print(
         f"fake-provider listening on {url_host(config.host)}:{port}/v1 "
-        f"(rpm={config.rpm or 'unlimited'}, tpm={config.tpm or 'unlimited'}, latency={latency})",
+        f"(rpm={config.rpm or 'unlimited'}, tpm={config.tpm or 'unlimited'}{shape}, "
+        f"latency={latency})",
         flush=True,
     )
     try:

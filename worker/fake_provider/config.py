@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .limits import Ramp, Shape
 
 
 @dataclass(frozen=True)
@@ -13,6 +15,10 @@ class FakeProviderConfig:
     tpm: int = 0
     # How many seconds of the rpm/tpm budget can be spent at once (60: the whole minute).
     burst_s: float = 60.0
+    # How rpm/tpm are enforced (limits.Shape): a bucket of burst_s by default.
+    shape: Shape = field(default_factory=Shape)
+    # A cap on how fast the admitted rate may rise (limits.Ramp); None: none.
+    ramp: Ramp | None = None
     latency_s: float = 0.0
     jitter_s: float = 0.0
     error_rate: float = 0.0

@@ -31,7 +31,9 @@ class Server:
 
     def __init__(self, config: FakeProviderConfig, clock: Callable[[], float]) -> None:
         self.config = config
-        self._limiter = Limiter(config.rpm, config.tpm, clock, config.burst_s)
+        self._limiter = Limiter(
+            config.rpm, config.tpm, clock, config.burst_s, shape=config.shape, ramp=config.ramp
+        )
         self._faults = random.Random(config.seed)  # noqa: S311  (a reproducible sequence is the point)
         self._jitter = random.Random(f"jitter:{config.seed}")  # noqa: S311
         self._ids = itertools.count(1)

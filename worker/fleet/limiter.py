@@ -12,7 +12,6 @@ from urllib.parse import urlsplit
 import redis
 
 from api_client._constants import LIMITER_PREFIX
-from api_client._polling import text_of
 from worker.fleet.scripts import ScriptCall
 
 # A deployment idle this long forgets its state (learned limits included).
@@ -45,6 +44,7 @@ Outcome = Literal["ok", "rate_limited", "error"]
 #   last_backoff created     when the rate was last lowered; when this state was created
 #   minute req tok r429 (and prev_*): this and the previous minute's counts, for status
 #   model base               what the deployment is, for status (never the key)
+# (worker.fleet.limiter_status reads it for `promptq status`.)
 _PRELUDE = """
 local function num(v) return tonumber(v) or 0 end
 local t = redis.call('TIME')
@@ -344,69 +344,3 @@ def _first_count(headers: Mapping[str, Any], names: tuple[str, ...]) -> int | No
         if math.isfinite(value) and value >= 1:
             return int(value)
     return None
-
-
-@dataclass(frozen=True)
-class LimiterState:
-    """One deployment's limiter as `promptq status` shows it (over the last minute)."""
-
-    model: str
-    endpoint: str
-    rpm_limit: float  # 0: no limit known
-    tpm_limit: float
-    rpm_source: str  # "configured", "headers", "429" (backed off) or "" (none)
-    requests_per_minute: float  # calls started in the last minute
-    tokens_per_minute: float  # tokens charged in the last minute
-    rate_limited_per_minute: float  # 429s in the last minute
-    paused_for_s: float  # a Retry-After still holding the fleet
-
-
-def read_limiters(client: redis.Redis, *, max_keys: int = 1000) -> list[LimiterState]:
-    """Every deployment's limiter state in Redis (at most ``max_keys``), busiest first."""
-    seconds, micros = client.time()
-    now_us = seconds * 1_000_000 + micros
-    keys = list(client.scan_iter(match=f"{LIMITER_PREFIX}*", count=1000))
-    states = []
-    for key in keys[:max_keys]:
-        fields = {text_of(k): text_of(v) for k, v in client.hgetall(key).items()}
-        if fields:
-            states.append(_state_of(fields, now_us))
-    return sorted(states, key=lambda s: (-s.requests_per_minute, s.model, s.endpoint))
-
-
-def _state_of(h: Mapping[str, str], now_us: int) -> LimiterState:
-    def num(name: str) -> float:
-        try:
-            return float(h.get(name, 0))
-        except ValueError:
-            return 0.0
-
-    def last_minute(name: str) -> float:
-        """A sliding minute: this minute's count plus the part of the last one still in it."""
-        minute = now_us // 60_000_000
-        into = (now_us % 60_000_000) / 60_000_000
-        if num("minute") == minute:
-            return num(name) + num(f"prev_{name}") * (1 - into)
-        if num("minute") == minute - 1:
-            return num(name) * (1 - into)
-        return 0.0
-
-    def effective(configured: float, learned: float) -> float:
-        return min(configured, learned) if configured and learned else max(configured, learned)
-
-    rpm_cfg, rpm_learned = num("rpm_cfg"), num("rpm_learned")
-    rpm = effective(rpm_cfg, rpm_learned)
-    source = ""
-    if rpm:
-        source = "configured" if rpm == rpm_cfg else h.get("rpm_source", "")
-    return LimiterState(
-        model=h.get("model", "?"),
-        endpoint=h.get("base", "?"),
-        rpm_limit=rpm,
-        tpm_limit=effective(num("tpm_cfg"), num("tpm_learned")),
-        rpm_source=source,
-        requests_per_minute=last_minute("req"),
-        tokens_per_minute=last_minute("tok"),
-        rate_limited_per_minute=last_minute("r429"),
-        paused_for_s=max(0.0, (num("pause_until") - now_us) / 1_000_000),
-    )

@@ -25,7 +25,7 @@ from api_client._errors import BrokerUnavailable
 from api_client._polling import broker_errors, redact_url, text_of
 from api_client._schemas import JobStatus
 from worker.fleet.custody import taken_keys
-from worker.fleet.limiter import LimiterState, read_limiters
+from worker.fleet.limiter_status import LimiterState, read_limiters
 from worker.fleet.schedule import queued_count
 from worker.fleet.spend import SpendCounter, read_spend
 from worker.ops.schedule_status import ScheduleStatus, read_schedule, schedule_lines
@@ -54,7 +54,8 @@ class FleetStatus:
     truncated: bool = False  # True when there were more keys than gather_status reads
     inspect_timeout_s: float = 1.0
     max_scanned_keys: int = MAX_SCANNED_KEYS
-    # Each deployment's rate limiter (worker.fleet.limiter): limits, last minute's rate and 429s.
+    # Each deployment's rate limiter (worker.fleet.limiter_status): limits, last minute's rate
+    # and 429s.
     rate_limits: list[LimiterState] = field(default_factory=list)
     # What the fleet has spent (worker.fleet.spend), by period.
     spend: list[SpendCounter] = field(default_factory=list)
