@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from ._celery_contract import LUA_CELERY
 from ._constants import (
     CONTROL_KEY,
     DEADLINES_KEY,
@@ -41,9 +42,12 @@ _TENANT_BEFORE, _TENANT_AFTER = tenant_jobs_key("\0").split("\0")
 # end_job(id, outcome, ttl_ms, counter): stores the terminal outcome (JSON) unless one is
 # stored, and then removes the job's state, starts, request copy and cancel flag, its entries
 # in the open jobs, the deadlines and its tenant's set, and counts it in CONTROL_KEY under
-# ``counter`` ('' for none). Returns true when it stored the outcome. Every end of a job, a
-# worker's finish included, goes through it.
-LUA_END_JOB = f"""
+# ``counter`` ('' for none); for a job that arrived through Celery it also writes its Celery
+# record and queues its canvas follow-up (LUA_CELERY). Returns true when it stored the
+# outcome. Every end of a job, a worker's finish included, goes through it.
+LUA_END_JOB = (
+    LUA_CELERY
+    + f"""
 local function failures_of(job_id)
   return tonumber(redis.call('HGET', '{request_key("")}' .. job_id, 'failures') or '0') or 0
 end
@@ -51,6 +55,7 @@ local function end_job(job_id, outcome, ttl_ms, counter)
   if not redis.call('SET', '{result_key("")}' .. job_id, outcome, 'NX', 'PX', ttl_ms) then
     return false
   end
+  celery_end(job_id, outcome, ttl_ms)
   local copy = '{request_key("")}' .. job_id
   local tenant = redis.call('HGET', copy, 'tenant')
   if tenant then
@@ -64,6 +69,7 @@ local function end_job(job_id, outcome, ttl_ms, counter)
   return true
 end
 """
+)
 
 # The outcome of a job ended early carries its attempts so far, which a script fills in: the
 # outcome JSON is split around a number no job reaches.

@@ -6,6 +6,8 @@ from typing import Final
 TASK_NAME: Final = "promptq.complete"  # a chat completion (PromptRequest)
 EMBED_TASK_NAME: Final = "promptq.embed"  # an embeddings call (EmbeddingRequest)
 PACK_TASK_NAME: Final = "promptq.pack"  # several jobs in one message (submit_many)
+# The canvas of a job a Celery app sent (callbacks, chain, chord), run once it has ended.
+FOLLOWUP_TASK_NAME: Final = "promptq.followup"
 QUEUE: Final = "promptq"
 
 DEFAULT_REDIS_URL: Final = "redis://localhost:6379/0"

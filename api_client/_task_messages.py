@@ -10,7 +10,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._constants import EMBED_TASK_NAME, PACK_TASK_NAME, QUEUE, TASK_NAME
+from ._celery_contract import CONTRACT_VERSION, PROMPTQ_HEADER
+from ._constants import EMBED_TASK_NAME, FOLLOWUP_TASK_NAME, PACK_TASK_NAME, QUEUE, TASK_NAME
 from ._requests import Submission
 from ._schemas import EmbeddingRequest, JobRequest, PromptRequest
 
@@ -76,6 +77,16 @@ def _pack_envelope(pack_id: str, jobs: Sequence[Submission], requests: Sequence[
     return _envelope(PACK_TASK_NAME, pack_id, f"[[{entries}]]", {}, retries=0, argsrepr=argsrepr)
 
 
+def followup_message(job_id: str, context: Mapping[str, Any]) -> bytes:
+    """The message that runs the canvas of a job a Celery app sent, once the job has ended:
+    the promptq.followup task, its arguments the job id and the Celery request ``context``
+    its first message carried (callbacks, chain, chord, errbacks, group...)."""
+    args = f"[{json.dumps(job_id)}, {json.dumps(dict(context))}]"
+    return _envelope(
+        FOLLOWUP_TASK_NAME, f"followup-{job_id}", args, {}, retries=0, argsrepr="(<job>,)"
+    )
+
+
 def job_ids_of(message: Mapping[str, Any]) -> list[str]:
     """The jobs a queue message (a parsed envelope) carries: its own id, or a pack's job ids;
     an empty list for a message that is not a promptq job."""
@@ -128,6 +139,7 @@ def _envelope(
             "replaced_task_nesting": 0,
             "stamped_headers": None,
             "stamps": {},
+            PROMPTQ_HEADER: CONTRACT_VERSION,  # a message of promptq's own
         },
         "properties": {
             "correlation_id": message_id,

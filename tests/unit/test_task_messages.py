@@ -16,6 +16,7 @@ import pytest
 from celery import Celery
 from kombu.transport.virtual import base as kombu_virtual
 
+from api_client._celery_contract import CONTRACT_VERSION, PROMPTQ_HEADER
 from api_client._constants import PACK_TASK_NAME, QUEUE, TASK_NAME
 from api_client._requests import Submission
 from api_client._schemas import PromptRequest
@@ -31,7 +32,8 @@ REQUEST = PromptRequest(
     params={"temperature": 0, "max_tokens": 50},
 )
 # Headers that legitimately differ: who sent it, and how the arguments are shown in logs.
-UNCOMPARED_HEADERS = {"origin", "argsrepr", "kwargsrepr"}
+# promptq's mark of its own messages is no Celery header (test_headers_match_... checks it).
+UNCOMPARED_HEADERS = {"origin", "argsrepr", "kwargsrepr", PROMPTQ_HEADER}
 
 
 @pytest.fixture
@@ -73,7 +75,9 @@ def test_headers_match_celerys_task_protocol_2(ours: dict[str, Any]) -> None:
 
     headers = ours["headers"]
     expected = {k: v for k, v in reference.headers.items() if k not in UNCOMPARED_HEADERS}
-    assert set(headers) == set(reference.headers)
+    # Celery's headers, and promptq's mark of its own messages (the public Celery contract).
+    assert set(headers) == set(reference.headers) | {PROMPTQ_HEADER}
+    assert headers[PROMPTQ_HEADER] == CONTRACT_VERSION
     assert {k: v for k, v in headers.items() if k not in UNCOMPARED_HEADERS} == expected
     assert headers["task"] == TASK_NAME
     assert headers["id"] == headers["root_id"] == JOB_ID

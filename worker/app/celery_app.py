@@ -14,6 +14,7 @@ from kombu.entity import Exchange, Queue
 
 from api_client._constants import QUEUE
 from api_client._schemas import ErrorKind
+from worker.app.canvas import relay_app
 from worker.app.queue_guard import transport_for
 from worker.app.tasks import register
 from worker.attempt.runtime import Runtime
@@ -48,6 +49,11 @@ class PromptqCelery(Celery):  # type: ignore[misc]  # Celery is untyped
     @cached_property
     def runtime(self) -> Runtime:
         return Runtime(self.settings)
+
+    @cached_property
+    def relay(self) -> Celery:
+        """The app that sends the callbacks of jobs other Celery apps sent (worker.app.canvas)."""
+        return relay_app(self.settings)
 
     @cached_property
     def parking_mover(self) -> ParkingMover:

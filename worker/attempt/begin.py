@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-
+from api_client._celery_contract import request_from_task
+from api_client._errors import InvalidRequest
 from api_client._schemas import ErrorKind, JobRequest
 from worker.attempt.classify import Failure, classify
 from worker.attempt.delivery import Delivery
@@ -51,16 +51,21 @@ def begin(rt: Runtime, deliveries: list[Delivery]) -> list[Started]:
 
 
 def _parsed(rt: Runtime, delivery: Delivery) -> JobRequest | None:
-    if delivery.request_type is None:
-        unknown = f"unknown task {delivery.task_name[:60]!r}"
-        fail(rt, delivery.job_id, Failure(ErrorKind.BAD_REQUEST, unknown), attempts=0)
-        return None
     try:
-        return delivery.request_type.model_validate(delivery.request)
-    except ValidationError as exc:
-        failure = Failure(ErrorKind.BAD_REQUEST, f"invalid request: {exc}")
-        fail(rt, delivery.job_id, failure, attempts=0)
+        return checked_request(delivery)
+    except InvalidRequest as exc:
+        fail(rt, delivery.job_id, Failure(ErrorKind.BAD_REQUEST, exc.message), attempts=0)
         return None
+
+
+def checked_request(delivery: Delivery) -> JobRequest:
+    """The request a delivery carries, read as the public Celery contract reads it (promptq's
+    own requests are of that shape too); InvalidRequest naming the problem."""
+    if delivery.problem is not None:
+        raise InvalidRequest(delivery.problem)
+    if delivery.request_type is None:
+        raise InvalidRequest(f"unknown task {delivery.task_name[:60]!r}")
+    return request_from_task(delivery.task_name, delivery.request)
 
 
 def _model_to_call(

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from api_client._schedule import route_of
+from worker.attempt.adopt import taken_in
 from worker.attempt.begin import Started, begin
 from worker.attempt.delivery import Delivery
 from worker.attempt.later import come_back_later
@@ -20,7 +21,9 @@ logger = logging.getLogger("promptq.worker")
 
 
 def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
-    """Give each job of a message one attempt, concurrently; park the ones to retry.
+    """Give each job of a message one attempt, concurrently; park the ones to retry. A job
+    another Celery app sent is first taken in (worker.attempt.adopt), and attempted when it
+    is taken again from the scheduler.
 
     A pack whose calls go to a rate-limited deployment is split instead: its jobs go back into
     the scheduler one by one, first in their line, and each is taken on its own. Under a rate
@@ -33,7 +36,7 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
     job back; a parked retry as well would run it twice). A job is never left without an
     outcome or a message that brings it back.
     """
-    started = begin(rt, list(deliveries))
+    started = begin(rt, taken_in(rt, deliveries))
     if len(started) > 1 and _under_a_rate_limit(rt, started):
         # A pack taken after its lane was marked split was not charged as a whole: its jobs
         # are refunded nothing. Each goes back at its place in its line (the pack's).

@@ -11,6 +11,7 @@ import redis.asyncio
 from worker.attempt.call_loop import CallLoop
 from worker.attempt.retry import RetryPolicy
 from worker.errors import NotConfigured
+from worker.fleet.adoption import Adoption
 from worker.fleet.limiter import Deployment, RateLimiter
 from worker.fleet.parking import Parking
 from worker.fleet.schedule import Scheduler
@@ -71,6 +72,10 @@ class Runtime:
     def spend(self) -> SpendLedger:
         queue = self.settings.queue
         return SpendLedger(self.redis, max_usd=queue.max_spend_usd, period=queue.spend_period)
+
+    @cached_property
+    def adoption(self) -> Adoption:
+        return Adoption(self.redis, ttl_s=self.settings.queue.result_ttl_s)
 
     @cached_property
     def scheduler(self) -> Scheduler:

@@ -34,7 +34,8 @@ FINISH_PATIENCE_S = 60.0
 # a job cancelled or expired while it waited), -2 when it was cancelled while it ran (it ends
 # cancelled here, with its failures so far as attempts), -3 when a newer delivery of it has
 # begun (this is a stale copy, left by a worker that died after the job came back), else
-# the number of times the job has now been started.
+# the number of times the job has now been started. A job that arrived through Celery gets
+# its STARTED record (LUA_CELERY): in the same step, so it never follows the outcome.
 _BEGIN = (
     LUA_END_JOB
     + """
@@ -46,6 +47,7 @@ end
 if tonumber(ARGV[6]) < tonumber(redis.call('GET', KEYS[6]) or '0') then return -3 end
 redis.call('SET', KEYS[6], ARGV[6], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+celery_record(ARGV[3], 'STARTED', 'null', ARGV[2], false)
 local starts = redis.call('INCR', KEYS[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
 """
@@ -60,8 +62,10 @@ return starts
 # ARGV[1] state value, ARGV[2] ttl in ms, ARGV[3] job id, ARGV[4] provider failures so far
 # ('' to leave as is), ARGV[5] and ARGV[6] the cancelled outcome's JSON before and after its
 # attempts ('' when a cancel flag does not matter). A non-terminal state never replaces an
-# outcome; a job to retry that was cancelled while it ran ends cancelled instead. Returns 1
-# when written, 0 when the job has an outcome, -2 when it ended cancelled here.
+# outcome; a job to retry that was cancelled while it ran ends cancelled instead; a job to
+# retry that arrived through Celery gets its RETRY record, which an outcome's record, written
+# after it, always replaces and never the reverse. Returns 1 when written, 0 when the job has
+# an outcome, -2 when it ended cancelled here.
 _MARK = (
     LUA_END_JOB
     + """
@@ -71,6 +75,11 @@ if ARGV[5] ~= '' and redis.call('EXISTS', KEYS[5]) == 1 then
   return -2
 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+"""
+    + f"""
+if ARGV[1] == '{JobStatus.RETRYING.value}' then
+  celery_record(ARGV[3], 'RETRY', 'null', ARGV[2], false)
+end
 """
     + LUA_NOW_MS
     + """
