@@ -8,6 +8,7 @@
 
 from ._async_client import AsyncClient, AsyncJob
 from ._cancel import Cancellation, CancelResult
+from ._celery_contract import CONTRACT_VERSION as CELERY_CONTRACT_VERSION
 from ._client import Client, Job
 from ._constants import EMBED_TASK_NAME, QUEUE, TASK_NAME
 from ._errors import (
@@ -32,6 +33,7 @@ from ._schemas import (
 from ._settings import ClientSettings
 
 __all__ = [
+    "CELERY_CONTRACT_VERSION",
     "EMBED_TASK_NAME",
     "QUEUE",
     "TASK_NAME",

@@ -13,6 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("litellm", "worker", "celery", "kombu", "openai")
 
 PUBLIC_API = [
+    "CELERY_CONTRACT_VERSION",
     "EMBED_TASK_NAME",
     "QUEUE",
     "TASK_NAME",
@@ -79,6 +80,14 @@ def test_using_the_client_loads_no_heavy_package() -> None:
     )
 
     assert _heavy_in(_modules_loaded_by(code)) == []
+
+
+def test_the_celery_helper_is_imported_only_when_asked_for() -> None:
+    # api_client.celery imports Celery (for the programs that use it), never the worker.
+    loaded = _heavy_in(_modules_loaded_by("import api_client.celery"))
+    roots = {name.split(".")[0] for name in loaded}
+    assert "celery" in roots
+    assert not roots & {"worker", "litellm", "openai"}
 
 
 def test_the_probe_would_see_a_heavy_import() -> None:
