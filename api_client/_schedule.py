@@ -37,8 +37,10 @@ Keys (``{lane}`` is a short hash of the lane, ``{rank}`` a priority's rank, 0 = 
 
 Each job queued also pushes a *wake-up* (``WAKE``) on the Celery queue list, which idle
 workers block on, unless the list already holds a few: an idle worker wakes and takes from
-the structure. Messages pushed on that list directly (a Celery client, a message a dead worker
-held) are taken too, at the default priority.
+the structure. Messages pushed on that list directly (a message a dead worker held, a job's
+canvas follow-up, another Celery app's job) are taken too, at the default priority; another
+Celery app's job is then queued into the structure by its own priority and tenant
+(worker.attempt.adopt), and runs when it is taken from there.
 """
 
 from __future__ import annotations

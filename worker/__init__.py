@@ -14,7 +14,10 @@ How a prompt flows, hop by hop:
 3. The task (``app.tasks``) turns the message into deliveries, one per job
    (``attempt.delivery``), and hands them to ``attempt.jobs``: the Celery-free core, which
    runs on an explicit ``attempt.runtime.Runtime`` (settings, Redis, store, limiter, spend,
-   parking, metrics, the call loop).
+   parking, metrics, the call loop). A job another Celery app sent by name (the public
+   contract, ``api_client._celery_contract``) keeps its Celery request context
+   (``app.canvas``) and is first taken in (``attempt.adopt`` over ``fleet.adoption``): given
+   a submitted job's keys and queued in the scheduler by its priority and tenant.
 4. Each job is marked running (``attempt.begin`` over ``fleet.store``; an invalid or
    cancelled one ends there) and attempted on the process's event loop
    (``attempt.call_loop``, ``attempt.run``): it takes a rate-limit slot (``attempt.throttle``
@@ -23,7 +26,9 @@ How a prompt flows, hop by hop:
    makes one provider call through LiteLLM (``llm.call``: its arguments, the worker's
    sampling defaults and the prompt's length check; content transforms in ``llm.content``,
    the answer read in ``llm.answers``).
-5. The outcome: an answer is stored, final (``fleet.store``); a failure is classified
+5. The outcome: an answer is stored, final (``fleet.store``; a job from another Celery app
+   gets Celery's records in the same scripts, and its canvas runs after its end as a
+   promptq.followup message, ``app.canvas``); a failure is classified
    (``attempt.classify``) and either stored or retried after the retry policy's wait
    (``attempt.retry``); a 429 whose Retry-After is longer than any backoff pauses the
    deployment, and the job waits in line (``attempt.throttle``). A retry's or a hand-back's

@@ -2,7 +2,8 @@
 
 The structure and its order are described in api_client._schedule. A worker process takes
 with ``claim`` (one script: the best job of an open lane, or a message pushed on the Celery
-queue list, moved into the process's taken list in the same step, worker.fleet.custody);
+queue list, moved into the process's taken list in the same step, worker.fleet.custody;
+another Celery app's job taken so is then queued into the structure, worker.attempt.adopt);
 a job whose rate limit has no slot soon goes back with ``put_back``, at its order in its
 line, and closes its lane until a slot is near.
 """
