@@ -13,12 +13,15 @@ import pytest
 from celery import Celery, chain, chord
 
 from api_client import Client
-from tests.support.e2e_worker import CANARY_KEY
+from tests.support.e2e_worker import CANARY_KEY, module_worker
 from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.plain_celery import PROMPTQ_QUEUE, USER_QUEUE, PlainCeleryWorker, plain_app
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import WAIT_S
 from tests.support.worker_process import WorkerProcess
+
+# A call may stay in flight long enough to be seen running (test_celery_inspect_...).
+worker = module_worker(args=("--concurrency", "16"), env={"LLM_TIMEOUT": "10"})
 
 
 @pytest.fixture
@@ -179,3 +182,27 @@ def test_a_chord_gathers_its_answers_and_fails_on_a_failed_member(
     assert sorted(m.state for m in members) == ["FAILURE"] + ["SUCCESS"] * 19
     attempts = [m.result["attempts"] for m in members if m.state == "SUCCESS"]
     assert sum(attempts) == 19 + 2  # two of them retried after a 429
+
+
+def test_celery_inspect_sees_promptqs_tasks_and_the_job_running(
+    app: Celery, provider: ScriptedOpenAIServer
+) -> None:
+    """What `celery inspect` (and Flower, which asks the same) shows of a promptq worker: its
+    task names, and a job in its call under the task and id the sender knows."""
+    gate = threading.Event()
+    provider.script(Reply(gate=gate))
+    try:
+        result = _complete(app, {"prompt": "in its call"})
+        provider.wait_for_requests(1, timeout_s=WAIT_S)
+        active = app.control.inspect(timeout=1.0).active() or {}
+    finally:
+        gate.set()
+    assert result.get(timeout=WAIT_S)["content"] == "echo: in its call"
+
+    registered = app.control.inspect(timeout=1.0).registered() or {}
+    # promptq's worker, beside the module's plain Celery worker when it runs.
+    [names] = [names for node, names in registered.items() if node.startswith("promptq-")]
+    assert {"promptq.complete", "promptq.embed"} <= set(names)
+    running = [task for tasks in active.values() for task in tasks]
+    assert [(task["name"], task["id"]) for task in running] == [("promptq.complete", result.id)]
+    assert "sk-" not in json.dumps(running) and CANARY_KEY not in json.dumps(running)
