@@ -19,6 +19,12 @@ from worker.errors import ConfigError
 from worker.settings_sources import LayeredSettings, file_tables, without_unset
 from worker.tenant_weights import DEFAULT_TENANT_WEIGHT, TENANTS_ENV, tenant_weights
 
+# How far ahead of its limit a deployment may run after an idle spell, unless configured
+# (LLM_BURST_S): a tenth of a second of its budget, two calls at 20 a second. A second's worth
+# (promptq before) let 20 calls go at once, which providers enforcing their per-minute limit
+# over short windows answer with 429s.
+DEFAULT_BURST_S = 0.1
+
 S = TypeVar("S", bound=BaseSettings)
 
 
@@ -84,6 +90,10 @@ class LLMSettings(LayeredSettings):
     # (requests and tokens per minute); [rate_limits."MODEL"] in the file overrides them.
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
+    # How far ahead of its limit a deployment may run after an idle spell, in seconds of its
+    # budget (GCRA's burst tolerance): the calls that may start at once. Short: providers that
+    # enforce their per-minute limit over short windows answer a burst with 429s.
+    burst_s: float = Field(default=DEFAULT_BURST_S, ge=0, le=60)
     # Prices in USD per token, for models LiteLLM's price map does not know (or prices it
     # should not use): set both, and cost_usd is computed from them instead of the map.
     input_cost_per_token: float | None = Field(default=None, ge=0)
@@ -161,6 +171,7 @@ class ModelLimits(BaseModel):
 
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
+    burst_s: float | None = Field(default=None, ge=0, le=60)  # default: [llm]'s burst_s
 
 
 class Settings(BaseModel):
@@ -193,7 +204,10 @@ class Settings(BaseModel):
         """The requests/tokens per minute the fleet keeps to for ``model``, called with
         ``llm`` (default: [llm]): its [rate_limits."MODEL"] entry, else the llm's rpm/tpm."""
         llm = llm or self.llm
-        return self.rate_limits.get(model) or ModelLimits(rpm=llm.rpm, tpm=llm.tpm)
+        own = self.rate_limits.get(model)
+        if own is None:
+            return ModelLimits(rpm=llm.rpm, tpm=llm.tpm, burst_s=llm.burst_s)
+        return own if own.burst_s is not None else own.model_copy(update={"burst_s": llm.burst_s})
 
     @property
     def longest_wait_s(self) -> float:

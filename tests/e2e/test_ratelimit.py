@@ -15,8 +15,9 @@ from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess, worker_fleet
-from worker.fleet.limiter import BURST_S, Deployment, RateLimiter
+from worker.fleet.limiter import Deployment, RateLimiter
 from worker.fleet.limiter_status import read_limiters
+from worker.settings import DEFAULT_BURST_S
 
 MODEL = "openai/test-model"
 RPM = 120  # one call every 0.5 s for the whole fleet
@@ -87,7 +88,7 @@ def test_two_workers_together_keep_to_the_configured_rate(
     assert len(arrivals) == 16
     # GCRA: any window of w seconds holds at most w * rate calls plus the burst tolerance.
     interval_s = 60 / RPM
-    burst = BURST_S / interval_s + 1
+    burst = DEFAULT_BURST_S / interval_s + 1
     for i, first in enumerate(arrivals):
         for j in range(i + 1, len(arrivals)):
             window_s = arrivals[j] - first

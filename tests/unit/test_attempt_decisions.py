@@ -180,7 +180,7 @@ def test_a_job_with_no_slot_soon_waits_in_line_with_its_lane_closed_until_a_slot
 ) -> None:
     # 30 requests a minute: a slot every 2 s, the next one 1 s away (1 s of burst); no sleep
     # in the worker at all.
-    p = make_pipeline(llm={"rpm": 30}, queue={"limiter_max_sleep_s": 0})
+    p = make_pipeline(llm={"rpm": 30, "burst_s": 1.0}, queue={"limiter_max_sleep_s": 0})
     first = p.client.submit("first")
     assert p.step() and first.status() is JobStatus.SUCCEEDED
     reserved_until = p.limiter_state()[b"r_tat"]

@@ -10,13 +10,13 @@ from api_client._constants import LIMITER_PREFIX
 from worker.fleet.limiter import (
     BACKOFF_FACTOR,
     BACKOFF_MIN_CALLS,
-    BURST_S,
     TOKEN_MAX_AHEAD_S,
     Deployment,
     RateLimiter,
     limits_from_headers,
 )
 from worker.fleet.limiter_status import read_limiters
+from worker.settings import DEFAULT_BURST_S
 
 KEY = "sk-limiter-test-secret-0123456789"
 # Waits are computed from Redis server time: allow for the time the test itself takes.
@@ -29,8 +29,14 @@ def limiter(
     return RateLimiter(lua_redis, max_ahead_s=max_ahead_s, adaptive=adaptive)
 
 
-def deployment(rpm: int | None = None, tpm: int | None = None, key: str = KEY) -> Deployment:
-    return Deployment.of("openai/m", "http://127.0.0.1:9/v1", key, rpm=rpm, tpm=tpm)
+def deployment(
+    rpm: int | None = None, tpm: int | None = None, key: str = KEY, burst_s: float = 1.0
+) -> Deployment:
+    """A deployment of one model; a second of burst unless told (the default's own test:
+    test_the_burst_is_a_setting_a_tenth_of_a_second_by_default)."""
+    return Deployment.of(
+        "openai/m", "http://127.0.0.1:9/v1", key, rpm=rpm, tpm=tpm, burst_s=burst_s
+    )
 
 
 def test_without_any_limit_every_call_starts_at_once(lua_redis: redis.Redis) -> None:
@@ -42,12 +48,27 @@ def test_without_any_limit_every_call_starts_at_once(lua_redis: redis.Redis) -> 
 
 def test_configured_rpm_spaces_calls_after_the_burst(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment(rpm=600)  # one call every 100 ms
-    burst = int(BURST_S / 0.1) + 1  # GCRA lets this many start at once after idling
+    burst = int(1.0 / 0.1) + 1  # GCRA lets this many start at once after idling
     waits = [rl.acquire(target, tokens=0).run().wait_s for _ in range(burst + 20)]
 
     assert all(w <= SLACK_S / 10 for w in waits[:burst])
     for n, wait in enumerate(waits[burst:], start=1):
         assert wait == pytest.approx(n * 0.1, abs=SLACK_S), n
+
+
+@pytest.mark.parametrize(("burst_s", "at_once"), [(None, 2), (0.0, 1), (0.5, 6)])
+def test_the_burst_is_a_setting_a_tenth_of_a_second_by_default(
+    lua_redis: redis.Redis, burst_s: float | None, at_once: int
+) -> None:
+    """After an idle spell, the calls that start at once: the burst tolerance's worth of the
+    budget and one (LLM_BURST_S; default DEFAULT_BURST_S, two at 10 a second)."""
+    target = Deployment.of("openai/m", None, KEY, rpm=600, burst_s=burst_s)
+    rl = limiter(lua_redis)
+    waits = [rl.acquire(target, tokens=0).run().wait_s for _ in range(at_once + 1)]
+
+    assert all(w <= SLACK_S / 10 for w in waits[:at_once]), waits
+    assert waits[at_once] == pytest.approx(0.1, abs=SLACK_S)
+    assert DEFAULT_BURST_S == 0.1
 
 
 def test_two_limiters_share_one_budget(lua_redis: redis.Redis) -> None:

@@ -340,10 +340,30 @@ def test_a_model_table_replaces_the_llm_limits_for_that_model(tmp_path: Path) ->
     assert settings.limits_for("openai/other").rpm == 500
 
 
+def test_the_burst_is_a_tenth_of_a_second_unless_set_for_all_or_for_a_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().limits_for("openai/any").burst_s == 0.1
+    path = _write_config(
+        tmp_path / "c.toml",
+        '[llm]\nburst_s = 0.5\n\n[rate_limits."openai/gpt-4o"]\nburst_s = 0\n'
+        '\n[rate_limits."openai/mini"]\nrpm = 100\n',
+    )
+    settings = load_settings(path)
+    assert settings.limits_for("openai/gpt-4o").burst_s == 0
+    assert settings.limits_for("openai/mini").burst_s == 0.5  # [llm]'s, beside its own rpm
+    assert settings.limits_for("openai/other").burst_s == 0.5
+    monkeypatch.setenv("LLM_BURST_S", "-1")
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert "LLM_BURST_S" in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("table", "named"),
     [
         ('[rate_limits."m"]\nrpm = 0\n', 'rpm in [rate_limits."m"]'),
+        ('[rate_limits."m"]\nburst_s = -1\n', 'burst_s in [rate_limits."m"]'),
         ('[rate_limits."m"]\nrpm = "lots"\n', 'rpm in [rate_limits."m"]'),
         ('[rate_limits."m"]\nrmp = 5\n', 'rmp in [rate_limits."m"]'),
         ("[rate_limits]\nm = 5\n", '[rate_limits."m"]'),

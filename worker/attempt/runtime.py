@@ -121,7 +121,9 @@ class Runtime:
             llm = self.llm_settings(name)
             limits = self.settings.limits_for(model, llm)
             key = llm.api_key.get_secret_value() if llm.api_key else None
-            found = Deployment.of(model, llm.base_url, key, rpm=limits.rpm, tpm=limits.tpm)
+            found = Deployment.of(
+                model, llm.base_url, key, rpm=limits.rpm, tpm=limits.tpm, burst_s=limits.burst_s
+            )
             self._deployments[(name, model)] = found
         return found
 

@@ -13,11 +13,10 @@ import redis
 
 from api_client._constants import LIMITER_PREFIX
 from worker.fleet.scripts import ScriptCall
+from worker.settings import DEFAULT_BURST_S
 
 # A deployment idle this long forgets its state (learned limits included).
 STATE_TTL_S = 3600.0
-# How far ahead of its limit a deployment may run after being idle: GCRA's burst tolerance.
-BURST_S = 1.0
 # Token counts are estimates until a call's usage is known: slots reserved far ahead keep
 # their estimated size (a refund cannot move them), so over-estimates would space calls too
 # widely and refunds would overlap them. Under a token limit, slots are reserved at most this
@@ -182,6 +181,7 @@ class Deployment:
     identity: str  # digest of model, base URL and key: names the Redis state
     rpm: int | None = None
     tpm: int | None = None
+    burst_s: float = DEFAULT_BURST_S  # GCRA's burst tolerance (LLM_BURST_S)
 
     @property
     def limited(self) -> bool:
@@ -197,10 +197,12 @@ class Deployment:
         *,
         rpm: int | None = None,
         tpm: int | None = None,
+        burst_s: float | None = None,
     ) -> Deployment:
+        burst_s = DEFAULT_BURST_S if burst_s is None else burst_s
         key_digest = hashlib.sha256((api_key or "").encode()).hexdigest()
         identity = hashlib.sha256(f"{model}\n{base_url or ''}\n{key_digest}".encode()).hexdigest()
-        return cls(model, _endpoint_of(base_url), identity[:24], rpm, tpm)
+        return cls(model, _endpoint_of(base_url), identity[:24], rpm, tpm, burst_s)
 
     @property
     def redis_key(self) -> str:
@@ -274,7 +276,7 @@ class RateLimiter:
                 self._max_ahead_us,
                 deployment.rpm or 0,
                 deployment.tpm or 0,
-                int(BURST_S * 1_000_000),
+                int(deployment.burst_s * 1_000_000),
                 int(STATE_TTL_S * 1000),
                 deployment.model,
                 deployment.endpoint,
