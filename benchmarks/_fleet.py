@@ -69,7 +69,7 @@ def fleet(
         env |= dict(settings or {})
         env |= dict(item.split("=", 1) for item in extra_env)
         processes: list[subprocess.Popen[bytes]] = []
-        stack.callback(_stop, processes)
+        stack.callback(stop_workers, processes)
         for n in range(workers):
             log = stack.enter_context((directory / f"worker-{n}.log").open("wb"))
             command = [sys.executable, "-m", "worker", "worker", "--loglevel", "WARNING"]
@@ -93,11 +93,13 @@ def _warm_up(client: Client, processes: list[subprocess.Popen[bytes]]) -> None:
             raise SystemExit(f"a worker exited with {process.returncode}")
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
+def stop_workers(started: list[subprocess.Popen[bytes]]) -> None:
+    """Stop worker commands (warm shutdown, then SIGKILL after 60 s) and reap them."""
+    for process in started:
         process.terminate()
-    for process in processes:
+    for process in started:
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+            process.wait()

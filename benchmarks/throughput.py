@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+from _fleet import stop_workers
 
 from api_client import Client
 from api_client._constants import KEY_PREFIX, TASK_NAME
@@ -315,17 +316,6 @@ def start_workers(
             raise SystemExit(f"the supervisor did not start {processes} workers; see {log}")
         time.sleep(0.05)
     return [parent], children
-
-
-def stop_workers(started: list[subprocess.Popen[bytes]]) -> None:
-    for process in started:
-        process.terminate()
-    for process in started:
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def run_promptq(

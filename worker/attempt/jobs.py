@@ -39,7 +39,9 @@ def run_jobs(rt: Runtime, deliveries: Sequence[Delivery]) -> None:
     started = begin(rt, taken_in(rt, deliveries))
     if len(started) > 1 and _under_a_rate_limit(rt, started):
         # A pack taken after its lane was marked split was not charged as a whole: its jobs
-        # are refunded nothing. Each goes back at its place in its line (the pack's).
+        # are refunded nothing. Each goes back at its place in its line (the pack's); the last
+        # first, so that a pack of no known order (pushed on the queue list), whose jobs each
+        # go ahead of the line, keeps its order too.
         charged = not rt.scheduler.split_lane(route_of(started[0].request).lane)
         for job in reversed(started):
             back_in_line(rt, job.request, job.delivery, refund=1 if charged else 0)

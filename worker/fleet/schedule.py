@@ -86,9 +86,9 @@ while true do
   if #first == 0 then break end
   local tenant, pass = first[1], tonumber(first[2])
   local line = '{KEY_PREFIX}line:' .. best_lane .. ':' .. best_rank .. ':' .. tenant
-  local first = redis.call('ZPOPMIN', line)
-  if #first > 0 then
-    local item, order = first[1], first[2]
+  local taken = redis.call('ZPOPMIN', line)
+  if #taken > 0 then
+    local item, order = taken[1], taken[2]
     local bar = string.find(item, '|', 1, true)
     local cost = tonumber(string.sub(item, 1, bar - 1))
     local message = string.sub(item, bar + 1)
@@ -273,7 +273,7 @@ class Scheduler:
     def adopt_older_lines(self) -> int:
         """Move the jobs an older promptq queued (in lines without orders) into today's
         lines; how many moved. A worker does it when it starts."""
-        keys = [key for key in self._client.scan_iter(match=_OLDER_LINES_PATTERN)]
+        keys = list(self._client.scan_iter(match=_OLDER_LINES_PATTERN))
         return int(self._adopt(keys=keys)) if keys else 0
 
     def publish_weights(self, weights: Mapping[str, float]) -> None:

@@ -46,15 +46,15 @@ def retry_after_s(
     ``headers`` are the failed response's headers (several mappings: where LiteLLM keeps
     them), ``body`` the error's text. ``now`` is the epoch time that dates compare with.
     """
-    found = list(headers)
+    found = [_normalized(mapping) for mapping in headers]
     now = time.time() if now is None else now
     for mapping in found:
         for name in _MS_HEADERS:
-            ms = _number(_get(mapping, name))
+            ms = _number(mapping.get(name))
             if ms is not None:
                 return ms / 1000
     for mapping in found:
-        seconds = _seconds_or_date(_get(mapping, "retry-after"), now)
+        seconds = _seconds_or_date(mapping.get("retry-after"), now)
         if seconds is not None:
             return seconds
     stated = _from_body(body)
@@ -63,14 +63,17 @@ def retry_after_s(
     return _until_reset(found, now)
 
 
-def _get(headers: Mapping[str, Any], name: str) -> Any:
-    """A header by name, whatever its case, also as LiteLLM passes it on ("llm_provider-")."""
-    for key in (name, f"llm_provider-{name}"):
-        value = headers.get(key)
-        if value is not None:
-            return value
-    lowered = {str(k).lower().removeprefix("llm_provider-"): v for k, v in headers.items()}
-    return lowered.get(name)
+def _normalized(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """The headers by lower-case name, those LiteLLM passes on as "llm_provider-NAME" under
+    NAME (where the response did not carry NAME itself)."""
+    found: dict[str, Any] = {}
+    for key, value in headers.items():
+        name = str(key).lower()
+        if name.startswith("llm_provider-"):
+            found.setdefault(name.removeprefix("llm_provider-"), value)
+        else:
+            found[name] = value
+    return found
 
 
 def _seconds_or_date(value: Any, now: float) -> float | None:
@@ -94,17 +97,17 @@ def _from_body(body: str) -> float | None:
     return None
 
 
-def _until_reset(headers: list[Mapping[str, Any]], now: float) -> float | None:
+def _until_reset(headers: list[dict[str, Any]], now: float) -> float | None:
     """The longest wait until an exhausted budget refills (or, when none says it is
     exhausted, the shortest of those stated)."""
     exhausted: list[float] = []
     others: list[float] = []
     for mapping in headers:
         for reset_name, remaining_name in _RESETS:
-            wait = _duration_or_time(_get(mapping, reset_name), now)
+            wait = _duration_or_time(mapping.get(reset_name), now)
             if wait is None:
                 continue
-            remaining = _number(_get(mapping, remaining_name))
+            remaining = _number(mapping.get(remaining_name))
             (exhausted if remaining is not None and remaining < 1 else others).append(wait)
     if exhausted:
         return max(exhausted)
