@@ -19,6 +19,8 @@ from worker.fake_provider import FakeProvider, FakeProviderConfig
 MODEL = "openai/bench-model"  # what the benchmarks' prompts ask for (the workers' LLM_MODEL)
 WARM_UP_MODEL = "openai/warm-up"  # the warm-up's, under no limit of the workers'
 WARM_UP_TIMEOUT_S = 120.0
+# A busy machine's other load: pure Python, so each burner holds one core all the time.
+BURNER = "while True: pass"
 
 
 @dataclass
@@ -103,3 +105,23 @@ def stop_workers(started: list[subprocess.Popen[bytes]]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextmanager
+def cpu_burners(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` processes spinning a pure-Python loop beside the fleet; killed and reaped at
+    the end, however it comes.
+
+        with cpu_burners(os.cpu_count() or 1):
+            ...  # measured on a machine with every core busy
+    """
+    burners: list[subprocess.Popen[bytes]] = []
+    try:
+        for _ in range(count):
+            burners.append(subprocess.Popen([sys.executable, "-c", BURNER]))
+        yield burners
+    finally:
+        for burner in burners:
+            burner.kill()
+        for burner in burners:
+            burner.wait()

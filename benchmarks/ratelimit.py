@@ -24,22 +24,27 @@ and 429 share after the first STEADY_S seconds (the steady state, once a learned
 converged), and each worker's peak RSS with its growth after warm-up. Retry waits are scaled
 down (LLM_RETRY_MIN_WAIT=1, MAX_WAIT=10); they are printed with the results.
 
+--busy N runs N processes spinning a pure-Python loop beside the workers while each run is
+measured (started once the fleet is warm, stopped when the run ends): one per core (--busy
+auto, os.cpu_count()) shows what the limiter does when the workers get the CPU late.
+
     .venv/bin/python benchmarks/ratelimit.py [--rpm 1200] [--prompts N] [--workers 4]
         [--concurrency 16] [--latency 0.2] [--burst 2] [--modes declared,learned]
-        [--shapes bucket:2,bucket:1,window:1,sliding:10,tpm,ramp:50]
+        [--shapes bucket:2,bucket:1,window:1,sliding:10,tpm,ramp:50] [--busy N|auto]
 """
 
 from __future__ import annotations
 
 import argparse
 import bisect
+import os
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _fleet import fleet
+from _fleet import cpu_burners, fleet
 
 from api_client import Client, JobFailed, PromptRequest
 from api_client._requests import build_request
@@ -167,13 +172,14 @@ def run(shape: Enforcement, mode: str, args: argparse.Namespace, directory: Path
         baseline = [rss_mb(p.pid, "VmRSS") for p in f.workers]
         at_steady: dict[str, int] = {}
         timer = threading.Timer(STEADY_S, lambda: at_steady.update(_counts(f.provider)))
-        timer.start()
-        try:
-            answered, failed, elapsed_s = submit_and_collect(
-                f.client, requests, timeout_s=ideal_s * 5 + 120
-            )
-        finally:
-            timer.cancel()
+        with cpu_burners(args.busy):
+            timer.start()
+            try:
+                answered, failed, elapsed_s = submit_and_collect(
+                    f.client, requests, timeout_s=ideal_s * 5 + 120
+                )
+            finally:
+                timer.cancel()
         end = _counts(f.provider)
         peaks = [rss_mb(p.pid, "VmHWM") for p in f.workers]
         growth = [rss_mb(p.pid, "VmRSS") - b for p, b in zip(f.workers, baseline, strict=True)]
@@ -210,6 +216,14 @@ def _share_429(since: dict[str, int], until: dict[str, int]) -> float:
     return (until["rate_limited"] - since["rate_limited"]) / max(1, requests)
 
 
+def burner_count(text: str) -> int:
+    """--busy's value: a count of burners, or "auto" for one per core."""
+    count = (os.cpu_count() or 1) if text == "auto" else int(text)
+    if count < 0:
+        raise ValueError(text)
+    return count
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rpm", type=int, default=1200)
@@ -223,6 +237,13 @@ def main() -> None:
     parser.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="extra worker setting"
     )
+    parser.add_argument(
+        "--busy",
+        type=burner_count,
+        default=0,
+        metavar="N",
+        help="CPU burners beside the workers while measuring (auto: one per core)",
+    )
     args = parser.parse_args()
     args.prompts = args.prompts or args.rpm
     modes = args.modes.split(",")
@@ -235,7 +256,8 @@ def main() -> None:
     print(
         f"{args.prompts} prompts, limit {args.rpm}/min (bucket shapes: {args.burst:g} s deep), "
         f"latency {args.latency:g} s, {args.workers} workers x {args.concurrency} in flight, "
-        f"retry waits {RETRY_ENV['LLM_RETRY_MIN_WAIT']}-{RETRY_ENV['LLM_RETRY_MAX_WAIT']} s"
+        f"retry waits {RETRY_ENV['LLM_RETRY_MIN_WAIT']}-{RETRY_ENV['LLM_RETRY_MAX_WAIT']} s, "
+        f"{args.busy} CPU burners beside them"
     )
     steady = f"after {STEADY_S:g} s: "
     print(
