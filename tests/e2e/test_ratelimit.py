@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -15,6 +16,8 @@ from tests.support.openai_server import Reply, ScriptedOpenAIServer
 from tests.support.redis_server import RedisServer
 from tests.support.waiting import wait_until
 from tests.support.worker_process import WorkerProcess, worker_fleet
+from worker.fake_provider import FakeProvider, FakeProviderConfig
+from worker.fake_provider.limits import Shape
 from worker.fleet.limiter import Deployment, RateLimiter
 from worker.fleet.limiter_status import read_limiters
 from worker.settings import DEFAULT_BURST_S
@@ -29,6 +32,14 @@ WAIT_S = 60.0
 # Requests reach the provider a little after their slot (a worker's first LiteLLM call takes
 # some 0.3 s longer than the next): allow for it when counting calls in a window.
 ARRIVAL_SLACK_S = 0.5
+# A provider allowing no burst at all (a token bucket one request deep), against the limit
+# declared: 150 prompts at once take the fleet some 15 s at 10 a second.
+BUCKET_OF_ONE_RPM = 600
+BUCKET_OF_ONE_PROMPTS = 150
+# The limiter's target against bucket:1 (benchmarks/ratelimit.py --shapes bucket:1) is 2 % of
+# requests answered 429; the margin is for a busy machine, where a worker may send a call late
+# and the next one on time after it.
+BUCKET_OF_ONE_MAX_429_SHARE = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +226,45 @@ def test_token_reservations_are_reconciled(
     assert state.tokens_per_minute == pytest.approx(used, rel=0.05)
     target = Deployment.of(TOKENS_MODEL, provider.base_url, CANARY_KEY, tpm=TPM)
     assert fleet_limiter(shared).acquire(target, tokens=0).run().wait_s == 0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis for one test's workers alone: the module's workers must not take its jobs."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def bucket_of_one() -> Iterator[FakeProvider]:
+    """The bundled fake provider, enforcing BUCKET_OF_ONE_RPM in a bucket one request deep."""
+    config = FakeProviderConfig(rpm=BUCKET_OF_ONE_RPM, shape=Shape.parse("bucket:1"), latency_s=0.2)
+    with FakeProvider(config) as provider:
+        yield provider
+
+
+def test_a_provider_allowing_no_burst_answers_few_requests_429(
+    own_redis: RedisServer, bucket_of_one: FakeProvider, tmp_path: Path
+) -> None:
+    """Declared, the limit paces the fleet's calls so that a provider refusing any two calls
+    closer than its interval seldom has to: few 429s, every job done."""
+    # worker_env's retry waits are already scaled down (0.05-0.2 s): a 429's retry is quick.
+    env = worker_env(own_redis.url, bucket_of_one.base_url) | {"LLM_RPM": str(BUCKET_OF_ONE_RPM)}
+    with (
+        worker_fleet(env, tmp_path, count=2, concurrency=8),
+        Client(own_redis.url) as client,
+    ):
+        before = bucket_of_one.stats()  # the workers are ready: their warm-up sent nothing
+        jobs = client.submit_many(f"unhurried {n}" for n in range(BUCKET_OF_ONE_PROMPTS))
+        finished = list(client.as_completed(jobs, timeout=WAIT_S))
+        failed = [job.id for job in finished if job.status() is not JobStatus.SUCCEEDED]
+    after = bucket_of_one.stats()
+
+    requests = int(after["requests"]) - int(before["requests"])
+    refused = int(after["rate_limited"]) - int(before["rate_limited"])
+    share = refused / max(1, requests)
+    print(f"bucket:1 at {BUCKET_OF_ONE_RPM}/min: {refused} of {requests} requests answered 429")
+    assert share <= BUCKET_OF_ONE_MAX_429_SHARE, (
+        f"{refused} of {requests} requests answered 429 ({share:.1%})"
+    )
+    assert not failed, f"{len(failed)} jobs failed"
