@@ -146,8 +146,11 @@ class QueueSettings(LayeredSettings):
     # that the job waits in the scheduler, at its place in its line, until a slot is that
     # near (so a job of a higher priority takes the next slot: the longer this, the longer it
     # waits behind slots already reserved); charge a call whose max_tokens is not set this many
-    # reply tokens until its real usage is known.
+    # reply tokens until its real usage is known. A deployment with no limit known (none
+    # configured, none stated in headers yet) starts at limiter_start_rpm requests a minute and
+    # grows fourfold each second its calls wait for slots (slow start; 0: none).
     limiter_adaptive: bool = True
+    limiter_start_rpm: float = Field(default=60.0, ge=0)
     limiter_max_sleep_s: float = Field(default=0.5, ge=0)
     limiter_reply_tokens: int = Field(default=512, ge=0)
     # A cap on what the whole fleet spends (USD, by LiteLLM's prices) per spend_period:

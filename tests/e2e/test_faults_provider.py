@@ -193,6 +193,8 @@ def storm_worker(
         # wait at once (in Redis: the worker holds none in memory).
         "LLM_RETRY_MIN_WAIT": "4",
         "LLM_RETRY_MAX_WAIT": "4.5",
+        # The storm must reach the provider: no pace learned from its 429s slows it down.
+        "PROMPTQ_LIMITER_ADAPTIVE": "false",
     }
     args = ("--concurrency", str(STORM_CONCURRENCY))
     with e2e_worker(own_redis, provider, tmp_path, name="storm", env=env, args=args) as process:

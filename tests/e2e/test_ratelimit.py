@@ -33,13 +33,16 @@ WAIT_S = 60.0
 # some 0.3 s longer than the next): allow for it when counting calls in a window.
 ARRIVAL_SLACK_S = 0.5
 # A provider allowing no burst at all (a token bucket one request deep), against the limit
-# declared: 150 prompts at once take the fleet some 15 s at 10 a second.
+# declared: 200 prompts at once take the fleet some 25 s at 8 to 10 a second.
 BUCKET_OF_ONE_RPM = 600
-BUCKET_OF_ONE_PROMPTS = 150
-# The limiter's target against bucket:1 (benchmarks/ratelimit.py --shapes bucket:1) is 2 % of
-# requests answered 429; the margin is for a busy machine, where a worker may send a call late
-# and the next one on time after it.
-BUCKET_OF_ONE_MAX_429_SHARE = 0.05
+BUCKET_OF_ONE_PROMPTS = 200
+# The limiter's target against bucket:1 is 2 % of requests answered 429 over 1,200 prompts
+# (benchmarks/ratelimit.py --shapes bucket:1). A short run's share is dominated by its first
+# seconds: the first calls start together, and the fleet backs off three or four times
+# before its pace leaves room for the calls' jitter (a handful of 429s, 5 to 13 of some 210
+# on this machine with a CPU burner beside it). The limiter without a pace learned from 429s
+# drew 35 %.
+BUCKET_OF_ONE_MAX_429_SHARE = 0.08
 
 
 @pytest.fixture(scope="module")

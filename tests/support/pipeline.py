@@ -35,7 +35,12 @@ LLM_DEFAULTS: dict[str, Any] = {
     "retry_multiplier": 0.01,
     "timeout": 5,
 }
-QUEUE_DEFAULTS: dict[str, Any] = {"visibility_timeout_s": 60, "concurrency": 16}
+# No slow start (the limiter's own tests turn it on): a test's first calls are not paced.
+QUEUE_DEFAULTS: dict[str, Any] = {
+    "visibility_timeout_s": 60,
+    "concurrency": 16,
+    "limiter_start_rpm": 0,
+}
 TAKEN_KEY = "promptq:worker:pipeline:taken"  # where the harness's takes land for a moment
 
 

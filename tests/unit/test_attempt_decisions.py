@@ -114,9 +114,10 @@ def test_a_429_with_retry_after_parks_for_about_the_retry_after(
     assert pipeline.step()
     [parked] = pipeline.parked()
     assert parked.state == DeliveryState(failures=1)
-    assert 9.0 < parked.due_in_s <= 10.0  # not the backoff's 0.05 to 0.2 s
-    assert pipeline.advance(8).moved == 0  # still 1 to 2 s to go
-    assert pipeline.advance(2).moved == 1 and [m.id for m in pipeline.queued()] == [job.id]
+    # Not the backoff's 0.05 to 0.2 s: the Retry-After, spread up to 10 % beyond it.
+    assert 9.0 < parked.due_in_s <= 11.0
+    assert pipeline.advance(8).moved == 0  # still 1 to 3 s to go
+    assert pipeline.advance(3).moved == 1 and [m.id for m in pipeline.queued()] == [job.id]
     assert job.status() is JobStatus.RETRYING
     assert metric(pipeline, "promptq_rate_limited_total", model=MODEL) == 1
     assert metric(pipeline, "promptq_retries_total", model=MODEL, kind="rate_limited") == 1

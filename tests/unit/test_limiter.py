@@ -1,5 +1,5 @@
 """worker.fleet.limiter's Lua scripts (and limiter_status's reading of their state), on fakeredis
-(lupa) and on a real redis-server alike."""
+(lupa) and on a real redis-server alike; the pace learned from 429s: test_limiter_pace."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import redis
 
 from api_client._constants import LIMITER_PREFIX
 from worker.fleet.limiter import (
-    BACKOFF_FACTOR,
-    BACKOFF_MIN_CALLS,
     TOKEN_MAX_AHEAD_S,
     Deployment,
     RateLimiter,
@@ -157,36 +155,6 @@ def test_a_retry_after_pauses_the_whole_fleet(lua_redis: redis.Redis) -> None:
         target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=3
     ).run()
     assert other.acquire(target, tokens=0).run().wait_s == pytest.approx(3.0, abs=SLACK_S)
-
-
-def test_a_429_without_headers_backs_the_rate_off_then_it_recovers(lua_redis: redis.Redis) -> None:
-    rl, target = limiter(lua_redis), deployment()
-    for _ in range(30):
-        rl.acquire(target, tokens=0).run()
-    rl.record(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited").run()
-    # 30 calls within (at most) the first second: a rate of 1,800 a minute, backed off.
-    backed_off = rl.acquire(target, tokens=0).run().rpm
-    assert backed_off == pytest.approx(1800 * BACKOFF_FACTOR, rel=0.05)
-
-    # A burst of 429s answering calls sent before the backoff does not back off again.
-    rl.record(target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited").run()
-    assert rl.acquire(target, tokens=0).run().rpm == backed_off
-
-    for _ in range(100):
-        rl.record(target, reserved_tokens=0, charged_tokens=0, outcome="ok").run()
-    assert rl.acquire(target, tokens=0).run().rpm == pytest.approx(backed_off + 5, abs=1)
-
-
-def test_a_429_after_too_few_calls_only_pauses(lua_redis: redis.Redis) -> None:
-    rl, target = limiter(lua_redis), deployment()
-    for _ in range(BACKOFF_MIN_CALLS - 1):
-        rl.acquire(target, tokens=0).run()
-    rl.record(
-        target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=1
-    ).run()
-    grant = rl.acquire(target, tokens=0).run()
-    assert grant.rpm == 0
-    assert grant.wait_s == pytest.approx(1.0, abs=SLACK_S)
 
 
 def test_without_adaptive_only_configured_limits_apply(lua_redis: redis.Redis) -> None:

@@ -117,9 +117,17 @@ def test_wait_without_an_rng_uses_the_module_random(default_policy: RetryPolicy)
 
 def test_longer_retry_after_wins(default_policy: RetryPolicy) -> None:
     rng = random.Random(1)
-    assert default_policy.wait_s(0, retry_after_s=100, rng=rng) == 100
+    assert 100 <= default_policy.wait_s(0, retry_after_s=100, rng=rng) <= 100 * (1 + JITTER)
     # Retry-After may exceed max_wait_s: the provider knows best, up to longest_wait_s.
-    assert default_policy.wait_s(6, retry_after_s=600, rng=rng) == 600
+    assert 600 <= default_policy.wait_s(6, retry_after_s=600, rng=rng) <= 600 * (1 + JITTER)
+
+
+def test_jobs_refused_together_come_back_spread_never_before_the_retry_after(
+    default_policy: RetryPolicy,
+) -> None:
+    waits = [default_policy.wait_s(0, retry_after_s=60, rng=random.Random(n)) for n in range(50)]
+    assert all(60 <= w <= 60 * (1 + JITTER) for w in waits)
+    assert max(waits) - min(waits) > 60 * JITTER / 2  # not in lockstep
 
 
 def test_shorter_retry_after_does_not_shorten_the_backoff(default_policy: RetryPolicy) -> None:
@@ -156,5 +164,5 @@ def test_retry_after_cap_in_a_scaled_down_config() -> None:
     policy = RetryPolicy.from_settings(settings)
 
     assert policy.longest_wait_s == 1
-    assert policy.wait_s(0, retry_after_s=0.5, rng=random.Random(5)) == 0.5
+    assert 0.5 <= policy.wait_s(0, retry_after_s=0.5, rng=random.Random(5)) <= 0.5 * (1 + JITTER)
     assert policy.wait_s(0, retry_after_s=30, rng=random.Random(5)) == 1

@@ -46,11 +46,14 @@ class RetryPolicy:
     def wait_s(
         self, retry: int, retry_after_s: float | None = None, rng: random.Random | None = None
     ) -> float:
-        """The countdown before retry ``retry``: jittered backoff, or Retry-After when longer."""
+        """The countdown before retry ``retry``: jittered backoff, or Retry-After when longer,
+        spread up to JITTER beyond it (never before it) so that the jobs a provider refused
+        together do not all come back at the moment it named."""
+        draw = (rng or random).uniform
         base = self.base_wait_s(retry)
         low = max(self.min_wait_s, base * (1 - JITTER))
         high = min(self.max_wait_s, base * (1 + JITTER))
-        wait = (rng or random).uniform(low, high)
+        wait = draw(low, high)
         if retry_after_s is not None and retry_after_s > wait:
-            wait = min(retry_after_s, self.longest_wait_s)
+            wait = min(draw(retry_after_s, retry_after_s * (1 + JITTER)), self.longest_wait_s)
         return wait

@@ -95,17 +95,24 @@ async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
         waited_s = loop.time() - prepared_at
         if call.wait_s > waited_s:
             await asyncio.sleep(call.wait_s - waited_s)
-        wanted = await still_wanted(
+        slept = max(call.wait_s, waited_s) > 0
+        wait_s = await still_wanted(
             rt,
             delivery.job_id,
             call.request,
             failures=delivery.state.failures,
-            slept=max(call.wait_s, waited_s) > 0,
+            slept=slept,
             reservation=call.reservation,
             slot=(call.deployment, call.reserved_tokens),
+            # Paced at departure: a pause or a backoff since the slot was granted holds it.
+            departure=rt.limiter.departure(call.deployment, call.granted_us)
+            if slept and call.granted_us
+            else None,
         )
-        if not wanted:
+        if wait_s is None:
             return None
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
         # Counted here, not when the job is taken: a take that ends in line for the rate
         # limit is no attempt.
         rt.metrics.job_started(call.request.priority.value, call.request.tenant_name)
@@ -144,6 +151,7 @@ class _Call:
     reserved_tokens: int  # charged to the rate limiter
     reservation: Reservation | None  # money set aside under a spending cap
     wait_s: float  # until the rate-limit slot
+    granted_us: int  # when the slot was granted, on Redis's clock (0: unknown)
 
 
 async def _prepare(
@@ -173,7 +181,9 @@ async def _prepare(
     except NotConfigured as exc:
         await offload(fail, rt, job_id, classify(exc), attempts=delivery.state.failures)
         return None
-    return _Call(request, llm_settings, deployment, slot.tokens, reservation, slot.wait_s)
+    return _Call(
+        request, llm_settings, deployment, slot.tokens, reservation, slot.wait_s, slot.granted_us
+    )
 
 
 async def _reserve_spend(
@@ -310,7 +320,12 @@ def _book_calls(
     """Returns the script calls that tell the rate limiter how the call went and book its
     cost with the spend ledger."""
     return (
-        rt.limiter.record(call.deployment, reserved_tokens=call.reserved_tokens, **limiter_news),
+        rt.limiter.record(
+            call.deployment,
+            reserved_tokens=call.reserved_tokens,
+            granted_us=call.granted_us,
+            **limiter_news,
+        ),
         rt.spend.book(call.reservation, cost_usd, call.request.budget),
     )
 

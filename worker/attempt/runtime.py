@@ -66,6 +66,7 @@ class Runtime:
             # a job that would wait longer waits in the scheduler, in order (throttle).
             max_ahead_s=settings.queue.limiter_max_sleep_s,
             adaptive=settings.queue.limiter_adaptive,
+            start_rpm=settings.queue.limiter_start_rpm,
         )
 
     @cached_property

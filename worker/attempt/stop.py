@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from api_client._schemas import ErrorKind, JobError, JobRequest, JobStatus, Outcome
 from worker.attempt.classify import Failure
-from worker.fleet.scripts import patiently
+from worker.fleet.scripts import ScriptCall, patiently
 from worker.fleet.store import FINISH_PATIENCE_S, Wanted
 
 if TYPE_CHECKING:
@@ -61,25 +61,31 @@ async def still_wanted(
     slept: bool,
     reservation: Reservation | None,
     slot: tuple[Deployment, int] | None = None,
-) -> bool:
-    """Right before a call: whether it is still to be made. A job past its deadline ends
-    deadline_exceeded; one that waited for its slot (``slept``) is checked for a cancel
-    meanwhile (it then ends cancelled) or an outcome. What was set aside for a call not made
-    is given back: the money, and the rate-limit ``slot`` (its deployment and tokens)."""
+    departure: ScriptCall[float] | None = None,
+) -> float | None:
+    """Right before a call: None when it is not to be made, else how long it should still
+    wait before it leaves (the limiter's ``departure`` check, asked in the same round trip;
+    0 without one). A job past its deadline ends deadline_exceeded; one that waited for its
+    slot (``slept``) is checked for a cancel meanwhile (it then ends cancelled) or an outcome.
+    What was set aside for a call not made is given back: the money, and the rate-limit
+    ``slot`` (its deployment and tokens)."""
     missed_s = missed_deadline_s(request)
     if missed_s is None and not slept:
-        return True
+        return 0.0
     if missed_s is None:
-        wanted = await rt.loop_redis.run_one(rt.store.still_wanted(job_id, failures))
+        checks: list[ScriptCall[Any]] = [rt.store.still_wanted(job_id, failures)]
+        if departure is not None:
+            checks.append(departure)
+        wanted, *wait_s = await rt.loop_redis.run(*checks)
         if wanted is Wanted.YES:
-            return True
+            return wait_s[0] if wait_s else 0.0
         if wanted is Wanted.CANCELLED:
             ended_cancelled(rt, job_id, failures)
     else:
         message = f"the deadline passed {missed_s:.1f} s before its call could start"
         await rt.call_loop.offload(end_past_deadline, rt, job_id, message, attempts=failures)
     await give_back(rt, reservation, slot)
-    return False
+    return None
 
 
 async def give_back(

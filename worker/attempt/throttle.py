@@ -30,6 +30,7 @@ class Slot:
 
     tokens: int  # charged to the limiter
     wait_s: float  # to wait before calling (at most PROMPTQ_LIMITER_MAX_SLEEP_S)
+    granted_us: int = 0  # when the limiter granted it, on Redis's clock (0: unknown)
 
 
 def tokens_to_charge(rt: Runtime, deployment: Deployment, request: JobRequest) -> int:
@@ -50,7 +51,7 @@ def slot_now(rt: Runtime, deployment: Deployment, grant: Grant, tokens: int) -> 
         return None
     if grant.wait_s > 0:
         rt.metrics.limiter_waited(deployment.model, "slept", grant.wait_s)
-    return Slot(tokens, max(grant.wait_s, 0.0))
+    return Slot(tokens, max(grant.wait_s, 0.0), grant.granted_us)
 
 
 def wait_in_line(

@@ -22,29 +22,67 @@ STATE_TTL_S = 3600.0
 # widely and refunds would overlap them. Under a token limit, slots are reserved at most this
 # far ahead (measured: goodput 0.78 and 5 % 429s with 60 s, 0.99 and none with 3 s).
 TOKEN_MAX_AHEAD_S = 5.0
-# After a 429 without limit headers, the fleet drops to this fraction of the rate it was
-# sending at, and then climbs back by RECOVERY_PER_MINUTE (a fraction of that rate) a minute.
-BACKOFF_FACTOR = 0.75
-RECOVERY_PER_MINUTE = 0.05
-# 429s within this long of a backoff answer requests sent before it: they do not back off again.
-BACKOFF_SETTLE_S = 2.0
-# Fewer calls than this in the last minute say too little about the rate to back off from:
-# the Retry-After pause alone answers such a 429.
+
+# The fleet's *pace* (requests a minute, below any limit declared or stated in headers) is
+# learned from 429s, as TCP's congestion window is from losses (CUBIC's curve, in rate):
+# - a 429 for a call granted after the last backoff lowers the pace to BACKOFF_FACTOR of the
+#   rate the provider admitted over the last second (or of the pace, when lower): 429s for
+#   calls granted before it answer the old pace and do not back off again;
+# - while the fleet uses its pace (calls wait for slots), the pace climbs back along a cubic
+#   curve: back to the rate it backed off from in RECOVERY_S of use (less after a gentle
+#   first backoff at the limit), flat around it, then faster and faster beyond it (a
+#   provider that lets load rise slowly, a limit raised), until it meets the declared or
+#   stated limit;
+# - a deployment with no limit known starts at PROMPTQ_LIMITER_START_RPM and grows
+#   SLOW_START_GROWTH times a second of use (slow start) until a 429, a limit known, or
+#   MAX_PACE_RPM.
+BACKOFF_FACTOR = 0.85
+# The first 429 while the fleet runs at its limit (no pace in use) backs off gently: a limit
+# enforced over short spells draws one now and then at the edge, and a pace 0.85 of it would
+# cost that much goodput until it climbed back. 429s that go on bring BACKOFF_FACTOR.
+EDGE_BACKOFF_FACTOR = 0.95
+RECOVERY_S = 5.0
+SLOW_START_GROWTH = 4.0
+MAX_PACE_RPM = 10_000_000.0
+# The admitted rate is read from at least this many answers in the last second; with fewer,
+# from the calls sent over the last minute, and with fewer than BACKOFF_MIN_CALLS of those,
+# not at all: the Retry-After pause alone answers such a 429.
+RATE_MIN_ANSWERS = 5
 BACKOFF_MIN_CALLS = 10
+# Without the grant time of the call a 429 answers, 429s this soon after a backoff are taken
+# as answers to calls sent before it.
+BACKOFF_SETTLE_S = 2.0
 
 Outcome = Literal["ok", "rate_limited", "error"]
 
 # The state of one deployment is a Redis hash (all times in microseconds of Redis server time):
 #   rpm_cfg tpm_cfg          the limits the workers are configured with (0: none)
-#   rpm_learned tpm_learned  limits learned from the provider (0: none)
-#   rpm_source               "headers" (x-ratelimit-limit-*) or "429" (backed off after a 429)
+#   rpm_learned tpm_learned  limits stated in the provider's headers (0: none)
+#   pace pace_phase          the pace learned from 429s ("probe") or slow start ("start"); a
+#                            phase "done" has no pace (0): it reached the limits
+#   pace_max pace_base       the rate the pace backed off from; slow start's first pace
+#   pace_k                   the seconds of use the curve takes back to pace_max
+#   grow_s grow_at           seconds the pace has been in use since its phase began; when
+#   last_backoff created     when the pace was last lowered; when this state was created
 #   r_tat t_tat              GCRA theoretical arrival times for requests and tokens
 #   pause_until              no call starts before this (a Retry-After, shared by the fleet)
-#   last_backoff created     when the rate was last lowered; when this state was created
 #   minute req tok r429 (and prev_*): this and the previous minute's counts, for status
+#   sec ok1 prev_ok1         answers this and the previous second: the rate admitted
 #   model base               what the deployment is, for status (never the key)
 # (worker.fleet.limiter_status reads it for `promptq status`.)
-_PRELUDE = """
+_PRELUDE = (
+    f"""
+local BACKOFF_FACTOR = {BACKOFF_FACTOR!r}
+local EDGE_BACKOFF_FACTOR = {EDGE_BACKOFF_FACTOR!r}
+local CUBIC_C = {(1 - BACKOFF_FACTOR) / RECOVERY_S**3!r}
+local RECOVERY_S = {RECOVERY_S!r}
+local SLOW_START_GROWTH = {SLOW_START_GROWTH!r}
+local MAX_PACE_RPM = {MAX_PACE_RPM!r}
+local RATE_MIN_ANSWERS = {RATE_MIN_ANSWERS!r}
+local BACKOFF_MIN_CALLS = {BACKOFF_MIN_CALLS!r}
+local BACKOFF_SETTLE_US = {int(BACKOFF_SETTLE_S * 1_000_000)!r}
+"""
+    + """
 local function num(v) return tonumber(v) or 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -61,10 +99,26 @@ if num(h.minute) ~= minute then
   end
   h.minute, h.req, h.tok, h.r429 = minute, 0, 0, 0
 end
+local second = math.floor(now / 1000000)
+if num(h.sec) ~= second then
+  h.prev_ok1 = (num(h.sec) == second - 1) and num(h.ok1) or 0
+  h.sec, h.ok1 = second, 0
+end
+if h.rpm_source == '429' then
+  -- A state kept by an earlier version: its rate learned from 429s becomes the pace.
+  h.pace, h.pace_max, h.pace_phase = num(h.rpm_learned), num(h.rpm_learned), 'probe'
+  h.grow_s, h.grow_at, h.rpm_learned, h.rpm_source = RECOVERY_S, now, 0, ''
+end
 local function limit(configured, learned)
   configured, learned = num(configured), num(learned)
   if configured > 0 and learned > 0 then return math.min(configured, learned) end
   return math.max(configured, learned)
+end
+-- The requests a minute calls are spaced at: the pace, below the limit (0: none).
+local function paced(ceiling)
+  local pace = num(h.pace)
+  if pace > 0 and (ceiling == 0 or pace < ceiling) then return pace end
+  return ceiling
 end
 local function save(ttl_ms)
   local out = {}
@@ -76,18 +130,25 @@ local function save(ttl_ms)
   redis.call('PEXPIRE', KEYS[1], ttl_ms)
 end
 """
+)
 
 # ARGV: tokens, max_ahead_us, rpm_cfg, tpm_cfg, burst_us, ttl_ms, model, base,
-# token_max_ahead_us.
-# Returns {granted (1/0), wait_us, rpm, tpm}: a granted call may start after wait_us (its slot
-# is reserved); a refused one should ask again in wait_us (nothing is reserved).
+# token_max_ahead_us, slow_start_rpm (0: no slow start).
+# Returns {granted (1/0), wait_us, rpm, tpm, now_us}: a granted call may start after wait_us
+# (its slot is reserved); a refused one should ask again in wait_us (nothing is reserved).
 _ACQUIRE = (
     _PRELUDE
     + """
 h.rpm_cfg, h.tpm_cfg, h.model, h.base = num(ARGV[3]), num(ARGV[4]), ARGV[7], ARGV[8]
-local rpm = limit(h.rpm_cfg, h.rpm_learned)
 local tpm = limit(h.tpm_cfg, h.tpm_learned)
+local ceiling = limit(h.rpm_cfg, h.rpm_learned)
+if num(ARGV[10]) > 0 and h.pace_phase == nil and ceiling == 0 and tpm == 0 then
+  h.pace, h.pace_base, h.pace_phase, h.grow_s, h.grow_at = ARGV[10], ARGV[10], 'start', 0, now
+end
+local rpm = paced(ceiling)
 local burst = num(ARGV[5])
+-- A provider that answered 429s below the limit may allow no burst either: none while paced.
+if h.pace_phase == 'probe' then burst = 0 end
 local earliest = math.max(now, num(h.pause_until))
 if rpm > 0 then earliest = math.max(earliest, num(h.r_tat) - burst) end
 if tpm > 0 then earliest = math.max(earliest, num(h.t_tat) - burst) end
@@ -96,13 +157,13 @@ local max_ahead = num(ARGV[2])
 if tpm > 0 then max_ahead = math.min(max_ahead, num(ARGV[9])) end
 if wait > max_ahead then
   save(ARGV[6])
-  return {0, math.floor(wait - max_ahead), rpm, tpm}
+  return {0, math.floor(wait - max_ahead), rpm, tpm, now}
 end
 if rpm > 0 then h.r_tat = math.max(num(h.r_tat), earliest) + 60000000 / rpm end
 if tpm > 0 then h.t_tat = math.max(num(h.t_tat), earliest) + num(ARGV[1]) * 60000000 / tpm end
 h.req = num(h.req) + 1
 save(ARGV[6])
-return {1, math.floor(wait), rpm, tpm}
+return {1, math.floor(wait), rpm, tpm, now}
 """
 )
 
@@ -112,7 +173,7 @@ return {1, math.floor(wait), rpm, tpm}
 _GIVE_BACK = (
     _PRELUDE
     + """
-local rpm = limit(h.rpm_cfg, h.rpm_learned)
+local rpm = paced(limit(h.rpm_cfg, h.rpm_learned))
 local tpm = limit(h.tpm_cfg, h.tpm_learned)
 if rpm > 0 and num(h.r_tat) > now then
   h.r_tat = math.max(now, num(h.r_tat) - 60000000 / rpm)
@@ -126,9 +187,28 @@ return 1
 """
 )
 
+# ARGV: granted_us (when the call's slot was granted), ttl_ms, max_wait_us. Returns how long
+# (us) a call whose slot has come should still wait before it leaves: until a pause that began
+# since its grant ends; when the pace was lowered since, until a slot at the new pace (taken
+# now, after those already reserved). At most max_wait_us; 0: go now.
+_DEPART = (
+    _PRELUDE
+    + """
+local wait = math.max(0, num(h.pause_until) - now)
+local rpm = paced(limit(h.rpm_cfg, h.rpm_learned))
+if num(h.last_backoff) > num(ARGV[1]) and rpm > 0 then
+  local slot = math.max(now + wait, num(h.r_tat))
+  h.r_tat = slot + 60000000 / rpm
+  wait = slot - now
+  save(ARGV[2])
+end
+return math.floor(math.min(wait, num(ARGV[3])))
+"""
+)
+
 # ARGV: token correction (charged - reserved), tokens charged, outcome, retry_after_us,
-# header rpm, header tpm, adaptive (1/0), ttl_ms, backoff_factor, recovery_per_minute,
-# backoff_settle_us, backoff_min_calls. Returns the deployment's {rpm, tpm} afterwards.
+# header rpm, header tpm, adaptive (1/0), ttl_ms, granted_us (when the call's slot was
+# granted, Redis time; 0: unknown). Returns the deployment's {rpm, tpm} afterwards.
 _SETTLE = (
     _PRELUDE
     + """
@@ -143,28 +223,69 @@ h.tok = num(h.tok) + num(ARGV[2])
 local adaptive = ARGV[7] == '1'
 if adaptive and num(ARGV[5]) > 0 then h.rpm_learned, h.rpm_source = num(ARGV[5]), 'headers' end
 if adaptive and num(ARGV[6]) > 0 then h.tpm_learned = num(ARGV[6]) end
+local ceiling = limit(h.rpm_cfg, h.rpm_learned)
+
+-- The pace climbs while it is in use: calls wait for their slots (the next one is due).
+local function climb()
+  local rpm = paced(ceiling)
+  local busy = rpm > 0 and num(h.r_tat) + 60000000 / rpm >= now
+  local elapsed = math.min(math.max(now - num(h.grow_at), 0), 1000000)
+  h.grow_at = now
+  if not busy then return end
+  h.grow_s = num(h.grow_s) + elapsed / 1000000
+  local pace
+  if h.pace_phase == 'start' then
+    pace = num(h.pace_base) * SLOW_START_GROWTH ^ h.grow_s
+  else
+    local k = tonumber(h.pace_k) or RECOVERY_S
+    pace = num(h.pace_max) * (1 + CUBIC_C * (h.grow_s - k) ^ 3)
+  end
+  if (ceiling > 0 and pace >= ceiling) or pace >= MAX_PACE_RPM then
+    h.pace, h.pace_phase = 0, 'done'
+  else
+    h.pace = pace
+  end
+end
+
+-- The rate the provider admitted lately: from the last second's answers, else from the
+-- calls sent over the last minute (0: too few to tell).
+local function admitted_rpm()
+  local into_second = (now % 1000000) / 1000000
+  local answers = num(h.ok1) + num(h.prev_ok1) * (1 - into_second)
+  if answers >= RATE_MIN_ANSWERS then return answers * 60 end
+  local into_minute = (now % 60000000) / 60000000
+  local sent = num(h.req) + num(h.prev_req) * (1 - into_minute)
+  if sent < BACKOFF_MIN_CALLS then return 0 end
+  local seen_us = math.min(now - num(h.created), 60000000)
+  return sent * 60000000 / math.max(seen_us, 1000000)
+end
+
+local function back_off()
+  local granted = num(ARGV[9])
+  local last = num(h.last_backoff)
+  if granted > 0 and granted < last then return end
+  if granted == 0 and now - last < BACKOFF_SETTLE_US then return end
+  local base = admitted_rpm()
+  local current = paced(ceiling)
+  if current > 0 and (base == 0 or base > current) then base = current end
+  if base == 0 then return end
+  local factor = BACKOFF_FACTOR
+  if h.pace_phase ~= 'probe' and h.pace_phase ~= 'start' then factor = EDGE_BACKOFF_FACTOR end
+  h.pace_max, h.pace, h.pace_phase = base, base * factor, 'probe'
+  h.pace_k = ((1 - factor) / CUBIC_C) ^ (1 / 3)  -- when the curve is back at pace_max
+  h.grow_s, h.grow_at, h.last_backoff = 0, now, now
+end
+
 if ARGV[3] == 'rate_limited' then
   h.r429 = num(h.r429) + 1
   if num(ARGV[4]) > 0 then h.pause_until = math.max(num(h.pause_until), now + num(ARGV[4])) end
-  if adaptive and h.rpm_source ~= 'headers' and now - num(h.last_backoff) > num(ARGV[11]) then
-    -- No header says what the limit is: back off from the rate the fleet was sending at.
-    local seen_us = math.min(now - num(h.created), 60000000)
-    local into_minute = (now % 60000000) / 60000000
-    local sent = num(h.req) + num(h.prev_req) * (1 - into_minute)
-    if sent >= num(ARGV[12]) then
-      local rate = sent * 60000000 / math.max(seen_us, 1000000)
-      local current = limit(h.rpm_cfg, h.rpm_learned)
-      if current > 0 then rate = math.min(rate, current) end
-      h.rpm_learned = math.max(1, rate * num(ARGV[9]))
-      h.rpm_source, h.last_backoff = '429', now
-    end
-  end
-elseif ARGV[3] == 'ok' and h.rpm_source == '429' then
-  -- Each success adds the same step, so the rate grows by a fixed fraction a minute.
-  h.rpm_learned = num(h.rpm_learned) + num(ARGV[10])
+  if adaptive then back_off() end
+elseif ARGV[3] == 'ok' then
+  h.ok1 = num(h.ok1) + 1
+  if adaptive and (h.pace_phase == 'start' or h.pace_phase == 'probe') then climb() end
 end
 save(ARGV[8])
-return {limit(h.rpm_cfg, h.rpm_learned), limit(h.tpm_cfg, h.tpm_learned)}
+return {paced(ceiling), limit(h.tpm_cfg, h.tpm_learned)}
 """
 )
 
@@ -223,25 +344,36 @@ class Grant:
 
     granted: bool  # a slot is reserved: start after wait_s
     wait_s: float  # granted: until the slot; refused: until asking again can succeed
-    rpm: float  # the deployment's effective limits (0: none)
+    rpm: float  # the deployment's effective limits (0: none): its pace, under any limit
     tpm: float
+    granted_us: int = 0  # when it was asked for, on Redis's clock (microseconds)
 
 
 class RateLimiter:
     """Shares each deployment's budget between every worker through one Redis hash.
 
+    ``start_rpm``: slow start's first pace (0: none).
     ``acquire`` reserves a slot for a call (GCRA on requests and tokens, Redis server time)
     no further than ``max_ahead_s`` ahead; ``record`` corrects the token charge with what the
-    call really used, learns limits from the provider's headers and 429s (when ``adaptive``),
-    and shares a Retry-After with the whole fleet.
+    call really used, shares a Retry-After with the whole fleet and, when ``adaptive``, learns
+    limits from the provider's headers and the fleet's pace from 429s.
     """
 
-    def __init__(self, client: redis.Redis, *, max_ahead_s: float, adaptive: bool) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        max_ahead_s: float,
+        adaptive: bool,
+        start_rpm: float = 0.0,
+    ) -> None:
         self._max_ahead_us = int(max_ahead_s * 1_000_000)
         self._adaptive = adaptive
+        self._start_rpm = start_rpm if adaptive else 0.0
         self._acquire = client.register_script(_ACQUIRE)
         self._give_back = client.register_script(_GIVE_BACK)
         self._settle = client.register_script(_SETTLE)
+        self._depart = client.register_script(_DEPART)
         # The token limit each deployment had at its last call, so that tokens are only
         # estimated (LiteLLM's counter costs CPU) where a token limit applies.
         self._tpm_seen: dict[str, float] = {}
@@ -259,14 +391,31 @@ class RateLimiter:
             parse=lambda reply: None,
         )
 
+    def departure(self, deployment: Deployment, granted_us: int) -> ScriptCall[float]:
+        """Returns the script call that says how long (seconds) a call whose slot has come
+        should still wait before it leaves: a pause, or a backoff of the pace, since its slot
+        was granted (at ``granted_us``, Grant.granted_us) holds it until then."""
+        return ScriptCall(
+            self._depart,
+            keys=[deployment.redis_key],
+            args=[granted_us, int(STATE_TTL_S * 1000), self._max_ahead_us],
+            parse=lambda reply: int(reply) / 1_000_000,
+        )
+
     def acquire(self, deployment: Deployment, tokens: int) -> ScriptCall[Grant]:
         """Returns the script call that reserves a slot for one call of about ``tokens``
         tokens, or says when to ask again."""
 
         def grant_of(reply: Any) -> Grant:
-            granted, wait_us, rpm, tpm = reply
+            granted, wait_us, rpm, tpm, now_us = reply
             self._tpm_seen[deployment.identity] = float(tpm)
-            return Grant(bool(int(granted)), int(wait_us) / 1_000_000, float(rpm), float(tpm))
+            return Grant(
+                bool(int(granted)),
+                int(wait_us) / 1_000_000,
+                float(rpm),
+                float(tpm),
+                int(now_us),
+            )
 
         return ScriptCall(
             self._acquire,
@@ -281,6 +430,7 @@ class RateLimiter:
                 deployment.model,
                 deployment.endpoint,
                 int(TOKEN_MAX_AHEAD_S * 1_000_000),
+                self._start_rpm,
             ],
             parse=grant_of,
         )
@@ -294,9 +444,11 @@ class RateLimiter:
         outcome: Outcome,
         retry_after_s: float | None = None,
         headers: Mapping[str, Any] | None = None,
+        granted_us: int = 0,
     ) -> ScriptCall[None]:
         """Returns the script call that records how a provider call went: its real token
-        charge, the limits the provider stated, any 429."""
+        charge, the limits the provider stated, any 429 (``granted_us``: when the call's slot
+        was granted, Grant.granted_us; 0 when unknown)."""
         learned_rpm, learned_tpm = limits_from_headers(headers or {})
 
         def remember_tpm(reply: Any) -> None:
@@ -314,10 +466,7 @@ class RateLimiter:
                 learned_tpm or 0,
                 1 if self._adaptive else 0,
                 int(STATE_TTL_S * 1000),
-                BACKOFF_FACTOR,
-                RECOVERY_PER_MINUTE,
-                int(BACKOFF_SETTLE_S * 1_000_000),
-                BACKOFF_MIN_CALLS,
+                granted_us,
             ],
             parse=remember_tpm,
         )

@@ -22,7 +22,7 @@ class LimiterState:
     endpoint: str
     rpm_limit: float  # 0: no limit known
     tpm_limit: float
-    rpm_source: str  # "configured", "headers", "429" (backed off) or "" (none)
+    rpm_source: str  # "configured", "headers", "paced after 429s", "slow start" or ""
     requests_per_minute: float  # calls started in the last minute
     tokens_per_minute: float  # tokens charged in the last minute
     rate_limited_per_minute: float  # 429s in the last minute
@@ -63,11 +63,15 @@ def _state_of(h: Mapping[str, str], now_us: int) -> LimiterState:
         # As the scripts' limit(): the lower of two limits, or the one there is.
         return min(configured, learned) if configured and learned else max(configured, learned)
 
-    rpm_cfg, rpm_learned = num("rpm_cfg"), num("rpm_learned")
-    rpm = effective(rpm_cfg, rpm_learned)
+    rpm_cfg, rpm_learned, pace = num("rpm_cfg"), num("rpm_learned"), num("pace")
+    ceiling = effective(rpm_cfg, rpm_learned)
+    # As the scripts' paced(): the pace learned from 429s (or slow start), under the limit.
+    rpm = pace if pace and (not ceiling or pace < ceiling) else ceiling
     source = ""
-    if rpm:
-        source = "configured" if rpm == rpm_cfg else h.get("rpm_source", "")
+    if rpm == pace and pace:
+        source = "slow start" if h.get("pace_phase") == "start" else "paced after 429s"
+    elif rpm:
+        source = "configured" if rpm == rpm_cfg else "headers"
     return LimiterState(
         model=h.get("model", "?"),
         endpoint=h.get("base", "?"),
