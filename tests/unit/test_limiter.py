@@ -8,11 +8,11 @@ import redis
 
 from api_client._constants import LIMITER_PREFIX
 from worker.fleet.limiter import (
-    TOKEN_MAX_AHEAD_S,
     Deployment,
     RateLimiter,
     limits_from_headers,
 )
+from worker.fleet.limiter_scripts import TOKEN_MAX_AHEAD_S
 from worker.fleet.limiter_status import read_limiters
 from worker.settings import DEFAULT_BURST_S
 

@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import redis
 
-from worker.fleet.limiter import (
+from worker.fleet.limiter import Deployment, RateLimiter
+from worker.fleet.limiter_scripts import (
     BACKOFF_FACTOR,
     BACKOFF_MIN_CALLS,
     EDGE_BACKOFF_FACTOR,
     RECOVERY_S,
     SLOW_START_GROWTH,
-    Deployment,
-    RateLimiter,
 )
 from worker.fleet.limiter_status import read_limiters
 

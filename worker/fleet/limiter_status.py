@@ -10,7 +10,7 @@ import redis
 from api_client._constants import LIMITER_PREFIX
 from api_client._polling import text_of
 
-# The fields read here are those of the hash worker.fleet.limiter's scripts keep (its layout is
+# The fields read here are those of the hash worker.fleet.limiter_scripts keeps (its layout is
 # drawn there).
 
 

@@ -33,7 +33,7 @@ from api_client._schedule import (
     message_of,
     order_arg,
 )
-from worker.fleet.limiter import STATE_TTL_S
+from worker.fleet.limiter_scripts import STATE_TTL_S
 from worker.fleet.scripts import LUA_NOW_MS, ScriptCall
 
 # The header a worker process adds to a message it delivers from a claim: the job's order in
