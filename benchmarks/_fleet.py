@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -50,6 +51,9 @@ def fleet(
     ``directory``, which is created.
     """
     directory.mkdir()
+    # A benchmark stopped with SIGTERM (kill, pkill) still stops its workers and redis-server:
+    # the exit unwinds through this block instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with ExitStack() as stack:
         redis_server = RedisServerProcess(shutil.which("redis-server") or "redis-server", directory)
         redis_server.start()
