@@ -52,7 +52,8 @@ Outcome = Literal["ok", "rate_limited", "error"]
 #                            phase "done" has no pace (0): it reached the limits
 #   pace_max pace_base       the rate the pace backed off from; slow start's first pace
 #   pace_k                   the seconds of use the curve takes back to pace_max
-#   grow_s grow_at           seconds the pace has been in use since its phase began; when
+#   grow_s grow_at           seconds the pace has been in use since its phase began, and
+#                            when they were last counted
 #   last_backoff created     when the pace was last lowered; when this state was created
 #   r_tat t_tat              GCRA theoretical arrival times for requests and tokens
 #   pause_until              no call starts before this (a Retry-After, shared by the fleet)
