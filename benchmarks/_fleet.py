@@ -51,10 +51,12 @@ def fleet(
     ``directory``, which is created.
     """
     directory.mkdir()
-    # A benchmark stopped with SIGTERM (kill, pkill) still stops its workers and redis-server:
-    # the exit unwinds through this block instead of leaving them running.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with ExitStack() as stack:
+        # A benchmark stopped with SIGTERM (kill, pkill) still stops its workers and
+        # redis-server: the exit unwinds through this block instead of leaving them running.
+        # The handler before it is back once the fleet is gone.
+        before = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        stack.callback(signal.signal, signal.SIGTERM, before)
         redis_server = RedisServerProcess(shutil.which("redis-server") or "redis-server", directory)
         redis_server.start()
         stack.callback(redis_server.stop)
