@@ -218,12 +218,17 @@ def test_slow_start_ends_at_the_limit_the_headers_state(lua_redis: redis.Redis) 
     assert read_limiters(lua_redis)[0].rpm_source == "headers"
 
 
-def test_slow_start_ends_at_the_first_429(lua_redis: redis.Redis) -> None:
+def test_slow_start_ends_at_the_first_429_below_the_pace_it_reached(
+    lua_redis: redis.Redis,
+) -> None:
+    """Backed off from its pace, not from the answers of the last second, which lag it."""
     rl, target = limiter(lua_redis, start_rpm=START_RPM), deployment()
     use_for(rl, lua_redis, target, 2)
-    answered(lua_redis, target, this_second=8)  # the provider admitted 480 a minute
+    reached = field(lua_redis, target, "pace")
+    assert reached == pytest.approx(START_RPM * SLOW_START_GROWTH**2, rel=0.05)
+    answered(lua_redis, target, this_second=8)  # 480 a minute: slow start had just grown
     refused(rl, target)
-    assert rpm_now(rl, target) == pytest.approx(480 * BACKOFF_FACTOR, rel=0.01)
+    assert rpm_now(rl, target) == pytest.approx(reached * BACKOFF_FACTOR, rel=0.01)
     assert read_limiters(lua_redis)[0].rpm_source == "paced after 429s"
 
 
@@ -256,7 +261,7 @@ def test_a_state_backed_off_by_an_earlier_version_keeps_its_rate_as_the_pace(
 def test_a_call_leaves_when_its_slot_comes_if_nothing_changed(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment(rpm=600)
     grant = rl.acquire(target, tokens=0).run()
-    assert rl.departure(target, grant.granted_us).run() == 0
+    assert rl.departure(target, grant.granted_us, grant.wait_s).run() == 0
 
 
 def test_a_pause_since_its_grant_holds_a_call_at_departure(lua_redis: redis.Redis) -> None:
@@ -266,17 +271,49 @@ def test_a_pause_since_its_grant_holds_a_call_at_departure(lua_redis: redis.Redi
     rl.record(
         target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=0.3
     ).run()
-    assert rl.departure(target, grant.granted_us).run() == pytest.approx(0.3, abs=0.1)
+    assert rl.departure(target, grant.granted_us, grant.wait_s).run() == pytest.approx(0.3, abs=0.1)
 
 
-def test_a_backoff_since_its_grant_respaces_a_call_at_the_new_pace(
+def test_a_backoff_since_its_grant_stretches_the_reserved_slots_to_the_new_pace(
     lua_redis: redis.Redis,
 ) -> None:
-    """Slots granted before a backoff were spaced at the old pace: each takes a new one."""
+    """Slots granted before a backoff were spaced at the old pace: they stretch to the new one,
+    in order, and the next slot granted follows them."""
     rl, target = limiter(lua_redis), deployment(rpm=600)
     grants = [rl.acquire(target, tokens=0).run() for _ in range(3)]  # at 0, 0.1 and 0.2 s
     refused(rl, target, granted_us=grants[0].granted_us)
-    interval_s = 60 / rpm_now(rl, target)  # the new pace's; this call takes the slot at 0.3 s
-    waits = [rl.departure(target, g.granted_us).run() for g in grants[1:]]
-    assert waits == pytest.approx([0.3 + interval_s, 0.3 + 2 * interval_s], abs=0.05)
-    assert rl.departure(target, rl.acquire(target, tokens=0).run().granted_us).run() == 0
+    after = rl.acquire(target, tokens=0).run()
+    stretch = 600 / after.rpm
+    assert stretch > 1
+    waits = [rl.departure(target, g.granted_us, g.wait_s).run() for g in grants[1:]]
+    assert waits == pytest.approx([0.1 * stretch, 0.2 * stretch], abs=0.02)
+    assert after.wait_s == pytest.approx(0.3 * stretch, abs=0.02)
+    assert rl.departure(target, after.granted_us, after.wait_s).run() == pytest.approx(
+        after.wait_s, abs=0.02
+    )
+
+
+def test_a_pause_since_its_grant_moves_the_reserved_slots_past_it_spaced_as_before(
+    lua_redis: redis.Redis,
+) -> None:
+    """Nothing leaves at once when a pause ends: the slots reserved shift by the pause."""
+    rl = RateLimiter(lua_redis, max_ahead_s=60.0, adaptive=False)
+    target = deployment(rpm=600)
+    grants = [rl.acquire(target, tokens=0).run() for _ in range(3)]  # at 0, 0.1 and 0.2 s
+    rl.record(
+        target, reserved_tokens=0, charged_tokens=0, outcome="rate_limited", retry_after_s=0.3
+    ).run()
+    waits = [rl.departure(target, g.granted_us, g.wait_s).run() for g in grants]
+    assert waits == pytest.approx([0.3, 0.4, 0.5], abs=0.02)
+    assert rl.acquire(target, tokens=0).run().wait_s == pytest.approx(0.6, abs=0.02)
+
+
+def test_a_429_under_the_burst_allowance_leaves_no_burst(lua_redis: redis.Redis) -> None:
+    rl = limiter(lua_redis)
+    target = Deployment.of("openai/m", "http://127.0.0.1:9/v1", KEY, rpm=600, burst_s=0.5)
+    assert [rl.acquire(target, tokens=0).run().wait_s for _ in range(3)] == [0, 0, 0]
+    refused(rl, target)
+    rl.record(target, reserved_tokens=0, charged_tokens=0, outcome="ok").run()
+    lua_redis.hset(target.redis_key, mapping={"r_tat": 0, "pace": 0, "pace_phase": "done"})
+    waits = [rl.acquire(target, tokens=0).run().wait_s for _ in range(3)]
+    assert waits[0] == 0 and waits[1] == pytest.approx(0.1, abs=0.02)

@@ -104,8 +104,8 @@ async def attempt(rt: Runtime, job: Started) -> Reschedule | None:
             slept=slept,
             reservation=call.reservation,
             slot=(call.deployment, call.reserved_tokens),
-            # Paced at departure: a pause or a backoff since the slot was granted holds it.
-            departure=rt.limiter.departure(call.deployment, call.granted_us)
+            # Paced at departure: a pause or a backoff since the slot was granted moves it.
+            departure=rt.limiter.departure(call.deployment, call.granted_us, call.wait_s)
             if slept and call.granted_us
             else None,
         )

@@ -126,14 +126,16 @@ class RateLimiter:
             parse=lambda reply: None,
         )
 
-    def departure(self, deployment: Deployment, granted_us: int) -> ScriptCall[float]:
+    def departure(
+        self, deployment: Deployment, granted_us: int, slot_wait_s: float
+    ) -> ScriptCall[float]:
         """Returns the script call that says how long (seconds) a call whose slot has come
-        should still wait before it leaves: a pause, or a backoff of the pace, since its slot
-        was granted (at ``granted_us``, Grant.granted_us) holds it until then."""
+        should still wait before it leaves: its slot (``slot_wait_s`` after ``granted_us``,
+        Grant's) as moved by the pauses and backoffs since it was granted."""
         return ScriptCall(
             self._depart,
             keys=[deployment.redis_key],
-            args=[granted_us, int(STATE_TTL_S * 1000), self._max_ahead_us],
+            args=[granted_us, granted_us + int(slot_wait_s * 1_000_000), self._max_ahead_us],
             parse=lambda reply: int(reply) / 1_000_000,
         )
 

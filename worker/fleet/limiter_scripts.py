@@ -16,8 +16,10 @@ TOKEN_MAX_AHEAD_S = 5.0
 # The fleet's *pace* (requests a minute, below any limit declared or stated in headers) is
 # learned from 429s, as TCP's congestion window is from losses (CUBIC's curve, in rate):
 # - a 429 for a call granted after the last backoff lowers the pace to BACKOFF_FACTOR of the
-#   rate the provider admitted over the last second (or of the pace, when lower): 429s for
-#   calls granted before it answer the old pace and do not back off again;
+#   rate the provider admitted over the last second (or of the pace, when lower, and in slow
+#   start): 429s for calls granted before it answer the old pace and do not back off again;
+#   the slots already reserved stretch to the new pace (and move past a Retry-After's pause),
+#   and the fleet keeps no burst allowance from then on;
 # - while the fleet uses its pace (calls wait for slots), the pace climbs back along a cubic
 #   curve: back to the rate it backed off from in RECOVERY_S of use (less after a gentle
 #   first backoff at the limit), flat around it, then faster and faster beyond it (a
@@ -42,6 +44,11 @@ BACKOFF_MIN_CALLS = 10
 # Without the grant time of the call a 429 answers, 429s this soon after a backoff are taken
 # as answers to calls sent before it.
 BACKOFF_SETTLE_S = 2.0
+# Slots reserved ahead move when a 429 pauses the fleet or lowers its pace (the schedule
+# shifts past the pause and stretches to the new pace: nothing leaves at once when a pause
+# ends, and no slot is left empty); a call whose slot was granted before such moves applies
+# the last MAX_MOVES of them at departure.
+MAX_MOVES = 8
 
 Outcome = Literal["ok", "rate_limited", "error"]
 
@@ -55,6 +62,9 @@ Outcome = Literal["ok", "rate_limited", "error"]
 #   grow_s grow_at           seconds the pace has been in use since its phase began, and
 #                            when they were last counted
 #   last_backoff created     when the pace was last lowered; when this state was created
+#   no_burst                 1 once a 429 came under the burst allowance: none since
+#   moves                    the last moves of the reserved slots, "at,to,q;...": slots
+#                            from `at` on moved to start at `to`, spaced q times wider
 #   r_tat t_tat              GCRA theoretical arrival times for requests and tokens
 #   pause_until              no call starts before this (a Retry-After, shared by the fleet)
 #   minute req tok r429 (and prev_*): this and the previous minute's counts, for status
@@ -72,6 +82,7 @@ local MAX_PACE_RPM = {MAX_PACE_RPM!r}
 local RATE_MIN_ANSWERS = {RATE_MIN_ANSWERS!r}
 local BACKOFF_MIN_CALLS = {BACKOFF_MIN_CALLS!r}
 local BACKOFF_SETTLE_US = {int(BACKOFF_SETTLE_S * 1_000_000)!r}
+local MAX_MOVES = {MAX_MOVES!r}
 """
     + """
 local function num(v) return tonumber(v) or 0 end
@@ -138,8 +149,8 @@ if num(ARGV[10]) > 0 and h.pace_phase == nil and ceiling == 0 and tpm == 0 then
 end
 local rpm = paced(ceiling)
 local burst = num(ARGV[5])
--- A provider that answered 429s below the limit may allow no burst either: none while paced.
-if h.pace_phase == 'probe' then burst = 0 end
+-- A provider that answered 429s under the burst allowance allows no burst.
+if num(h.no_burst) > 0 then burst = 0 end
 local earliest = math.max(now, num(h.pause_until))
 if rpm > 0 then earliest = math.max(earliest, num(h.r_tat) - burst) end
 if tpm > 0 then earliest = math.max(earliest, num(h.t_tat) - burst) end
@@ -178,21 +189,19 @@ return 1
 """
 )
 
-# ARGV: granted_us (when the call's slot was granted), ttl_ms, max_wait_us. Returns how long
-# (us) a call whose slot has come should still wait before it leaves: until a pause that began
-# since its grant ends; when the pace was lowered since, until a slot at the new pace (taken
-# now, after those already reserved). At most max_wait_us; 0: go now.
+# ARGV: granted_us (when the call's slot was granted), slot_us (the slot: when it is due),
+# max_wait_us. Returns how long (us) a call whose slot has come should still wait before it
+# leaves: until its slot as moved since its grant by pauses and backoffs, and at least until
+# the pause (if any) ends. At most max_wait_us; 0: go now. Changes nothing.
 DEPART = (
     _PRELUDE
     + """
-local wait = math.max(0, num(h.pause_until) - now)
-local rpm = paced(limit(h.rpm_cfg, h.rpm_learned))
-if num(h.last_backoff) > num(ARGV[1]) and rpm > 0 then
-  local slot = math.max(now + wait, num(h.r_tat))
-  h.r_tat = slot + 60000000 / rpm
-  wait = slot - now
-  save(ARGV[2])
+local granted, slot = num(ARGV[1]), num(ARGV[2])
+for at, to, q in string.gmatch(h.moves or '', '([^,;]+),([^,;]+),([^,;]+)') do
+  at, to, q = tonumber(at), tonumber(to), tonumber(q)
+  if at > granted then slot = to + math.max(0, slot - at) * q end
 end
+local wait = math.max(0, slot - now, num(h.pause_until) - now)
 return math.floor(math.min(wait, num(ARGV[3])))
 """
 )
@@ -258,19 +267,38 @@ local function back_off()
   if granted == 0 and now - last < BACKOFF_SETTLE_US then return end
   local base = admitted_rpm()
   local current = paced(ceiling)
-  if current > 0 and (base == 0 or base > current) then base = current end
+  -- Slow start's answers lag its pace, which grows fourfold a second: the pace is the base.
+  if current > 0 and (base == 0 or base > current or h.pace_phase == 'start') then
+    base = current
+  end
   if base == 0 then return end
   local factor = BACKOFF_FACTOR
   if h.pace_phase ~= 'probe' and h.pace_phase ~= 'start' then factor = EDGE_BACKOFF_FACTOR end
-  h.pace_max, h.pace, h.pace_phase = base, base * factor, 'probe'
+  h.pace_max, h.pace, h.pace_phase, h.no_burst = base, base * factor, 'probe', 1
   h.pace_k = ((1 - factor) / CUBIC_C) ^ (1 / 3)  -- when the curve is back at pace_max
   h.grow_s, h.grow_at, h.last_backoff = 0, now, now
 end
 
+-- The slots reserved from `at` on move to start at `to`, spaced q (>= 1) times wider.
+local function move_slots(at, to, q)
+  if to <= at and q <= 1 then return end
+  if num(h.r_tat) > at then h.r_tat = to + (num(h.r_tat) - at) * q end
+  if num(h.t_tat) > at then h.t_tat = to + (num(h.t_tat) - at) * q end
+  local moves = {}
+  for move in string.gmatch(h.moves or '', '[^;]+') do moves[#moves + 1] = move end
+  moves[#moves + 1] = string.format('%d,%d,%.6f', at, to, q)
+  while #moves > MAX_MOVES do table.remove(moves, 1) end
+  h.moves = table.concat(moves, ';')
+end
+
 if ARGV[3] == 'rate_limited' then
   h.r429 = num(h.r429) + 1
+  local rate, paused_to = paced(ceiling), math.max(num(h.pause_until), now)
   if num(ARGV[4]) > 0 then h.pause_until = math.max(num(h.pause_until), now + num(ARGV[4])) end
   if adaptive then back_off() end
+  local slower = paced(ceiling)
+  local q = (rate > 0 and slower > 0 and slower < rate) and rate / slower or 1
+  move_slots(paused_to, math.max(num(h.pause_until), now), q)
 elseif ARGV[3] == 'ok' then
   h.ok1 = num(h.ok1) + 1
   if adaptive and (h.pace_phase == 'start' or h.pace_phase == 'probe') then climb() end
