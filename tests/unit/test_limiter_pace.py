@@ -36,9 +36,16 @@ def answered(
     lua_redis: redis.Redis, target: Deployment, *, this_second: int, last_second: int = 0
 ) -> None:
     """The provider admitted this many calls this second and the last (as counted by the
-    limiter's own answers)."""
+    limiter's own answers), to calls the fleet sent at its pace: it has kept its pace busy
+    for long, and its answers come at once."""
     seconds, _ = lua_redis.time()
-    mapping: dict[str | bytes, int] = {"sec": seconds, "ok1": this_second, "prev_ok1": last_second}
+    mapping: dict[str | bytes, int] = {
+        "sec": seconds,
+        "ok1": this_second,
+        "prev_ok1": last_second,
+        "busy_since": (seconds - 60) * 1_000_000,
+        "answer_lag": 0,
+    }
     lua_redis.hset(target.redis_key, mapping=mapping)  # type: ignore[arg-type]
 
 
@@ -65,17 +72,47 @@ def rpm_now(rl: RateLimiter, target: Deployment) -> float:
     return rl.acquire(target, tokens=0).run().rpm
 
 
-def test_a_429_below_a_declared_limit_backs_the_whole_fleet_off(lua_redis: redis.Redis) -> None:
-    """A declared limit is an upper bound: a 429 below it lowers the pace of every worker to a
-    fraction of what the provider admitted over the last second."""
+def test_429s_below_a_declared_limit_back_the_whole_fleet_off(lua_redis: redis.Redis) -> None:
+    """A declared limit is an upper bound: a 429 at it lowers the pace of every worker a
+    little; a 429 below the pace that set, to a fraction of what the provider admitted over
+    the last second."""
     one, other, target = limiter(lua_redis), limiter(lua_redis), deployment(rpm=6000)
     assert rpm_now(one, target) == 6000
-    answered(lua_redis, target, this_second=10, last_second=10)  # 600 to 1,200 a minute
     refused(one, target)
+    assert rpm_now(other, target) == pytest.approx(6000 * EDGE_BACKOFF_FACTOR, abs=1)
 
-    pace = rpm_now(other, target)
-    assert 600 * EDGE_BACKOFF_FACTOR <= pace <= 1200 * EDGE_BACKOFF_FACTOR
+    answered(lua_redis, target, this_second=10, last_second=10)  # 600 to 1,200 a minute
+    refused(other, target, granted_us=other.acquire(target, tokens=0).run().granted_us)
+    pace = rpm_now(one, target)
+    assert 600 * BACKOFF_FACTOR <= pace <= 1200 * BACKOFF_FACTOR
     assert read_limiters(lua_redis)[0].rpm_source == "paced after 429s"
+
+
+def test_answers_that_lag_the_pace_are_not_read_as_the_rate_admitted(
+    lua_redis: redis.Redis,
+) -> None:
+    """A fleet that has just begun to keep its pace busy has answers for only part of the last
+    second: it backs off from its pace instead."""
+    rl, target = limiter(lua_redis), deployment(rpm=1200)
+    assert rpm_now(rl, target) == 1200
+    refused(rl, target)
+    backed_off = rpm_now(rl, target)
+    answered(lua_redis, target, this_second=5)  # 300 a minute, but ...
+    seconds, micros = lua_redis.time()
+    lua_redis.hset(target.redis_key, "busy_since", seconds * 1_000_000 + micros)  # ... busy now
+    refused(rl, target, granted_us=rl.acquire(target, tokens=0).run().granted_us)
+    assert rpm_now(rl, target) == pytest.approx(backed_off * BACKOFF_FACTOR, abs=1)
+
+
+def test_the_pace_is_busy_from_the_first_call_after_an_idle_spell(lua_redis: redis.Redis) -> None:
+    rl, target = limiter(lua_redis), deployment(rpm=600)
+    rl.acquire(target, tokens=0).run()
+    since = field(lua_redis, target, "busy_since")
+    rl.acquire(target, tokens=0).run()  # the slot before it was taken: still busy
+    assert field(lua_redis, target, "busy_since") == since
+    lua_redis.hset(target.redis_key, "r_tat", since - 1_000_000)  # no call for a second
+    rl.acquire(target, tokens=0).run()
+    assert field(lua_redis, target, "busy_since") > since
 
 
 def test_the_pace_never_starts_above_the_declared_limit(lua_redis: redis.Redis) -> None:
@@ -143,12 +180,14 @@ def test_the_pace_climbs_back_while_in_use_and_gives_way_to_the_limit(
 def test_a_gentle_backoff_at_the_limit_climbs_back_sooner(lua_redis: redis.Redis) -> None:
     rl, target = limiter(lua_redis), deployment(rpm=1200)
     assert rpm_now(rl, target) == 1200
-    answered(lua_redis, target, this_second=10)
+    answered(lua_redis, target, this_second=10)  # not read: at its limit, the fleet sent 1,200
     refused(rl, target)
-    assert rpm_now(rl, target) == pytest.approx(600 * EDGE_BACKOFF_FACTOR, abs=1)
+    assert rpm_now(rl, target) == pytest.approx(1200 * EDGE_BACKOFF_FACTOR, abs=1)
     back_s = RECOVERY_S * ((1 - EDGE_BACKOFF_FACTOR) / (1 - BACKOFF_FACTOR)) ** (1 / 3)
-    use_for(rl, lua_redis, target, round(back_s))
-    assert rpm_now(rl, target) == pytest.approx(600, abs=1)
+    use_for(rl, lua_redis, target, round(back_s) - 1)
+    assert rpm_now(rl, target) < 1199
+    use_for(rl, lua_redis, target, 1)
+    assert rpm_now(rl, target) == pytest.approx(1200, abs=1)
 
 
 def test_a_pace_not_in_use_does_not_climb(lua_redis: redis.Redis) -> None:

@@ -16,10 +16,11 @@ TOKEN_MAX_AHEAD_S = 5.0
 # The fleet's *pace* (requests a minute, below any limit declared or stated in headers) is
 # learned from 429s, as TCP's congestion window is from losses (CUBIC's curve, in rate):
 # - a 429 for a call granted after the last backoff lowers the pace to BACKOFF_FACTOR of the
-#   rate the provider admitted over the last second (or of the pace, when lower, and in slow
-#   start): 429s for calls granted before it answer the old pace and do not back off again;
-#   the slots already reserved stretch to the new pace (and move past a Retry-After's pause),
-#   and the fleet keeps no burst allowance from then on;
+#   pace (EDGE_BACKOFF_FACTOR at the limit), or of the rate the provider admitted over the
+#   last second when that is lower and counted from calls sent at the pace (with no limit
+#   known and no pace, of the rate admitted or sent): 429s for calls granted before it
+#   answer the old pace and do not back off again; the slots already reserved stretch to
+#   the new pace (and move past a Retry-After's pause), and no burst is allowed from then on;
 # - while the fleet uses its pace (calls wait for slots), the pace climbs back along a cubic
 #   curve: back to the rate it backed off from in RECOVERY_S of use (less after a gentle
 #   first backoff at the limit), flat around it, then faster and faster beyond it (a
@@ -69,6 +70,8 @@ Outcome = Literal["ok", "rate_limited", "error"]
 #   pause_until              no call starts before this (a Retry-After, shared by the fleet)
 #   minute req tok r429 (and prev_*): this and the previous minute's counts, for status
 #   sec ok1 prev_ok1         answers this and the previous second: the rate admitted
+#   busy_since answer_lag    since when calls have waited for the pace's slots; how long an
+#                            answer takes after its grant (a moving average)
 #   model base               what the deployment is, for status (never the key)
 # (worker.fleet.limiter_status reads it for `promptq status`.)
 _PRELUDE = (
@@ -154,6 +157,8 @@ if num(h.no_burst) > 0 then burst = 0 end
 local earliest = math.max(now, num(h.pause_until))
 if rpm > 0 then earliest = math.max(earliest, num(h.r_tat) - burst) end
 if tpm > 0 then earliest = math.max(earliest, num(h.t_tat) - burst) end
+-- The fleet keeps its pace busy while each call finds the slot before it taken.
+if rpm > 0 and num(h.r_tat) + 60000000 / rpm < now then h.busy_since = now end
 local wait = earliest - now
 local max_ahead = num(ARGV[2])
 if tpm > 0 then max_ahead = math.min(max_ahead, num(ARGV[9])) end
@@ -265,12 +270,16 @@ local function back_off()
   local last = num(h.last_backoff)
   if granted > 0 and granted < last then return end
   if granted == 0 and now - last < BACKOFF_SETTLE_US then return end
-  local base = admitted_rpm()
   local current = paced(ceiling)
-  -- Slow start's answers lag its pace, which grows fourfold a second: the pace is the base.
-  if current > 0 and (base == 0 or base > current or h.pace_phase == 'start') then
-    base = current
+  local base = current
+  -- Below a pace that already drew 429s, the provider admits less than it is sent: the rate
+  -- it admitted is the base, once the last second's answers all answer calls sent at the
+  -- pace (the fleet has kept its pace busy for a second and the answers' lag).
+  if h.pace_phase == 'probe' and now - num(h.busy_since) >= 1000000 + num(h.answer_lag) then
+    local admitted = admitted_rpm()
+    if admitted > 0 and admitted < base then base = admitted end
   end
+  if base == 0 then base = admitted_rpm() end
   if base == 0 then return end
   local factor = BACKOFF_FACTOR
   if h.pace_phase ~= 'probe' and h.pace_phase ~= 'start' then factor = EDGE_BACKOFF_FACTOR end
@@ -301,6 +310,10 @@ if ARGV[3] == 'rate_limited' then
   move_slots(paused_to, math.max(num(h.pause_until), now), q)
 elseif ARGV[3] == 'ok' then
   h.ok1 = num(h.ok1) + 1
+  if num(ARGV[9]) > 0 then
+    local lag = now - num(ARGV[9])
+    h.answer_lag = h.answer_lag and 0.8 * num(h.answer_lag) + 0.2 * lag or lag
+  end
   if adaptive and (h.pace_phase == 'start' or h.pace_phase == 'probe') then climb() end
 end
 save(ARGV[8])
