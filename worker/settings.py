@@ -20,9 +20,9 @@ from worker.settings_sources import LayeredSettings, file_tables, without_unset
 from worker.tenant_weights import DEFAULT_TENANT_WEIGHT, TENANTS_ENV, tenant_weights
 
 # How far ahead of its limit a deployment may run after an idle spell, unless configured
-# (LLM_BURST_S): a tenth of a second of its budget, two calls at 20 a second. A second's worth
-# (promptq before) let 20 calls go at once, which providers enforcing their per-minute limit
-# over short windows answer with 429s.
+# (LLM_BURST_S): a tenth of a second of its budget, two calls ahead at 20 a second (three at
+# once). A second's worth (promptq before) let 20 calls go at once, which providers
+# enforcing their per-minute limit over short windows answer with 429s.
 DEFAULT_BURST_S = 0.1
 
 S = TypeVar("S", bound=BaseSettings)
