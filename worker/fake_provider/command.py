@@ -113,24 +113,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=8,
         help="embedding size when a request names none (default: 8)",
     )
+    add(
+        "--batch-delay",
+        type=_number(float, 0),
+        default=1.0,
+        metavar="SECONDS",
+        help="how long a /v1/batches batch takes to complete (default: 1)",
+    )
+    add(
+        "--batch-failure-rate",
+        type=_number(float, 0, 1),
+        default=0.0,
+        metavar="P",
+        help="fraction of a batch's lines that fail with a 500 (default: 0)",
+    )
+    add(
+        "--batch-expired-share",
+        type=_number(float, 0, 1),
+        default=0.0,
+        metavar="P",
+        help="fraction of a batch's lines left undone: the batch expires (default: 0)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM, after printing one "listening on" line; 0 when stopped."""
-    config = FakeProviderConfig(
-        rpm=args.rpm,
-        tpm=args.tpm,
-        burst_s=args.burst,
-        shape=args.enforce,
-        ramp=Ramp(args.ramp, args.ramp_start) if args.ramp else None,
-        latency_s=args.latency,
-        jitter_s=args.jitter,
-        error_rate=args.error_rate,
-        seed=args.seed,
-        dimensions=args.dimensions,
-        host=args.host,
-        port=args.port,
-    )
+    try:
+        config = FakeProviderConfig(
+            rpm=args.rpm,
+            tpm=args.tpm,
+            burst_s=args.burst,
+            shape=args.enforce,
+            ramp=Ramp(args.ramp, args.ramp_start) if args.ramp else None,
+            latency_s=args.latency,
+            jitter_s=args.jitter,
+            error_rate=args.error_rate,
+            seed=args.seed,
+            dimensions=args.dimensions,
+            batch_delay_s=args.batch_delay,
+            batch_failure_rate=args.batch_failure_rate,
+            batch_expired_share=args.batch_expired_share,
+            host=args.host,
+            port=args.port,
+        )
+    except ValueError as exc:  # options that only clash together
+        print(f"fake-provider: {exc}", file=sys.stderr)
+        return 2
     try:
         asyncio.run(_serve_until_signalled(config))
     except OSError as exc:

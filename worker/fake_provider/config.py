@@ -24,6 +24,11 @@ class FakeProviderConfig:
     error_rate: float = 0.0
     seed: int = 0
     dimensions: int = 8
+    # Batches (/v1/batches): seconds from creation to completion; the share of lines that
+    # fail (a 500 in the error file); the share left undone (the batch ends "expired").
+    batch_delay_s: float = 1.0
+    batch_failure_rate: float = 0.0
+    batch_expired_share: float = 0.0
     host: str = "127.0.0.1"
     port: int = 0
 
@@ -35,6 +40,11 @@ class FakeProviderConfig:
             raise ValueError("burst_s must be above 0 and at most 60")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError("error_rate must be between 0 and 1")
+        if self.batch_delay_s < 0:
+            raise ValueError("batch_delay_s must be >= 0")
+        shares = (self.batch_failure_rate, self.batch_expired_share)
+        if min(shares) < 0 or sum(shares) > 1:
+            raise ValueError("batch_failure_rate and batch_expired_share must be >= 0, sum <= 1")
         if self.dimensions < 1:
             raise ValueError("dimensions must be >= 1")
         if not 0 <= self.port <= 65535:

@@ -15,6 +15,7 @@ from types import TracebackType
 
 from aiohttp import web
 
+from .batches import BatchStore, NotFound
 from .config import FakeProviderConfig, url_host
 from .limits import Limiter, reset_duration
 from .replies import BadRequest, Payload, error_body, plan_chat, plan_embeddings
@@ -40,12 +41,27 @@ class Server:
         self._models = {DEFAULT_MODEL}
         self._counts = {"requests": 0, "ok": 0, "rate_limited": 0, "errors": 0, "bad_requests": 0}
         self._by_path: dict[str, int] = {}
+        self._batches = BatchStore(
+            time.time,
+            delay_s=config.batch_delay_s,
+            failure_rate=config.batch_failure_rate,
+            expired_share=config.batch_expired_share,
+            dimensions=config.dimensions,
+            seed=config.seed,
+        )
         self._runner: web.AppRunner | None = None
-        self._app = web.Application(client_max_size=32 * 1024 * 1024)
+        self._app = web.Application(client_max_size=256 * 1024 * 1024)
         for path in CHAT_PATHS + EMBEDDINGS_PATHS:
             self._app.router.add_post(path, self._generate)
         for path in MODELS_PATHS:
             self._app.router.add_get(path, self._list_models)
+        routes = self._app.router
+        routes.add_post("/v1/files", self._upload)
+        routes.add_get("/v1/files/{id}", self._file)
+        routes.add_get("/v1/files/{id}/content", self._file_content)
+        routes.add_post("/v1/batches", self._create_batch)
+        routes.add_get("/v1/batches/{id}", self._batch)
+        routes.add_post("/v1/batches/{id}/cancel", self._cancel_batch)
         self._app.router.add_get("/stats", self._stats)
         self._app.router.add_route("*", "/{tail:.*}", self._unknown)
 
@@ -146,6 +162,57 @@ class Server:
         return self._reply(
             429, error_body(message, "requests", None, "rate_limit_exceeded"), headers
         )
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        self._count(request.path)
+        form = await request.post()
+        upload, purpose = form.get("file"), form.get("purpose")
+        if not isinstance(upload, web.FileField) or not isinstance(purpose, str):
+            message = "a multipart form with 'file' and 'purpose' is required"
+            return self._reply(400, error_body(message, "invalid_request_error", "file"), {})
+        stored = self._batches.add_file(upload.filename, purpose, upload.file.read())
+        return self._reply(200, stored.payload(), {})
+
+    async def _file(self, request: web.Request) -> web.Response:
+        self._count("/v1/files/{id}")
+        return self._found(lambda: self._batches.file(request.match_info["id"]).payload())
+
+    async def _file_content(self, request: web.Request) -> web.Response:
+        self._count("/v1/files/{id}/content")
+        try:
+            stored = self._batches.file(request.match_info["id"])
+        except NotFound as exc:
+            return self._reply(404, error_body(str(exc), "invalid_request_error"), {})
+        self._counts["ok"] += 1
+        return web.Response(body=stored.content, content_type="application/octet-stream")
+
+    async def _create_batch(self, request: web.Request) -> web.Response:
+        self._count(request.path)
+        try:
+            body = json.loads(await request.read())
+            if not isinstance(body, dict):
+                raise BadRequest("the request body must be a JSON object")
+            batch = self._batches.create_batch(body)
+        except ValueError:
+            message = "We could not parse the JSON body of your request."
+            return self._reply(400, error_body(message, "invalid_request_error"), {})
+        except BadRequest as exc:
+            return self._reply(400, error_body(str(exc), "invalid_request_error", exc.param), {})
+        return self._reply(200, batch.payload(), {})
+
+    async def _batch(self, request: web.Request) -> web.Response:
+        self._count("/v1/batches/{id}")
+        return self._found(lambda: self._batches.batch(request.match_info["id"]).payload())
+
+    async def _cancel_batch(self, request: web.Request) -> web.Response:
+        self._count("/v1/batches/{id}/cancel")
+        return self._found(lambda: self._batches.cancel(request.match_info["id"]).payload())
+
+    def _found(self, payload: Callable[[], Payload]) -> web.Response:
+        try:
+            return self._reply(200, payload(), {})
+        except NotFound as exc:
+            return self._reply(404, error_body(str(exc), "invalid_request_error"), {})
 
     async def _list_models(self, request: web.Request) -> web.Response:
         self._count(request.path)
