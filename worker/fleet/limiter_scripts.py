@@ -62,8 +62,8 @@ Outcome = Literal["ok", "rate_limited", "error"]
 #   pace_k                   the seconds of use the curve takes back to pace_max
 #   grow_s grow_at           seconds the pace has been in use since its phase began, and
 #                            when they were last counted
-#   last_backoff created     when the pace was last lowered; when this state was created
-#   no_burst                 1 once a 429 came under the burst allowance: none since
+#   last_backoff created     when the pace was last lowered (once it has been, no burst is
+#                            allowed); when this state was created
 #   moves                    the last moves of the reserved slots, "at,to,q;...": slots
 #                            from `at` on moved to start at `to`, spaced q times wider
 #   r_tat t_tat              GCRA theoretical arrival times for requests and tokens
@@ -113,6 +113,7 @@ if h.rpm_source == '429' then
   -- A state kept by an earlier version: its rate learned from 429s becomes the pace.
   h.pace, h.pace_max, h.pace_phase = num(h.rpm_learned), num(h.rpm_learned), 'probe'
   h.grow_s, h.grow_at, h.rpm_learned, h.rpm_source = RECOVERY_S, now, 0, ''
+  h.last_backoff = now
 end
 local function limit(configured, learned)
   configured, learned = num(configured), num(learned)
@@ -124,6 +125,10 @@ local function paced(ceiling)
   local pace = num(h.pace)
   if pace > 0 and (ceiling == 0 or pace < ceiling) then return pace end
   return ceiling
+end
+-- Whether the fleet keeps a pace of rpm busy: each call finds the slot before it taken.
+local function busy(rpm)
+  return rpm > 0 and num(h.r_tat) + 60000000 / rpm >= now
 end
 local function save(ttl_ms)
   local out = {}
@@ -153,12 +158,11 @@ end
 local rpm = paced(ceiling)
 local burst = num(ARGV[5])
 -- A provider that answered 429s under the burst allowance allows no burst.
-if num(h.no_burst) > 0 then burst = 0 end
+if num(h.last_backoff) > 0 then burst = 0 end
 local earliest = math.max(now, num(h.pause_until))
 if rpm > 0 then earliest = math.max(earliest, num(h.r_tat) - burst) end
 if tpm > 0 then earliest = math.max(earliest, num(h.t_tat) - burst) end
--- The fleet keeps its pace busy while each call finds the slot before it taken.
-if rpm > 0 and num(h.r_tat) + 60000000 / rpm < now then h.busy_since = now end
+if rpm > 0 and not busy(rpm) then h.busy_since = now end
 local wait = earliest - now
 local max_ahead = num(ARGV[2])
 if tpm > 0 then max_ahead = math.min(max_ahead, num(ARGV[9])) end
@@ -226,17 +230,15 @@ if tpm > 0 and correction ~= 0 then
 end
 h.tok = num(h.tok) + num(ARGV[2])
 local adaptive = ARGV[7] == '1'
-if adaptive and num(ARGV[5]) > 0 then h.rpm_learned, h.rpm_source = num(ARGV[5]), 'headers' end
+if adaptive and num(ARGV[5]) > 0 then h.rpm_learned = num(ARGV[5]) end
 if adaptive and num(ARGV[6]) > 0 then h.tpm_learned = num(ARGV[6]) end
 local ceiling = limit(h.rpm_cfg, h.rpm_learned)
 
 -- The pace climbs while it is in use: calls wait for their slots (the next one is due).
 local function climb()
-  local rpm = paced(ceiling)
-  local busy = rpm > 0 and num(h.r_tat) + 60000000 / rpm >= now
   local elapsed = math.min(math.max(now - num(h.grow_at), 0), 1000000)
   h.grow_at = now
-  if not busy then return end
+  if not busy(paced(ceiling)) then return end
   h.grow_s = num(h.grow_s) + elapsed / 1000000
   local pace
   if h.pace_phase == 'start' then
@@ -283,7 +285,7 @@ local function back_off()
   if base == 0 then return end
   local factor = BACKOFF_FACTOR
   if h.pace_phase ~= 'probe' and h.pace_phase ~= 'start' then factor = EDGE_BACKOFF_FACTOR end
-  h.pace_max, h.pace, h.pace_phase, h.no_burst = base, base * factor, 'probe', 1
+  h.pace_max, h.pace, h.pace_phase = base, base * factor, 'probe'
   h.pace_k = ((1 - factor) / CUBIC_C) ^ (1 / 3)  -- when the curve is back at pace_max
   h.grow_s, h.grow_at, h.last_backoff = 0, now, now
 end
