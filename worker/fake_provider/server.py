@@ -51,19 +51,19 @@ class Server:
         )
         self._runner: web.AppRunner | None = None
         self._app = web.Application(client_max_size=256 * 1024 * 1024)
-        for path in CHAT_PATHS + EMBEDDINGS_PATHS:
-            self._app.router.add_post(path, self._generate)
-        for path in MODELS_PATHS:
-            self._app.router.add_get(path, self._list_models)
         routes = self._app.router
+        for path in CHAT_PATHS + EMBEDDINGS_PATHS:
+            routes.add_post(path, self._generate)
+        for path in MODELS_PATHS:
+            routes.add_get(path, self._list_models)
         routes.add_post("/v1/files", self._upload)
         routes.add_get("/v1/files/{id}", self._file)
         routes.add_get("/v1/files/{id}/content", self._file_content)
         routes.add_post("/v1/batches", self._create_batch)
         routes.add_get("/v1/batches/{id}", self._batch)
         routes.add_post("/v1/batches/{id}/cancel", self._cancel_batch)
-        self._app.router.add_get("/stats", self._stats)
-        self._app.router.add_route("*", "/{tail:.*}", self._unknown)
+        routes.add_get("/stats", self._stats)
+        routes.add_route("*", "/{tail:.*}", self._unknown)
 
     async def start(self) -> int:
         """Listen; return the bound port."""
@@ -112,19 +112,13 @@ class Server:
     async def _generate(self, request: web.Request) -> web.Response:
         self._count(request.path)
         try:
-            body = json.loads(await request.read())
-        except ValueError:
-            message = "We could not parse the JSON body of your request."
-            return self._reply(400, error_body(message, "invalid_request_error"), {})
-        try:
-            if not isinstance(body, dict):
-                raise BadRequest("the request body must be a JSON object")
+            body = await _json_object(request)
             if request.path in CHAT_PATHS:
                 model, tokens, reply = plan_chat(body)
             else:
                 model, tokens, reply = plan_embeddings(body, self.config.dimensions)
         except BadRequest as exc:
-            return self._reply(400, error_body(str(exc), "invalid_request_error", exc.param), {})
+            return self._bad_request(exc)
         self._models.add(model)
         wait, headers = self._limiter.admit(model, tokens)
         if wait > 0:
@@ -169,7 +163,7 @@ class Server:
         upload, purpose = form.get("file"), form.get("purpose")
         if not isinstance(upload, web.FileField) or not isinstance(purpose, str):
             message = "a multipart form with 'file' and 'purpose' is required"
-            return self._reply(400, error_body(message, "invalid_request_error", "file"), {})
+            return self._bad_request(BadRequest(message, "file"))
         stored = self._batches.add_file(upload.filename, purpose, upload.file.read())
         return self._reply(200, stored.payload(), {})
 
@@ -182,22 +176,16 @@ class Server:
         try:
             stored = self._batches.file(request.match_info["id"])
         except NotFound as exc:
-            return self._reply(404, error_body(str(exc), "invalid_request_error"), {})
+            return self._not_found(exc)
         self._counts["ok"] += 1
         return web.Response(body=stored.content, content_type="application/octet-stream")
 
     async def _create_batch(self, request: web.Request) -> web.Response:
         self._count(request.path)
         try:
-            body = json.loads(await request.read())
-            if not isinstance(body, dict):
-                raise BadRequest("the request body must be a JSON object")
-            batch = self._batches.create_batch(body)
-        except ValueError:
-            message = "We could not parse the JSON body of your request."
-            return self._reply(400, error_body(message, "invalid_request_error"), {})
+            batch = self._batches.create_batch(await _json_object(request))
         except BadRequest as exc:
-            return self._reply(400, error_body(str(exc), "invalid_request_error", exc.param), {})
+            return self._bad_request(exc)
         return self._reply(200, batch.payload(), {})
 
     async def _batch(self, request: web.Request) -> web.Response:
@@ -212,7 +200,13 @@ class Server:
         try:
             return self._reply(200, payload(), {})
         except NotFound as exc:
-            return self._reply(404, error_body(str(exc), "invalid_request_error"), {})
+            return self._not_found(exc)
+
+    def _not_found(self, exc: NotFound) -> web.Response:
+        return self._reply(404, error_body(str(exc), "invalid_request_error"), {})
+
+    def _bad_request(self, exc: BadRequest) -> web.Response:
+        return self._reply(400, error_body(str(exc), "invalid_request_error", exc.param), {})
 
     async def _list_models(self, request: web.Request) -> web.Response:
         self._count(request.path)
@@ -230,6 +224,17 @@ class Server:
         known = request.path in CHAT_PATHS + EMBEDDINGS_PATHS + MODELS_PATHS
         message = f"{request.method} {request.path} is not served by fake-provider"
         return self._reply(405 if known else 404, error_body(message, "invalid_request_error"), {})
+
+
+async def _json_object(request: web.Request) -> Payload:
+    """The request's body, a JSON object (BadRequest otherwise)."""
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        raise BadRequest("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
 
 
 class FakeProvider:
